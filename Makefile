@@ -1,0 +1,38 @@
+# `make pretrain` and `make test` set themselves up on a fresh machine.
+PYTHON ?= python3
+# The CPU wheel that lies on local disk here; only installed when no torch is importable.
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup pretrain test lint format bench clean
+
+setup: $(STAMP)
+
+# --system-site-packages: a torch the user already has stays in use.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+pretrain: setup
+	$(VENV)/bin/lmtrain pretrain $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check lmtrain tests scripts
+	$(VENV)/bin/ruff format --check lmtrain tests scripts
+
+format: setup
+	$(VENV)/bin/ruff check --fix lmtrain tests scripts
+	$(VENV)/bin/ruff format lmtrain tests scripts
+
+bench: setup
+	$(PY) scripts/bench_throughput.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

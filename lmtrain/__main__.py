@@ -1,0 +1,3 @@
+from lmtrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""`lmtrain <command> [overrides]`: checks the config, then hands the command to its Hydra entry point.
+
+The check composes the config with Hydra's compose API and validates it against the typed schema,
+so a user mistake is one line and a non-zero exit before torch is even imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import os
+import sys
+from typing import Any
+
+from lmtrain.config import ConfigError, GenerateConfig, PretrainConfig, all_keys, nearest, validate
+from lmtrain.errors import UserError
+
+CONFIG_PACKAGE = "lmtrain.configs"
+# command -> (primary config, schema); lmtrain.commands.<command>.run(cfg, run_dir) does the work
+COMMANDS: dict[str, tuple[str, type]] = {
+    "pretrain": ("pretrain", PretrainConfig),
+    "generate": ("generate", GenerateConfig),
+}
+USAGE = """usage: lmtrain <command> [hydra flags] [key=value ...]
+
+commands:
+  pretrain   train a causal LM from scratch            (configs/pretrain.yaml)
+  generate   sample text from a checkpoint             (configs/generate.yaml)
+
+Hydra's flags work after the command: --help, --cfg job, --info, -m (multirun), hydra.run.dir=...
+Examples:
+  lmtrain pretrain model=tiny trainer.max_steps=200
+  lmtrain pretrain --cfg job
+  lmtrain generate ckpt=outputs/<run>/checkpoints/latest prompt="def "
+"""
+
+
+def _fail(command: str, error: Exception) -> int:
+    for line in str(error).splitlines():
+        print(f"lmtrain {command}: error: {line}", file=sys.stderr)
+    return 2
+
+
+def _group_options(group: str) -> list[str] | None:
+    folder = importlib.resources.files(CONFIG_PACKAGE) / group
+    if not folder.is_dir():
+        return None
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _first_values(overrides: list[str]) -> list[str]:
+    """Replace each sweep (`a=1,2`) by its first value so one job of a multirun can be checked."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    checked = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if not override.is_sweep_override():
+            checked.append(override.input_line)
+        elif override.is_discrete_sweep():
+            checked.append(f"{override.get_key_element()}={next(override.sweep_string_iterator())}")
+    return checked
+
+
+def check(config_name: str, schema: type, overrides: list[str]) -> Any:
+    """Compose and validate the config as Hydra will; raises ConfigError naming the key to fix."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    groups, values = [], []
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        bare = key.lstrip("+~")
+        if bare.startswith("hydra.") or bare.startswith("hydra/"):
+            continue
+        (groups if "." not in bare and _group_options(bare) is not None else values).append(override)
+    for override in groups:
+        key, _, value = override.partition("=")
+        options = _group_options(key.lstrip("+~"))
+        if value and value not in options:
+            hint = nearest(value, options)
+            raise ConfigError(
+                f"{key.lstrip('+~')}={value}: no such option; choose from {', '.join(options)}"
+                + (f" (did you mean '{hint}'?)" if hint else "")
+            )
+    with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
+        try:
+            base = compose(config_name, overrides=groups)
+        except HydraException as err:
+            raise ConfigError(_first_line(err)) from None
+        known = all_keys(base)
+        for override in values:
+            key = override.split("=", 1)[0]
+            if key.startswith(("+", "~")) or OmegaConf.select(base, key, default=_MISSING) is not _MISSING:
+                continue
+            parent, _, leaf = key.rpartition(".")
+            siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+            hint = nearest(leaf, siblings) if siblings else nearest(key, known)
+            if hint and siblings:
+                hint = f"{parent}.{hint}" if parent else hint
+            raise ConfigError(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+        try:
+            cfg = compose(config_name, overrides=groups + values)
+        except HydraException as err:
+            raise ConfigError(_first_line(err)) from None
+    return validate(cfg, schema)
+
+
+_MISSING = object()
+
+
+def _first_line(err: BaseException) -> str:
+    while not str(err).strip() and err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _task(command: str, schema: type):
+    def run(cfg) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            typed = validate(cfg, schema)
+            module = importlib.import_module(f"lmtrain.commands.{command}")
+            return module.run(typed, HydraConfig.get().runtime.output_dir)
+        except UserError as err:
+            if os.environ.get("LMTRAIN_DEBUG"):
+                raise
+            sys.exit(_fail(command, err))
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        hint = nearest(command, list(COMMANDS))
+        print(
+            f"lmtrain: error: unknown command '{command}'" + (f" (did you mean '{hint}'?)" if hint else ""),
+            file=sys.stderr,
+        )
+        print(USAGE, file=sys.stderr)
+        return 2
+    config_name, schema = COMMANDS[command]
+
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(rest)
+    if not (args.help or args.hydra_help or args.info or args.shell_completion):
+        try:
+            check(config_name, schema, _first_values(args.overrides) if args.multirun else args.overrides)
+        except UserError as err:
+            if os.environ.get("LMTRAIN_DEBUG"):
+                raise
+            return _fail(command, err)
+
+    import hydra
+
+    entry = hydra.main(config_path=f"pkg://{CONFIG_PACKAGE}", config_name=config_name, version_base="1.3")
+    saved_argv = sys.argv
+    sys.argv = [f"lmtrain {command}", *rest]
+    try:
+        entry(_task(command, schema))()
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Reading text corpora with `datasets`: local files and folders, `datasets` names, the embedded default."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from lmtrain.errors import UserError
+
+EMBEDDED = "python-stdlib"
+# file suffix -> `datasets` packaged builder
+BUILDERS = {
+    ".txt": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+_STDLIB_SKIP = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "site-packages",
+    "dist-packages",
+}
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's own .py sources (minus its test suites): a corpus every Python install has."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in _STDLIB_SKIP and not d.startswith("config-"))
+        files.extend(Path(folder) / n for n in sorted(names) if n.endswith(".py"))
+    return files
+
+
+def resolve_files(source: str, key: str) -> list[Path] | None:
+    """Local files behind `source`, or None when it is a `datasets` name. Raises UserError for a bad path."""
+    if source == EMBEDDED:
+        return stdlib_files()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file())
+        if not files:
+            raise UserError(f"{key}: folder '{source}' holds no {'/'.join(sorted(BUILDERS))} files")
+        if len({BUILDERS[p.suffix] for p in files}) > 1:
+            raise UserError(f"{key}: folder '{source}' mixes file formats; keep one format per folder")
+        return files
+    if path.is_file():
+        if path.suffix not in BUILDERS:
+            raise UserError(f"{key}: '{source}' is not a {'/'.join(sorted(BUILDERS))} file")
+        return [path]
+    if path.suffix in BUILDERS or source.startswith((".", "/", "~")):
+        raise UserError(f"{key}: no such file or folder '{source}'")
+    return None  # a `datasets` name such as "user/corpus"
+
+
+def fingerprint(source: str, files: list[Path] | None) -> str:
+    """A hash of the corpus content (or of a `datasets` name, which names fixed content)."""
+    digest = hashlib.sha256()
+    if files is None:
+        digest.update(source.encode())
+    for path in files or []:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def iter_documents(source: str, files: list[Path] | None, text_field: str, key: str) -> Iterator[str]:
+    """Yield documents (strings) in a fixed order. A .txt file is one document, newlines kept."""
+    if source == EMBEDDED:
+        for path in files:
+            yield path.read_text(encoding="utf-8", errors="replace")
+        return
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if files is None:
+            dataset = datasets.load_dataset(source, split="train")
+        else:
+            builder = BUILDERS[files[0].suffix]
+            options = {"sample_by": "document"} if builder == "text" else {}
+            dataset = datasets.load_dataset(
+                builder, data_files=[str(p) for p in files], split="train", **options
+            )
+    except Exception as err:  # datasets raises many types for unreadable input
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{key}: cannot read '{source}': {first}") from err
+    field = "text" if files is not None and BUILDERS[files[0].suffix] == "text" else text_field
+    if field not in dataset.column_names:
+        raise UserError(
+            f"data.text_field: '{source}' has no field '{field}'; "
+            f"its fields are {', '.join(dataset.column_names)}"
+        )
+    for batch in dataset.iter(batch_size=1000):
+        for text in batch[field]:
+            if text:
+                yield str(text)

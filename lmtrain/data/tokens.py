@@ -1,0 +1,222 @@
+"""Packed token files: the corpus tokenized once into a memory-mapped file, cached by content + tokenizer;
+and the samplers that cut training and validation windows out of it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from lmtrain.data import corpus
+from lmtrain.data.tokenizer import build_tokenizer, end_of_text_id
+from lmtrain.errors import UserError
+
+FORMAT_VERSION = 1
+CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces cut at line ends
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray  # 1-D memmap of token ids
+    validation: np.ndarray
+    tokenizer: Tokenizer
+    cache_path: Path
+
+
+def _pieces(document: str) -> list[str]:
+    if len(document) <= CHUNK_CHARS:
+        return [document]
+    pieces, start = [], 0
+    while start < len(document):
+        end = document.find("\n", start + CHUNK_CHARS)
+        end = len(document) if end < 0 else end + 1
+        pieces.append(document[start:end])
+        start = end
+    return pieces
+
+
+def _capped(documents, max_chars: int | None):
+    total = 0
+    for document in documents:
+        if max_chars is not None and total + len(document) > max_chars:
+            if total < max_chars:
+                yield document[: max_chars - total]
+            return
+        total += len(document)
+        yield document
+
+
+def _write_tokens(documents, tokenizer: Tokenizer, out, desc: str) -> int:
+    """Encode documents in batches (tokenizers encodes a batch in parallel) and append ids to `out`."""
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
+    separator = np.array([end_of_text_id(tokenizer)], dtype=dtype)
+    count, first = 0, True
+    documents = iter(documents)
+    with tqdm(desc=desc, unit="doc", leave=False, disable=None) as bar:
+        while batch := list(islice(documents, 256)):
+            for document in batch:
+                if not first:
+                    out.write(separator.tobytes())
+                    count += 1
+                first = False
+                for encoding in tokenizer.encode_batch(_pieces(document), add_special_tokens=False):
+                    ids = np.asarray(encoding.ids, dtype=dtype)
+                    out.write(ids.tobytes())
+                    count += len(ids)
+            bar.update(len(batch))
+    return count
+
+
+def _cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare(
+    *,
+    train: str,
+    validation: str | None,
+    val_fraction: float,
+    text_field: str,
+    tokenizer: str,
+    vocab_size: int,
+    max_chars: int | None,
+    cache_dir: str,
+) -> TokenData:
+    """Tokenize the corpus once into `cache_dir/<key>/` (tokenizer.json, tokens.bin, meta.json) and map it."""
+    train_files = corpus.resolve_files(train, "data.train")
+    val_files = corpus.resolve_files(validation, "data.validation") if validation else None
+    key = _cache_key(
+        {
+            "format": FORMAT_VERSION,
+            "train": corpus.fingerprint(train, train_files),
+            "validation": corpus.fingerprint(validation, val_files) if validation else None,
+            "val_fraction": None if validation else val_fraction,
+            "text_field": text_field,
+            "tokenizer": tokenizer,
+            "vocab_size": vocab_size if tokenizer == "bpe" else None,
+            "max_chars": max_chars,
+        }
+    )
+    folder = Path(cache_dir).expanduser() / key
+    if not (folder / "meta.json").exists():
+        _build(
+            folder,
+            train,
+            train_files,
+            validation,
+            val_files,
+            val_fraction,
+            text_field,
+            tokenizer,
+            vocab_size,
+            max_chars,
+        )
+    return _load(folder)
+
+
+def _build(
+    folder, train, train_files, validation, val_files, val_fraction, text_field, kind, vocab_size, max_chars
+):
+    def train_documents():
+        return _capped(corpus.iter_documents(train, train_files, text_field, "data.train"), max_chars)
+
+    tokenizer = build_tokenizer(kind, train_documents(), vocab_size)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private
+    try:
+        with open(staging / "tokens.bin", "wb") as out:
+            num_train = _write_tokens(train_documents(), tokenizer, out, "tokenizing train")
+            num_val = 0
+            if validation:
+                documents = corpus.iter_documents(validation, val_files, text_field, "data.validation")
+                num_val = _write_tokens(documents, tokenizer, out, "tokenizing validation")
+        if num_train == 0:
+            raise UserError(f"data.train: '{train}' holds no text")
+        if validation and num_val == 0:
+            raise UserError(f"data.validation: '{validation}' holds no text")
+        if validation:
+            spans = {"train": [0, num_train], "validation": [num_train, num_train + num_val]}
+        else:
+            split = num_train - int(num_train * val_fraction)
+            spans = {"train": [0, split], "validation": [split, num_train]}
+        dtype = "uint16" if tokenizer.get_vocab_size() <= 1 << 16 else "uint32"
+        tokenizer.save(str(staging / "tokenizer.json"))
+        (staging / "meta.json").write_text(json.dumps({"dtype": dtype, **spans, "train_source": train}))
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process finished the same cache entry first; theirs is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _load(folder: Path) -> TokenData:
+    meta = json.loads((folder / "meta.json").read_text())
+    tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r")
+    return TokenData(
+        train=tokens[slice(*meta["train"])],
+        validation=tokens[slice(*meta["validation"])],
+        tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
+        cache_path=folder,
+    )
+
+
+class WindowSampler:
+    """Random contiguous windows of `seq_len + 1` tokens, drawn by a seeded generator whose state is saved.
+
+    All windows of one optimizer step are drawn at once and then cut into micro-batches, so accumulating
+    4 micro-batches of 4 sees exactly the windows of one batch of 16.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+        if len(tokens) < seq_len + 2:
+            raise UserError(
+                f"data.train: {len(tokens)} training tokens are too few for model.max_seq_len={seq_len}; "
+                "use more text or a shorter context"
+            )
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+        self._offsets = np.arange(seq_len + 1)
+
+    def next_step(
+        self, num_micro_batches: int, micro_batch_size: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Inputs and targets, each int64 [micro_batch_size, seq_len], for every micro-batch of one step."""
+        count = num_micro_batches * micro_batch_size
+        starts = torch.randint(len(self.tokens) - self.seq_len, (count,), generator=self.generator).numpy()
+        windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
+        return [(w[:, :-1], w[:, 1:]) for w in windows.split(micro_batch_size)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def validation_batches(
+    tokens: np.ndarray, seq_len: int, num_batches: int, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed set of windows spread evenly over the validation tokens (the same at every evaluation)."""
+    if len(tokens) < seq_len + 1:
+        raise UserError(
+            f"data.validation: {len(tokens)} validation tokens are too few for model.max_seq_len={seq_len}; "
+            "raise data.val_fraction or give a longer data.validation"
+        )
+    count = num_batches * batch_size
+    starts = np.linspace(0, len(tokens) - seq_len - 1, count).round().astype(np.int64)
+    windows = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]

@@ -1,0 +1,66 @@
+"""What a run tells its user: `metrics.jsonl` (one JSON object per record) and the tqdm progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsFile:
+    """Appends records to `metrics.jsonl`. On resume from step k, records after k (from the interrupted
+    tail of the earlier attempt) are dropped so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= resume_step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif path.exists():
+            path.unlink()
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+class ProgressBar:
+    def __init__(self, total: int, initial: int, enabled: bool):
+        # disable=None: draw only on a terminal, so logs and CI stay clean.
+        self.bar = tqdm(
+            total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None if enabled else True
+        )
+
+    def update(self, steps: int, record: dict | None = None) -> None:
+        self.bar.update(steps)
+        if record is not None:
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:,.0f}",
+                refresh=False,
+            )
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))

@@ -1,0 +1,185 @@
+"""Throughput of lmtrain's training loop next to a bare PyTorch loop over the same model and data.
+
+    python scripts/bench_throughput.py [--steps 40] [--repeats 3] [lmtrain pretrain overrides ...]
+    python scripts/bench_throughput.py model=small trainer.micro_batch_size=16
+
+Both loops train the same model (same init) on the same packed tokens with AdamW, gradient clipping and
+the same LR schedule; the bare loop is what one writes by hand (nanoGPT style: random windows, mean
+cross-entropy, backward, clip, step). They alternate `--repeats` times in one process so machine noise
+hits both alike; the script prints the median tokens/s of each and their ratio, plus achieved FLOP/s
+(and MFU on CUDA, from the device's peak bf16 dense FLOP/s when known).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmtrain.cli import check
+from lmtrain.config import PretrainConfig
+from lmtrain.data import tokens
+from lmtrain.distributed import resolve_device
+from lmtrain.losses import cross_entropy
+from lmtrain.model import TransformerConfig, TransformerLM
+from lmtrain.optim import build_optimizer, build_scheduler, lr_at
+from lmtrain.trainer import AMP_DTYPES, Trainer
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per device
+
+
+def build(cfg: PretrainConfig, vocab_size: int, device: torch.device):
+    torch.manual_seed(cfg.trainer.seed)
+    model = TransformerLM(TransformerConfig(vocab_size=vocab_size, **dataclasses.asdict(cfg.model))).to(
+        device
+    )
+    o = cfg.optimizer
+    optimizer = build_optimizer(
+        model,
+        name="adamw",
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        momentum=o.momentum,
+        device=device,
+    )
+    return model, optimizer
+
+
+def schedule(cfg: PretrainConfig, steps: int) -> dict:
+    s = cfg.scheduler
+    return dict(
+        name=s.name,
+        lr=cfg.optimizer.lr,
+        warmup_steps=min(s.warmup_steps, steps),
+        max_steps=steps,
+        min_lr=min(s.min_lr, cfg.optimizer.lr),
+    )
+
+
+def bare_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> float:
+    """Tokens/s of a hand-written loop (timed after `warmup` steps)."""
+    model, optimizer = build(cfg, vocab_size, device)
+    seq, batch = cfg.model.max_seq_len, cfg.trainer.micro_batch_size
+    amp = AMP_DTYPES[cfg.trainer.precision]
+    train = data.train
+    sched = schedule(cfg, warmup + steps)
+    forward = torch.compile(model) if cfg.trainer.compile else model
+    start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, **sched)
+        ix = torch.randint(len(train) - seq, (batch,))
+        x = torch.stack([torch.from_numpy(train[i : i + seq].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(train[i + 1 : i + 1 + seq].astype(np.int64)) for i in ix])
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = forward(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    loss.item()
+    return steps * batch * seq / (time.perf_counter() - start)
+
+
+def lmtrain_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> float:
+    """Tokens/s of lmtrain's Trainer.fit (logging every trainer.log_every steps; no eval or checkpoint)."""
+    model, optimizer = build(cfg, vocab_size, device)
+    scheduler = build_scheduler(optimizer, **schedule(cfg, warmup + steps))
+    loss_fn = partial(cross_entropy, label_smoothing=cfg.loss.label_smoothing, z_loss=cfg.loss.z_loss)
+    trainer = Trainer(
+        model,
+        optimizer,
+        scheduler,
+        loss_fn,
+        device=device,
+        precision=cfg.trainer.precision,
+        grad_clip=cfg.optimizer.grad_clip,
+        compile=cfg.trainer.compile,
+    )
+    sampler = tokens.WindowSampler(data.train, cfg.model.max_seq_len, cfg.trainer.seed)
+    run = partial(
+        trainer.fit,
+        sampler,
+        [],
+        accum_steps=1,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        eval_every=10**9,
+        log_every=cfg.trainer.log_every,
+        checkpoint_every=10**9,
+        write_metrics=lambda record: None,
+        save_checkpoint=lambda: None,
+        progress_bar=False,
+    )
+    run(max_steps=warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    run(max_steps=warmup + steps)
+    return steps * cfg.trainer.micro_batch_size * cfg.model.max_seq_len / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per repeat")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of both loops")
+    parser.add_argument("overrides", nargs="*", help="lmtrain pretrain overrides, e.g. model=small")
+    args = parser.parse_args()
+
+    cfg = check("pretrain", PretrainConfig, args.overrides)
+    device = resolve_device(cfg.trainer.device)
+    d = cfg.data
+    data = tokens.prepare(
+        train=d.train,
+        validation=d.validation,
+        val_fraction=d.val_fraction,
+        text_field=d.text_field,
+        tokenizer=d.tokenizer,
+        vocab_size=d.vocab_size,
+        max_chars=d.max_chars,
+        cache_dir=d.cache_dir,
+    )
+    vocab_size = data.tokenizer.get_vocab_size()
+    flops_per_token = TransformerLM(TransformerConfig(vocab_size=vocab_size, **dataclasses.asdict(cfg.model)))
+    flops_per_token = flops_per_token.flops_per_token()
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), precision {cfg.trainer.precision}, "
+        f"compile {cfg.trainer.compile}; model d_model={cfg.model.d_model} layers={cfg.model.num_layers} "
+        f"seq={cfg.model.max_seq_len} batch={cfg.trainer.micro_batch_size} vocab={vocab_size}"
+    )
+    results = {"bare": [], "lmtrain": []}
+    for repeat in range(args.repeats):
+        for name, loop in (("bare", bare_loop), ("lmtrain", lmtrain_loop)):
+            tokens_per_s = loop(cfg, data, vocab_size, device, args.steps, args.warmup)
+            results[name].append(tokens_per_s)
+            print(f"  repeat {repeat + 1} {name:8s} {tokens_per_s:12,.0f} tokens/s")
+    bare, ours = statistics.median(results["bare"]), statistics.median(results["lmtrain"])
+    print(f"median tokens/s: bare {bare:,.0f}   lmtrain {ours:,.0f}   lmtrain/bare {ours / bare:.3f}")
+    achieved = ours * flops_per_token
+    line = f"achieved {achieved / 1e9:,.1f} GFLOP/s ({flops_per_token / 1e6:.2f} MFLOPs per token)"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if peak:
+            line += f", MFU {achieved / peak:.1%} of {name} bf16 peak"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Every shipped YAML composes and validates; user mistakes are one line naming the key."""
+
+import importlib.resources
+import subprocess
+import sys
+
+import pytest
+from conftest import compose, lmtrain
+
+from lmtrain.config import ConfigError
+
+GROUPS = ["model", "optimizer", "scheduler", "grad_accum", "loss", "data", "trainer"]
+
+
+def options(group: str) -> list[str]:
+    folder = importlib.resources.files("lmtrain.configs") / group
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_and_validates(group):
+    assert options(group), f"configs/{group}/ is empty"
+    for option in options(group):
+        cfg = compose(f"{group}={option}")
+        assert getattr(cfg, group) is not None
+
+
+def test_experiment_composes():
+    cfg = compose("+experiment=shakespeare_char", "data.train=x.txt")
+    assert (cfg.model.d_model, cfg.model.max_seq_len, cfg.trainer.micro_batch_size) == (128, 64, 12)
+    assert cfg.data.tokenizer == "char" and cfg.scheduler.min_lr == 1e-4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.d_modle=3", "unknown key 'model.d_modle' (did you mean 'model.d_model'?)"),
+        ("trainer.max_step=3", "did you mean 'trainer.max_steps'?"),
+        ("model=tinyy", "model=tinyy: no such option; choose from"),
+        ("optimizer=adamx", "did you mean 'adam"),
+        ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc'"),
+        ("model.num_heads=3", "model.num_heads: 3 does not divide model.d_model=256"),
+        ("scheduler.warmup_steps=5000", "scheduler.warmup_steps: 5000 exceeds trainer.max_steps"),
+        ("optimizer.lr=0", "optimizer.lr: must be > 0"),
+        ("optimizer.lr=-1", "optimizer.lr: must be > 0"),
+        ("trainer.micro_batch_size=0", "trainer.micro_batch_size: must be > 0"),
+        ("trainer.precision=fp8", "trainer.precision: 'fp8' is not one of fp32, bf16, fp16"),
+        ("data.tokenizer=chars", "did you mean 'char'?"),
+        ("grad_accum=global_batch grad_accum.global_batch_tokens=1000", "grad_accum.global_batch_tokens"),
+    ],
+)
+def test_bad_override_is_rejected_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        compose(*override.split())
+    assert message in str(err.value)
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        compose("optimizer.lr=0", "trainer.micro_batch_size=0")
+    assert "optimizer.lr" in str(err.value) and "trainer.micro_batch_size" in str(err.value)
+
+
+def test_global_batch_derives_accumulation_steps():
+    from lmtrain.config import accumulation_steps
+
+    cfg = compose(
+        "grad_accum=global_batch", "grad_accum.global_batch_tokens=8192", "trainer.micro_batch_size=16"
+    )
+    assert accumulation_steps(cfg.grad_accum, 16, cfg.model.max_seq_len, world_size=1) == 4
+    assert accumulation_steps(cfg.grad_accum, 16, cfg.model.max_seq_len, world_size=2) == 2
+
+
+def test_cli_bad_override_one_line_nonzero_exit():
+    result = lmtrain("pretrain", "model.d_modle=3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "lmtrain pretrain: error: unknown key 'model.d_modle' (did you mean 'model.d_model'?)"
+    ]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_cli_unknown_command():
+    result = lmtrain("pretrian")
+    assert result.returncode == 2 and "did you mean 'pretrain'?" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["--cfg", "job"], ["model.d_modle=3"], ["--info"]],
+    ids=["help", "cfg", "error", "info"],
+)
+def test_help_cfg_and_errors_do_not_import_torch(args):
+    code = (
+        "import sys\n"
+        "from lmtrain.cli import main\n"
+        "try:\n"
+        f"    main(['pretrain', *{args!r}])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_cfg_job_prints_composed_config():
+    result = lmtrain("pretrain", "--cfg", "job", "model=tiny", "optimizer.lr=3e-4")
+    assert result.returncode == 0, result.stderr
+    assert "d_model: 64" in result.stdout and "lr: 0.0003" in result.stdout

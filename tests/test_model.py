@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from lmtrain.generate import filter_logits, generate
+from lmtrain.model import KVCache, TransformerConfig, TransformerLM
+
+VARIANTS = [
+    {},
+    {"position": "rope", "activation": "swiglu", "tie_embeddings": False},
+    {"norm_position": "post", "activation": "relu", "bias": True},
+]
+
+
+def tiny(**overrides) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(
+        TransformerConfig(vocab_size=50, d_model=32, num_heads=4, num_layers=2, max_seq_len=16, **overrides)
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_attention_is_causal(variant):
+    model = tiny(**variant).eval()
+    tokens = torch.randint(0, 50, (2, 12))
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 50
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert a.shape == (2, 12, 50)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_matches_full_forward(variant):
+    model = tiny(**variant).eval()
+    tokens = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(model.config, 2, torch.device("cpu"), torch.float32)
+        prefix = model(tokens[:, :6], cache)
+        steps = [model(tokens[:, i : i + 1], cache) for i in range(6, 10)]
+    torch.testing.assert_close(torch.cat([prefix, *steps], dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_tied_head_shares_the_embedding():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.token_embedding.weight
+    assert untied.num_parameters() == tied.num_parameters() + 50 * 32
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    model = tiny()
+    c = model.config
+    non_embedding = model.num_parameters() - c.max_seq_len * c.d_model  # learned positions are lookups
+    assert model.flops_per_token() == 6 * non_embedding + 12 * c.num_layers * c.d_model * c.max_seq_len
+
+
+def test_residual_projections_get_scaled_init():
+    model = TransformerLM(
+        TransformerConfig(vocab_size=50, d_model=256, num_heads=4, num_layers=8, max_seq_len=16)
+    )
+    std = model.blocks[0].attn.proj.weight.std().item()
+    assert std == pytest.approx(0.02 / 4, rel=0.1)
+
+
+def test_generate_runs_past_the_context_and_greedy_is_deterministic():
+    model = tiny()
+    prompt = torch.randint(0, 50, (1, 5))
+    a = generate(model, prompt, 30, temperature=0)
+    b = generate(model, prompt, 30, temperature=0)
+    assert a.shape == (1, 35) and torch.equal(a, b)
+    g = torch.Generator().manual_seed(1)
+    sampled = generate(model, prompt, 30, temperature=1.0, top_k=5, top_p=0.9, generator=g)
+    assert sampled.shape == (1, 35)
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 2, None)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, None, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, None, 0.5)).tolist() == [[False, True, True, True]]

@@ -1,0 +1,45 @@
+"""Every option of every config group trains a few steps (model presets shrunk to tiny sizes)."""
+
+import importlib.resources
+import math
+
+import pytest
+import torch
+from conftest import TINY, compose
+
+from lmtrain.commands import pretrain
+from lmtrain.run_log import read_metrics
+
+
+def options(group):
+    folder = importlib.resources.files("lmtrain.configs") / group
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+SHRINK = ["model.d_model=32", "model.num_heads=2", "model.num_layers=1", "model.max_seq_len=32"]
+CASES = (
+    [[f"model={o}", *SHRINK] for o in options("model")]
+    + [[f"{g}={o}"] for g in ("optimizer", "scheduler", "loss", "data") for o in options(g)]
+    + [
+        ["grad_accum=steps", "grad_accum.steps=2"],
+        ["grad_accum=global_batch", "grad_accum.global_batch_tokens=256"],
+    ]
+    + [[f"trainer={o}"] for o in options("trainer")]
+    + [["trainer.precision=bf16"], ["trainer.precision=fp16"], ["model.dropout=0.1"]]
+)
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=[" ".join(c) for c in CASES])
+def test_option_trains(tmp_path, corpus, overrides):
+    group_choice = [o for o in overrides if "." not in o.split("=")[0]]
+    # group options first, then the tiny settings, then the case's own values
+    cfg = compose(
+        *group_choice, *TINY, f"data.train={corpus}", *[o for o in overrides if o not in group_choice]
+    )
+    if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    best = pretrain.run(cfg, str(tmp_path))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+    assert math.isfinite(best)
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)

@@ -1,0 +1,93 @@
+from functools import partial
+
+import numpy as np
+import torch
+
+from lmtrain.data.tokens import WindowSampler
+from lmtrain.losses import cross_entropy
+from lmtrain.model import TransformerConfig, TransformerLM
+from lmtrain.optim import build_optimizer, build_scheduler
+from lmtrain.trainer import Trainer
+
+CPU = torch.device("cpu")
+
+
+def make_trainer(lr: float = 1e-3) -> Trainer:
+    torch.manual_seed(0)
+    model = TransformerLM(
+        TransformerConfig(vocab_size=37, d_model=32, num_heads=2, num_layers=2, max_seq_len=16)
+    )
+    opt = build_optimizer(
+        model, name="adamw", lr=lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, momentum=0.0, device=CPU
+    )
+    sched = build_scheduler(opt, name="cosine", lr=lr, warmup_steps=2, max_steps=30, min_lr=lr / 10)
+    return Trainer(model, opt, sched, partial(cross_entropy, label_smoothing=0.05), device=CPU, grad_clip=1.0)
+
+
+def assert_same_weights(a: Trainer, b: Trainer, rtol: float = 1e-5):
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+        diff = (p - q).norm() / q.norm()
+        assert diff <= rtol, f"{name}: relative difference {diff:.2e}"
+
+
+def batches_of(x, y, size):
+    return list(zip(x.split(size), y.split(size), strict=True))
+
+
+def test_accumulation_equals_large_batch():
+    rng = torch.Generator().manual_seed(0)
+    big, accum = make_trainer(), make_trainer()
+    for _ in range(5):
+        x = torch.randint(0, 37, (16, 16), generator=rng)
+        y = torch.randint(0, 37, (16, 16), generator=rng)
+        big.train_step(batches_of(x, y, 16))
+        accum.train_step(batches_of(x, y, 4))
+    assert_same_weights(big, accum)
+
+
+def test_accumulation_is_exact_with_uneven_target_counts():
+    """Micro-batches with very different numbers of target tokens: normalizing by the step's total count
+    (not averaging per micro-batch) still gives the large-batch update."""
+    rng = torch.Generator().manual_seed(1)
+    big, accum = make_trainer(), make_trainer()
+    for _ in range(5):
+        x = torch.randint(0, 37, (16, 16), generator=rng)
+        y = torch.randint(0, 37, (16, 16), generator=rng)
+        y[:4, 2:] = -100  # micro-batch 1: 8 targets; the others: 64 each
+        y[4:8, 10:] = -100  # micro-batch 2: 40 targets
+        big.train_step(batches_of(x, y, 16))
+        accum.train_step(batches_of(x, y, 4))
+    assert_same_weights(big, accum)
+
+
+def test_per_micro_batch_mean_would_differ():
+    """Guards the test above: averaging per-micro-batch means is measurably different."""
+    rng = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 37, (16, 16), generator=rng)
+    y = torch.randint(0, 37, (16, 16), generator=rng)
+    y[:4, 2:] = -100
+    trainer = make_trainer()
+    exact = torch.autograd.grad(
+        cross_entropy(trainer.model(x), y)[0] / (y != -100).sum(), trainer.model.token_embedding.weight
+    )[0]
+    naive = sum(
+        torch.autograd.grad(
+            cross_entropy(trainer.model(xb), yb)[0] / (yb != -100).sum() / 4,
+            trainer.model.token_embedding.weight,
+        )[0]
+        for xb, yb in batches_of(x, y, 4)
+    )
+    assert (exact - naive).norm() / exact.norm() > 1e-3
+
+
+def test_loss_goes_down_on_repetitive_data():
+    pattern = np.tile(np.arange(37, dtype=np.uint16), 200)
+    sampler = WindowSampler(pattern, 16, seed=0)
+    trainer = make_trainer(lr=1e-2)
+    validation = sampler.next_step(2, 8)
+    before = trainer.evaluate(validation)
+    for _ in range(20):
+        trainer.train_step(sampler.next_step(1, 8))
+    after = trainer.evaluate(validation)
+    assert after < before * 0.5, (before, after)
+    assert trainer.state.step == 20 and trainer.state.tokens_seen == 20 * 8 * 16
