@@ -108,6 +108,16 @@ class Trainer:
             count += int((batch[1] != self.ignore_index).sum())
         return total.item() / max(count, 1)
 
+    def _validate(
+        self, validation: list[Batch], write_metrics: Callable[[dict], None], bar: ProgressBar
+    ) -> None:
+        step, val_loss = self.state.step, self.evaluate(validation)
+        self.state.last_val_loss = val_loss
+        if step > 0 and (self.state.best_val_loss is None or val_loss < self.state.best_val_loss):
+            self.state.best_val_loss = val_loss
+        write_metrics({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+        bar.write(f"step {step}: val_loss {val_loss:.4f}  val_ppl {perplexity(val_loss):.2f}")
+
     def fit(
         self,
         sampler: WindowSampler,
@@ -125,8 +135,11 @@ class Trainer:
     ) -> None:
         bar = ProgressBar(max_steps, self.state.step, progress_bar)
         window_loss = torch.zeros((), device=self.device)
-        window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+        window_steps, window_tokens = 0, 0
         try:
+            if validation and self.state.step == 0:  # where the run starts from
+                self._validate(validation, write_metrics, bar)
+            window_start = time.perf_counter()
             while self.state.step < max_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(sampler.next_step(accum_steps, micro_batch_size))
@@ -152,12 +165,7 @@ class Trainer:
                     window_steps, window_tokens = 0, 0
                 bar.update(1, record)
                 if validation and (step % eval_every == 0 or step == max_steps):
-                    val_loss = self.evaluate(validation)
-                    self.state.last_val_loss = val_loss
-                    if self.state.best_val_loss is None or val_loss < self.state.best_val_loss:
-                        self.state.best_val_loss = val_loss
-                    write_metrics({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
-                    bar.write(f"step {step}: val_loss {val_loss:.4f}  val_ppl {perplexity(val_loss):.2f}")
+                    self._validate(validation, write_metrics, bar)
                 if step % checkpoint_every == 0 or step == max_steps:
                     save_checkpoint()
                 if window_steps == 0:  # evaluation and checkpoint time stay out of tokens_per_s

@@ -27,8 +27,9 @@ def test_pretrain_then_generate(tmp_path, corpus):
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     assert set(train[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"}
-    assert [r["step"] for r in val] == [20, 40] and set(val[0]) == {"step", "val_loss", "val_ppl"}
+    assert [r["step"] for r in val] == [0, 20, 40] and set(val[0]) == {"step", "val_loss", "val_ppl"}
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.5
     assert "best val_loss" in result.stdout + result.stderr
     assert (run_dir / "checkpoints" / "latest").resolve().name == "step_0000040"
 

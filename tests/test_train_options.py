@@ -26,6 +26,8 @@ CASES = (
     ]
     + [[f"trainer={o}"] for o in options("trainer")]
     + [["trainer.precision=bf16"], ["trainer.precision=fp16"], ["model.dropout=0.1"]]
+    # the embedded default corpus, cut short
+    + [["data.train=python-stdlib", "data.max_chars=300000", "data.tokenizer=bpe", "data.vocab_size=512"]]
 )
 
 
