@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup pretrain test lint format bench clean
+.PHONY: setup setup-optuna setup-joblib pretrain test lint format bench clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+# Optional extras on their own (`make setup` installs them all, for the tests).
+setup-optuna: setup
+	$(PY) -m pip install -q -e ".[optuna]"
+
+setup-joblib: setup
+	$(PY) -m pip install -q -e ".[joblib]"
 
 pretrain: setup
 	$(VENV)/bin/lmtrain pretrain $(ARGS)

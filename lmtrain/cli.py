@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.resources
+import logging
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from lmtrain.config import ConfigError, GenerateConfig, PretrainConfig, all_keys, nearest, validate
 from lmtrain.errors import UserError
 
+log = logging.getLogger("lmtrain")
 CONFIG_PACKAGE = "lmtrain.configs"
+TRAINING_COMMANDS = {"pretrain"}  # commands whose runs record result.json
 # command -> (primary config, schema); lmtrain.commands.<command>.run(cfg, run_dir) does the work
 COMMANDS: dict[str, tuple[str, type]] = {
     "pretrain": ("pretrain", PretrainConfig),
@@ -26,12 +31,14 @@ USAGE = """usage: lmtrain <command> [hydra flags] [key=value ...]
 commands:
   pretrain   train a causal LM from scratch            (configs/pretrain.yaml)
   generate   sample text from a checkpoint             (configs/generate.yaml)
+  report     compare runs or a sweep: table and plots  (lmtrain report --help)
 
 Hydra's flags work after the command: --help, --cfg job, --info, -m (multirun), hydra.run.dir=...
 Examples:
   lmtrain pretrain model=tiny trainer.max_steps=200
   lmtrain pretrain --cfg job
   lmtrain generate ckpt=outputs/<run>/checkpoints/latest prompt="def "
+  lmtrain report multirun/<date>/<time>
 """
 
 
@@ -51,9 +58,14 @@ def _group_options(group: str) -> list[str] | None:
 def _first_values(overrides: list[str]) -> list[str]:
     """Replace each sweep (`a=1,2`) by its first value so one job of a multirun can be checked."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(_first_line(err)) from None
     checked = []
-    for override in OverridesParser.create().parse_overrides(overrides):
+    for override in parsed:
         if not override.is_sweep_override():
             checked.append(override.input_line)
         elif override.is_discrete_sweep():
@@ -61,8 +73,11 @@ def _first_values(overrides: list[str]) -> list[str]:
     return checked
 
 
-def check(config_name: str, schema: type, overrides: list[str]) -> Any:
-    """Compose and validate the config as Hydra will; raises ConfigError naming the key to fix."""
+def check(config_name: str, schema: type, overrides: list[str], values: bool = True) -> Any:
+    """Compose and validate the config as Hydra will; raises ConfigError naming the key to fix.
+
+    values=False checks keys and group options only (for a sweep, whose jobs check their own values).
+    """
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -87,7 +102,7 @@ def check(config_name: str, schema: type, overrides: list[str]) -> Any:
         try:
             base = compose(config_name, overrides=groups)
         except HydraException as err:
-            raise ConfigError(_first_line(err)) from None
+            raise ConfigError(_plugin_hint(_first_line(err))) from None
         known = all_keys(base)
         for override in values:
             key = override.split("=", 1)[0]
@@ -103,30 +118,75 @@ def check(config_name: str, schema: type, overrides: list[str]) -> Any:
             cfg = compose(config_name, overrides=groups + values)
         except HydraException as err:
             raise ConfigError(_first_line(err)) from None
-    return validate(cfg, schema)
+    return validate(cfg, schema) if values else cfg
 
 
 _MISSING = object()
 
 
+PLUGINS = {"hydra/sweeper/optuna": "optuna", "hydra/launcher/joblib": "joblib"}
+
+
+def _plugin_hint(message: str) -> str:
+    for config, extra in PLUGINS.items():
+        if f"'{config}'" in message:
+            return f"{config} is not installed: pip install 'lmtrain[{extra}]' (or make setup-{extra})"
+    return message
+
+
 def _first_line(err: BaseException) -> str:
+    from hydra.errors import OverrideParseException
+
+    if isinstance(err, OverrideParseException):
+        return f"cannot parse override '{err.override}': {err.message.splitlines()[0]}"
     while not str(err).strip() and err.__cause__ is not None:
         err = err.__cause__
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _task(command: str, schema: type):
+    """The Hydra job: validate, run the command, and record `result.json` for commands that train.
+
+    In a sweep a failing job is recorded as failed and the sweep goes on (the sweep's exit status says
+    so at the end); in a single run a user mistake exits with one line, and a bug keeps its traceback.
+    """
+
     def run(cfg) -> Any:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
+        from lmtrain.sweep import write_result
+
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+        overrides = list(hydra_cfg.overrides.task)
+        started = time.time()
         try:
             typed = validate(cfg, schema)
-            module = importlib.import_module(f"lmtrain.commands.{command}")
-            return module.run(typed, HydraConfig.get().runtime.output_dir)
-        except UserError as err:
-            if os.environ.get("LMTRAIN_DEBUG"):
+            summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))
+        except Exception as err:
+            if command in TRAINING_COMMANDS:
+                reason = (
+                    _first_line(err)
+                    if isinstance(err, UserError)
+                    else f"{type(err).__name__}: {_first_line(err)}"
+                )
+                write_result(
+                    run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides
+                )
+            if os.environ.get("LMTRAIN_DEBUG") or not (sweeping or isinstance(err, UserError)):
                 raise
+            if sweeping:
+                if not isinstance(err, UserError):
+                    log.exception("job %s failed", hydra_cfg.job.num)
+                _fail(f"{command} (job {hydra_cfg.job.num})", err)
+                return float("nan")
             sys.exit(_fail(command, err))
+        if summary is None:
+            return None
+        write_result(run_dir, "completed", {**summary, "wall_seconds": time.time() - started}, overrides)
+        return summary["objective"]
 
     return run
 
@@ -137,8 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "report":  # reads finished runs: no Hydra config of its own
+        from lmtrain.commands.report import main as report
+
+        return report(rest)
     if command not in COMMANDS:
-        hint = nearest(command, list(COMMANDS))
+        hint = nearest(command, [*COMMANDS, "report"])
         print(
             f"lmtrain: error: unknown command '{command}'" + (f" (did you mean '{hint}'?)" if hint else ""),
             file=sys.stderr,
@@ -152,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(rest)
     if not (args.help or args.hydra_help or args.info or args.shell_completion):
         try:
-            check(config_name, schema, _first_values(args.overrides) if args.multirun else args.overrides)
+            if args.multirun:
+                check(config_name, schema, _first_values(args.overrides), values=False)
+            else:
+                check(config_name, schema, args.overrides)
         except UserError as err:
             if os.environ.get("LMTRAIN_DEBUG"):
                 raise

@@ -98,6 +98,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     resume: Any = False  # false | true (this run dir's latest) | path to a checkpoint or run dir
     progress_bar: bool = True  # tqdm bar on a terminal
+    tensorboard: bool = False  # also log scalars to <run dir>/tensorboard (needs the tensorboard package)
 
 
 @dataclass

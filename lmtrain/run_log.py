@@ -8,13 +8,28 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lmtrain.errors import UserError
+
 
 class MetricsFile:
-    """Appends records to `metrics.jsonl`. On resume from step k, records after k (from the interrupted
-    tail of the earlier attempt) are dropped so the file reads as one uninterrupted run."""
+    """Appends records to `metrics.jsonl` (and, optionally, TensorBoard). On resume from step k, records
+    after k (from the interrupted tail of the earlier attempt) are dropped so the file reads as one
+    uninterrupted run."""
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None):
         self.path = path
+        self.tensorboard = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError(
+                    "trainer.tensorboard=true needs the tensorboard package: "
+                    "pip install 'lmtrain[tensorboard]'"
+                ) from None
+            # purge_step drops events an interrupted attempt wrote after the checkpoint we resume from
+            purge = resume_step + 1 if resume_step is not None else None
+            self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=purge)
         if resume_step is not None and path.exists():
             kept = [
                 line
@@ -29,9 +44,16 @@ class MetricsFile:
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            prefix = "val" if "val_loss" in record else "train"
+            for key, value in record.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(f"{prefix}/{key.removeprefix('val_')}", value, record["step"])
 
     def close(self) -> None:
         self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -40,7 +40,7 @@ def test_option_trains(tmp_path, corpus, overrides):
     )
     if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    best = pretrain.run(cfg, str(tmp_path))
+    best = pretrain.run(cfg, str(tmp_path))["objective"]
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
     assert math.isfinite(best)

@@ -42,8 +42,8 @@ def _resume_source(resume: bool | str, run_dir: Path) -> Path | None:
     return checkpoint.resolve(resume, "trainer.resume")
 
 
-def run(cfg: PretrainConfig, run_dir: str) -> float:
-    """Train; returns the best validation loss (the objective for Hydra sweepers)."""
+def run(cfg: PretrainConfig, run_dir: str) -> dict:
+    """Train; returns the run's summary, whose `objective` (best validation loss) Hydra sweepers minimise."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,11 @@ def run(cfg: PretrainConfig, run_dir: str) -> float:
     if source is not None:
         _restore(source, trainer, sampler, model_json, tokenizer_json)
         log.info("resumed from %s at step %d", source, trainer.state.step)
-    metrics = MetricsFile(run_dir / "metrics.jsonl", resume_step=trainer.state.step if source else None)
+    metrics = MetricsFile(
+        run_dir / "metrics.jsonl",
+        resume_step=trainer.state.step if source else None,
+        tensorboard_dir=run_dir / "tensorboard" if t.tensorboard else None,
+    )
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     start_step, start_tokens = trainer.state.step, trainer.state.tokens_seen
 
@@ -183,7 +187,17 @@ def run(cfg: PretrainConfig, run_dir: str) -> float:
         latest,
     )
     log.info('try: lmtrain generate ckpt=%s prompt="def "', latest)
-    return state.best_val_loss if state.best_val_loss is not None else float("nan")
+    best = state.best_val_loss if state.best_val_loss is not None else float("nan")
+    return {
+        "metric": "val_loss",
+        "objective": best,
+        "best_val_loss": best,
+        "final_val_loss": state.last_val_loss,
+        "steps": state.step,
+        "tokens": state.tokens_seen,
+        "tokens_per_s": tokens_this_run / loop_seconds if loop_seconds > 0 else None,
+        "checkpoint": str(checkpoint.resolve(run_dir)),
+    }
 
 
 def _restore(
