@@ -13,15 +13,18 @@ Layout of `checkpoints/step_NNNNNNN/`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -81,6 +84,8 @@ def save(
     `files` maps extra file names to text content (config.yaml, model.json, tokenizer.json).
     """
     checkpoint_root.mkdir(parents=True, exist_ok=True)
+    for stale in checkpoint_root.glob(".step_*.tmp-*"):  # left by a process killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     final = checkpoint_root / step_dir_name(step)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=checkpoint_root))
     staging.chmod(0o755)  # mkdtemp makes it private
@@ -96,10 +101,14 @@ def save(
         for path in staging.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        if final.exists():  # a rerun of the same step replaces the old copy
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # a rerun of the same step: the old copy stays whole until the new one is in
+            replaced = final.with_name(f".{final.name}.tmp-replaced")
+            os.rename(final, replaced)
         os.rename(staging, final)
         _fsync_dir(checkpoint_root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -109,6 +118,7 @@ def save(
         tmp_link.unlink()
     tmp_link.symlink_to(final.name)
     os.replace(tmp_link, link)
+    _fsync_dir(checkpoint_root)
     return final
 
 
@@ -122,6 +132,19 @@ def complete_steps(checkpoint_root: Path) -> list[Path]:
         if match and path.is_dir() and (path / COMPLETE_MARKER).is_file():
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
+
+
+def set_aside_after(checkpoint_root: Path, step: int) -> list[Path]:
+    """Rename checkpoints newer than `step` (an abandoned continuation, when a run is resumed from an
+    older checkpoint) to hidden `.abandoned-step_*` folders, so neither `latest` nor pruning mixes them up."""
+    moved = []
+    for path in complete_steps(checkpoint_root):
+        if int(STEP_DIR.match(path.name).group(1)) > step:
+            target = path.with_name(f".abandoned-{path.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(path, target)
+            moved.append(target)
+    return moved
 
 
 def prune(checkpoint_root: Path, keep_last: int) -> None:
@@ -145,6 +168,16 @@ def resolve(path: str | Path, key: str = "ckpt") -> Path:
     if complete:
         return complete[-1]
     raise UserError(f"{key}: no complete checkpoint at '{path}'")
+
+
+@contextlib.contextmanager
+def readable(checkpoint: Path, key: str) -> Iterator[None]:
+    """Turn a missing, truncated or foreign checkpoint file into a one-line error naming `key`."""
+    try:
+        yield
+    except (OSError, SafetensorError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{key}: '{checkpoint}' is not a readable lmtrain checkpoint ({detail})") from err
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:

@@ -138,7 +138,11 @@ def _first_line(err: BaseException) -> str:
     from hydra.errors import OverrideParseException
 
     if isinstance(err, OverrideParseException):
-        return f"cannot parse override '{err.override}': {err.message.splitlines()[0]}"
+        key = err.override.split("=", 1)[0]
+        return (
+            f"cannot parse override '{err.override}': {err.message.splitlines()[0]}; "
+            f"quote a value with spaces or symbols: '{key}=\"...\"'"
+        )
     while not str(err).strip() and err.__cause__ is not None:
         err = err.__cause__
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -234,6 +234,14 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
         errors.append(
             f"model.position=rope needs an even head size, got d_model/num_heads={m.d_model // m.num_heads}"
         )
+    if m.rope_theta <= 0 or m.init_std <= 0:
+        errors.append("model.rope_theta and model.init_std: must be > 0")
+    if o.eps <= 0:
+        errors.append(f"optimizer.eps: must be > 0, got {o.eps}")
+    if not 0.0 <= o.momentum < 1.0:
+        errors.append(f"optimizer.momentum: must be in [0, 1), got {o.momentum}")
+    if d.max_chars is not None and d.max_chars <= 0:
+        errors.append(f"data.max_chars: must be > 0 or null (all), got {d.max_chars}")
     if m.d_ff is not None and m.d_ff <= 0:
         errors.append(f"model.d_ff: must be > 0 or null, got {m.d_ff}")
     if not 0.0 <= m.dropout < 1.0:
@@ -309,6 +317,10 @@ def validate(cfg: DictConfig, schema: type) -> Any:
         elif schema is GenerateConfig:
             if not obj.ckpt:
                 errors.append("ckpt: missing; pass ckpt=outputs/<run>/checkpoints/latest")
+            if obj.num_samples <= 0:
+                errors.append(f"num_samples: must be > 0, got {obj.num_samples}")
+            if obj.top_k is not None and obj.top_k <= 0:
+                errors.append(f"top_k: must be > 0 or null (all tokens), got {obj.top_k}")
             if obj.max_new_tokens <= 0:
                 errors.append(f"max_new_tokens: must be > 0, got {obj.max_new_tokens}")
             if obj.temperature < 0:

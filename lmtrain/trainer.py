@@ -24,6 +24,9 @@ class TrainState:
     best_val_loss: float | None = None
     last_val_loss: float | None = None
     train_seconds: float = 0.0  # wall time in the loop, summed over resumes
+    # the log window in progress, so a resumed run logs the same averages as one that never stopped
+    window_loss: float = 0.0
+    window_steps: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -134,22 +137,28 @@ class Trainer:
         progress_bar: bool = True,
     ) -> None:
         bar = ProgressBar(max_steps, self.state.step, progress_bar)
-        window_loss = torch.zeros((), device=self.device)
-        window_steps, window_tokens = 0, 0
+        state = self.state
+        window_loss = torch.tensor(state.window_loss, device=self.device)
+        window_tokens = 0  # tokens/s counts this process's work only
+
+        def checkpoint() -> None:
+            state.window_loss = window_loss.item()
+            save_checkpoint()
+
         try:
             if validation and self.state.step == 0:  # where the run starts from
                 self._validate(validation, write_metrics, bar)
             window_start = time.perf_counter()
-            while self.state.step < max_steps:
+            while state.step < max_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(sampler.next_step(accum_steps, micro_batch_size))
                 window_loss += loss
-                window_steps += 1
+                state.window_steps += 1
                 window_tokens += accum_steps * micro_batch_size * sampler.seq_len
-                step = self.state.step
+                step = state.step
                 record = None
                 if step % log_every == 0 or step == max_steps:
-                    mean_loss = (window_loss / window_steps).item()  # waits for the device
+                    mean_loss = (window_loss / state.window_steps).item()  # waits for the device
                     elapsed = time.perf_counter() - window_start
                     record = {
                         "step": step,
@@ -157,18 +166,18 @@ class Trainer:
                         "lr": lr,
                         "grad_norm": grad_norm.item(),
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                        "tokens_seen": self.state.tokens_seen,
+                        "tokens_seen": state.tokens_seen,
                     }
-                    self.state.train_seconds += elapsed
+                    state.train_seconds += elapsed
                     write_metrics(record)
                     window_loss.zero_()
-                    window_steps, window_tokens = 0, 0
+                    state.window_steps, window_tokens = 0, 0
                 bar.update(1, record)
                 if validation and (step % eval_every == 0 or step == max_steps):
                     self._validate(validation, write_metrics, bar)
                 if step % checkpoint_every == 0 or step == max_steps:
-                    save_checkpoint()
-                if window_steps == 0:  # evaluation and checkpoint time stay out of tokens_per_s
+                    checkpoint()
+                if state.window_steps == 0:  # time spent evaluating and saving between windows is not counted
                     window_start = time.perf_counter()
         finally:
             bar.close()

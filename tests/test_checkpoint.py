@@ -21,8 +21,10 @@ def weights(run_dir):
     return load_file(str(checkpoint.resolve(run_dir) / "model.safetensors"))
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, corpus, monkeypatch):
-    train(tmp_path / "straight", corpus)
+@pytest.mark.parametrize("log_every", [1, 2])
+def test_resume_equals_uninterrupted_run(tmp_path, corpus, monkeypatch, log_every):
+    """Also when the checkpoint falls inside a log window (log_every=2, checkpoint at step 3)."""
+    train(tmp_path / "straight", corpus, f"trainer.log_every={log_every}")
 
     real_step = Trainer.train_step
 
@@ -33,10 +35,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, corpus, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "resumed", corpus)
+        train(tmp_path / "resumed", corpus, f"trainer.log_every={log_every}")
     assert checkpoint.resolve(tmp_path / "resumed").name == "step_0000003"
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    train(tmp_path / "resumed", corpus, "trainer.resume=true")
+    train(tmp_path / "resumed", corpus, f"trainer.log_every={log_every}", "trainer.resume=true")
 
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
@@ -90,6 +92,31 @@ def test_half_written_checkpoint_is_never_latest(tmp_path, corpus, monkeypatch):
     assert checkpoint.resolve(tmp_path).name == "step_0000006"
     os.remove(root / "latest")  # even without the link, the newest complete one wins
     assert checkpoint.resolve(tmp_path).name == "step_0000006"
+
+
+def test_resuming_an_older_checkpoint_sets_newer_ones_aside(tmp_path, corpus):
+    train(tmp_path, corpus, "trainer.keep_last=0")
+    older = tmp_path / "checkpoints" / "step_0000003"
+    train(tmp_path, corpus, f"trainer.resume={older}", "trainer.max_steps=5", "trainer.keep_last=1")
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == [".abandoned-step_0000006", "latest", "step_0000005"]
+    assert checkpoint.resolve(tmp_path).name == "step_0000005"
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "missing model.json"])
+def test_unreadable_checkpoint_is_one_line(tmp_path, corpus, damage):
+    train(tmp_path, corpus)
+    source = checkpoint.resolve(tmp_path)
+    if damage == "truncated weights":
+        (source / "model.safetensors").write_bytes(b"\x00\x01")
+    else:
+        (source / "model.json").unlink()
+    from lmtrain.commands.generate import load_model
+
+    with pytest.raises(UserError, match="ckpt: .* is not a readable lmtrain checkpoint"):
+        load_model(str(tmp_path), torch.device("cpu"))
+    with pytest.raises(UserError, match="trainer.resume: .* is not a readable lmtrain checkpoint"):
+        train(tmp_path / "other", corpus, f"trainer.resume={source}")
 
 
 def test_keep_last_prunes(tmp_path, corpus):

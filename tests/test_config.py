@@ -20,9 +20,15 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes_and_validates(group):
     assert options(group), f"configs/{group}/ is empty"
+    from omegaconf import OmegaConf
+
     for option in options(group):
         cfg = compose(f"{group}={option}")
-        assert getattr(cfg, group) is not None
+        shipped = OmegaConf.load(importlib.resources.files("lmtrain.configs") / group / f"{option}.yaml")
+        selected = OmegaConf.structured(getattr(cfg, group))
+        for key, value in shipped.items():
+            if not OmegaConf.is_interpolation(shipped, key):
+                assert selected[key] == value, f"{group}={option}: {key}"
 
 
 def test_experiment_composes():

@@ -64,6 +64,17 @@ def test_residual_projections_get_scaled_init():
     assert std == pytest.approx(0.02 / 4, rel=0.1)
 
 
+def test_cached_greedy_generation_equals_recomputing_every_step():
+    model = tiny(position="rope").eval()
+    prompt = torch.randint(0, 50, (2, 4))
+    cached = generate(model, prompt, 10, temperature=0)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, tokens)
+
+
 def test_generate_runs_past_the_context_and_greedy_is_deterministic():
     model = tiny()
     prompt = torch.randint(0, 50, (1, 5))

@@ -20,9 +20,11 @@ from lmtrain.model import TransformerConfig, TransformerLM
 def load_model(path: str, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
     """A model and tokenizer from a checkpoint (or run dir, or `latest`)."""
     source = checkpoint.resolve(path, "ckpt")
-    model = TransformerLM(TransformerConfig(**json.loads((source / "model.json").read_text())))
-    checkpoint.load_weights(model, source)
-    return model.to(device), Tokenizer.from_file(str(source / "tokenizer.json"))
+    with checkpoint.readable(source, "ckpt"):
+        model = TransformerLM(TransformerConfig(**json.loads((source / "model.json").read_text())))
+        checkpoint.load_weights(model, source)
+        tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    return model.to(device), tokenizer
 
 
 def run(cfg: GenerateConfig, run_dir: str) -> None:
@@ -46,6 +48,7 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
         top_k=cfg.top_k,
         top_p=cfg.top_p,
         generator=generator,
+        stop_token=stop,
     )
     for i, sample in enumerate(out.tolist()):
         if cfg.num_samples > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,11 @@ def _resume_source(resume: bool | str, run_dir: Path) -> Path | None:
         return None
     if resume is True or resume == "true":
         if not checkpoint.complete_steps(run_dir / "checkpoints"):
-            log.info("trainer.resume=true: no checkpoint in %s yet, starting from scratch", run_dir)
+            log.warning(
+                "trainer.resume=true: no checkpoint in %s, starting from scratch (to continue a run, "
+                "pass its folder as hydra.run.dir)",
+                run_dir,
+            )
             return None
         return checkpoint.resolve(run_dir, "trainer.resume")
     return checkpoint.resolve(resume, "trainer.resume")
@@ -46,7 +51,12 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     """Train; returns the run's summary, whose `objective` (best validation loss) Hydra sweepers minimise."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("several processes (torchrun) are not supported yet: run lmtrain as one process")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"hydra.run.dir: cannot create '{run_dir}': {err.strerror}") from None
     t, m = cfg.trainer, cfg.model
     device = resolve_device(t.device)
     source = _resume_source(t.resume, run_dir)
@@ -124,6 +134,8 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     if source is not None:
         _restore(source, trainer, sampler, model_json, tokenizer_json)
         log.info("resumed from %s at step %d", source, trainer.state.step)
+        for moved in checkpoint.set_aside_after(run_dir / "checkpoints", trainer.state.step):
+            log.warning("set aside %s: it continued the run past the checkpoint resumed from", moved)
     metrics = MetricsFile(
         run_dir / "metrics.jsonl",
         resume_step=trainer.state.step if source else None,
@@ -203,17 +215,20 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
 def _restore(
     source: Path, trainer: Trainer, sampler: tokens.WindowSampler, model_json: str, tokenizer_json: str
 ):
-    if (source / "model.json").read_text() != model_json:
-        raise UserError(f"trainer.resume: the model in '{source}' differs from this run's model config")
-    if (source / "tokenizer.json").read_text() != tokenizer_json:
-        raise UserError(f"trainer.resume: the tokenizer in '{source}' differs from this run's data config")
-    checkpoint.load_weights(trainer.model, source)
-    checkpoint.load_optimizer(trainer.optimizer, source)
-    state = checkpoint.load_json(source, checkpoint.COMPLETE_MARKER)
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.scaler.load_state_dict(state["grad_scaler"])
-    trainer.state.load_state_dict(state["trainer"])
-    rng = checkpoint.load_rng(source)
+    with checkpoint.readable(source, "trainer.resume"):
+        if (source / "model.json").read_text() != model_json:
+            raise UserError(f"trainer.resume: the model in '{source}' differs from this run's model config")
+        if (source / "tokenizer.json").read_text() != tokenizer_json:
+            raise UserError(
+                f"trainer.resume: the tokenizer in '{source}' differs from this run's data config"
+            )
+        checkpoint.load_weights(trainer.model, source)
+        checkpoint.load_optimizer(trainer.optimizer, source)
+        state = checkpoint.load_json(source, checkpoint.COMPLETE_MARKER)
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.scaler.load_state_dict(state["grad_scaler"])
+        trainer.state.load_state_dict(state["trainer"])
+        rng = checkpoint.load_rng(source)
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(rng["torch_cuda"], trainer.device)

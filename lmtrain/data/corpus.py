@@ -58,7 +58,12 @@ def resolve_files(source: str, key: str) -> list[Path] | None:
         if path.suffix not in BUILDERS:
             raise UserError(f"{key}: '{source}' is not a {'/'.join(sorted(BUILDERS))} file")
         return [path]
-    if path.suffix in BUILDERS or source.startswith((".", "/", "~")):
+    if (
+        path.suffix in BUILDERS
+        or source.startswith((".", "/", "~"))
+        or path.parent.is_dir()
+        and path.parent != Path(".")
+    ):
         raise UserError(f"{key}: no such file or folder '{source}'")
     return None  # a `datasets` name such as "user/corpus"
 
@@ -105,5 +110,11 @@ def iter_documents(source: str, files: list[Path] | None, text_field: str, key: 
         )
     for batch in dataset.iter(batch_size=1000):
         for text in batch[field]:
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise UserError(
+                    f"data.text_field: '{field}' in '{source}' holds {type(text).__name__}, not text"
+                )
             if text:
-                yield str(text)
+                yield text

@@ -45,7 +45,7 @@ def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNKNOWN))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    tokenizer.add_special_tokens([END_OF_TEXT])
+    tokenizer.add_special_tokens([UNKNOWN, END_OF_TEXT])  # special: decoding skips them
     return tokenizer
 
 

@@ -131,8 +131,11 @@ def _build(
         return _capped(corpus.iter_documents(train, train_files, text_field, "data.train"), max_chars)
 
     tokenizer = build_tokenizer(kind, train_documents(), vocab_size)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as err:
+        raise UserError(f"data.cache_dir: cannot write to '{folder.parent}': {err.strerror}") from None
     staging.chmod(0o755)  # mkdtemp makes it private
     try:
         with open(staging / "tokens.bin", "wb") as out:
