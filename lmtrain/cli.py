@@ -73,10 +73,10 @@ def _first_values(overrides: list[str]) -> list[str]:
     return checked
 
 
-def check(config_name: str, schema: type, overrides: list[str], values: bool = True) -> Any:
+def check(config_name: str, schema: type, overrides: list[str], check_values: bool = True) -> Any:
     """Compose and validate the config as Hydra will; raises ConfigError naming the key to fix.
 
-    values=False checks keys and group options only (for a sweep, whose jobs check their own values).
+    check_values=False checks keys and group options only (for a sweep, whose jobs check their own values).
     """
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
@@ -118,7 +118,7 @@ def check(config_name: str, schema: type, overrides: list[str], values: bool = T
             cfg = compose(config_name, overrides=groups + values)
         except HydraException as err:
             raise ConfigError(_first_line(err)) from None
-    return validate(cfg, schema) if values else cfg
+    return validate(cfg, schema) if check_values else cfg
 
 
 _MISSING = object()
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.help or args.hydra_help or args.info or args.shell_completion):
         try:
             if args.multirun:
-                check(config_name, schema, _first_values(args.overrides), values=False)
+                check(config_name, schema, _first_values(args.overrides), check_values=False)
             else:
                 check(config_name, schema, args.overrides)
         except UserError as err:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from lmtrain.data.tokens import WindowSampler
-from lmtrain.run_log import ProgressBar, perplexity
+from lmtrain.run_log import ProgressBar
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # inputs, targets: int64 [batch, seq]
+# A micro-batch: model inputs (token ids [batch, seq], or a dict of keyword tensors) and targets
+# (token ids [batch, seq] or labels [batch]; ignore_index marks positions without loss).
+Inputs = torch.Tensor | dict[str, torch.Tensor]
+Batch = tuple[Inputs, torch.Tensor]
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -21,8 +23,8 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class TrainState:
     step: int = 0  # optimizer steps done
     tokens_seen: int = 0  # input tokens consumed
-    best_val_loss: float | None = None
-    last_val_loss: float | None = None
+    best_metric: float | None = None  # best value of the main validation metric so far
+    last_metrics: dict[str, float] = field(default_factory=dict)  # the latest validation
     train_seconds: float = 0.0  # wall time in the loop, summed over resumes
     # the log window in progress, so a resumed run logs the same averages as one that never stopped
     window_loss: float = 0.0
@@ -34,6 +36,10 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+def _tokens(inputs: Inputs) -> torch.Tensor:
+    return inputs["tokens"] if isinstance(inputs, dict) else inputs
 
 
 class Trainer:
@@ -51,7 +57,7 @@ class Trainer:
         compile: bool = False,
     ):
         self.model = model
-        self.forward = torch.compile(model) if compile else model
+        self.compiled = torch.compile(model) if compile else model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_fn = loss_fn
@@ -67,24 +73,34 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _to_device(self, batch: Batch) -> Batch:
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        """Inputs moved to the device and run through the (compiled) model, under autocast."""
         non_blocking = self.device.type == "cuda"
-        return tuple(t.to(self.device, non_blocking=non_blocking) for t in batch)
+        with self.autocast():
+            if isinstance(inputs, dict):
+                return self.compiled(**{k: v.to(self.device, non_blocking=non_blocking) for k, v in inputs.items()})
+            return self.compiled(inputs.to(self.device, non_blocking=non_blocking))
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Summed loss of one micro-batch."""
+        inputs, targets = batch
+        output = self.forward(inputs)
+        with self.autocast():
+            loss_sum, _ = self.loss_fn(output, targets.to(self.device, non_blocking=self.device.type == "cuda"))
+        return loss_sum
 
     def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over micro-batches. Returns (summed loss, grad norm), both still on the device.
+        """One optimizer step over micro-batches. Returns (mean loss, grad norm), both still on the device.
 
         Each micro-batch's summed loss is divided by the target count of the whole step, so the gradient
-        equals that of one large batch however the tokens are split. The count comes from the host-side
+        equals that of one large batch however the targets are split. The count comes from the host-side
         targets: no device synchronisation.
         """
         self.model.train()
         count = max(1, sum(int((y != self.ignore_index).sum()) for _, y in batches))
         total = torch.zeros((), device=self.device)
         for batch in batches:
-            inputs, targets = self._to_device(batch)
-            with self.autocast():
-                loss_sum, _ = self.loss_fn(self.forward(inputs), targets)
+            loss_sum = self.loss(batch)
             self.scaler.scale(loss_sum / count).backward()
             total += loss_sum.detach()
         self.scaler.unscale_(self.optimizer)
@@ -94,67 +110,75 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step += 1
-        self.state.tokens_seen += sum(x.numel() for x, _ in batches)
+        self.state.tokens_seen += sum(_tokens(x).numel() for x, _ in batches)
         return total / count, grad_norm
 
     @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> float:
-        """Mean loss per target token over `batches`."""
+    def evaluate_loss(self, batches: list[Batch]) -> float:
+        """Mean loss per target over `batches`."""
         self.model.eval()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
         for batch in batches:
-            inputs, targets = self._to_device(batch)
-            with self.autocast():
-                loss_sum, _ = self.loss_fn(self.forward(inputs), targets)
-            total += loss_sum.double()
+            total += self.loss(batch).double()
             count += int((batch[1] != self.ignore_index).sum())
         return total.item() / max(count, 1)
 
-    def _validate(
-        self, validation: list[Batch], write_metrics: Callable[[dict], None], bar: ProgressBar
-    ) -> None:
-        step, val_loss = self.state.step, self.evaluate(validation)
-        self.state.last_val_loss = val_loss
-        if step > 0 and (self.state.best_val_loss is None or val_loss < self.state.best_val_loss):
-            self.state.best_val_loss = val_loss
-        write_metrics({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
-        bar.write(f"step {step}: val_loss {val_loss:.4f}  val_ppl {perplexity(val_loss):.2f}")
+    def _validate(self, evaluate, main_metric, higher_is_better, write_metrics, bar, save_best) -> None:
+        step, metrics = self.state.step, evaluate()
+        self.state.last_metrics = metrics
+        value = metrics[main_metric]
+        best = self.state.best_metric
+        if step > 0 and (best is None or (value > best if higher_is_better else value < best)):
+            self.state.best_metric = value
+            if save_best is not None:
+                save_best()
+        write_metrics({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
+        bar.write(f"step {step}: " + "  ".join(f"val_{k} {v:.4f}" for k, v in metrics.items()))
 
     def fit(
         self,
-        sampler: WindowSampler,
-        validation: list[Batch],
+        next_step: Callable[[], list[Batch]],
+        evaluate: Callable[[], dict[str, float]] | None,
         *,
         max_steps: int,
-        accum_steps: int,
-        micro_batch_size: int,
         eval_every: int,
         log_every: int,
         checkpoint_every: int,
         write_metrics: Callable[[dict], None],
         save_checkpoint: Callable[[], None],
+        save_best: Callable[[], None] | None = None,
+        main_metric: str = "loss",
+        higher_is_better: bool = False,
         progress_bar: bool = True,
     ) -> None:
+        """Train until `max_steps`: `next_step()` gives the micro-batches of one optimizer step; `evaluate()`
+        gives validation metrics (at step 0, every `eval_every` steps and at the end)."""
         bar = ProgressBar(max_steps, self.state.step, progress_bar)
         state = self.state
         window_loss = torch.tensor(state.window_loss, device=self.device)
         window_tokens = 0  # tokens/s counts this process's work only
+        validate = (
+            (lambda: self._validate(evaluate, main_metric, higher_is_better, write_metrics, bar, save_best))
+            if evaluate is not None
+            else (lambda: None)
+        )
 
         def checkpoint() -> None:
             state.window_loss = window_loss.item()
             save_checkpoint()
 
         try:
-            if validation and self.state.step == 0:  # where the run starts from
-                self._validate(validation, write_metrics, bar)
+            if state.step == 0:  # where the run starts from
+                validate()
             window_start = time.perf_counter()
             while state.step < max_steps:
                 lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm = self.train_step(sampler.next_step(accum_steps, micro_batch_size))
+                batches = next_step()
+                loss, grad_norm = self.train_step(batches)
                 window_loss += loss
                 state.window_steps += 1
-                window_tokens += accum_steps * micro_batch_size * sampler.seq_len
+                window_tokens += sum(_tokens(x).numel() for x, _ in batches)
                 step = state.step
                 record = None
                 if step % log_every == 0 or step == max_steps:
@@ -173,8 +197,8 @@ class Trainer:
                     window_loss.zero_()
                     state.window_steps, window_tokens = 0, 0
                 bar.update(1, record)
-                if validation and (step % eval_every == 0 or step == max_steps):
-                    self._validate(validation, write_metrics, bar)
+                if step % eval_every == 0 or step == max_steps:
+                    validate()
                 if step % checkpoint_every == 0 or step == max_steps:
                     checkpoint()
                 if state.window_steps == 0:  # time spent evaluating and saving between windows is not counted

@@ -113,10 +113,8 @@ def lmtrain_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> floa
     sampler = tokens.WindowSampler(data.train, cfg.model.max_seq_len, cfg.trainer.seed)
     run = partial(
         trainer.fit,
-        sampler,
-        [],
-        accum_steps=1,
-        micro_batch_size=cfg.trainer.micro_batch_size,
+        lambda: sampler.next_step(1, cfg.trainer.micro_batch_size),
+        None,
         eval_every=10**9,
         log_every=cfg.trainer.log_every,
         checkpoint_every=10**9,

@@ -85,9 +85,9 @@ def test_loss_goes_down_on_repetitive_data():
     sampler = WindowSampler(pattern, 16, seed=0)
     trainer = make_trainer(lr=1e-2)
     validation = sampler.next_step(2, 8)
-    before = trainer.evaluate(validation)
+    before = trainer.evaluate_loss(validation)
     for _ in range(20):
         trainer.train_step(sampler.next_step(1, 8))
-    after = trainer.evaluate(validation)
+    after = trainer.evaluate_loss(validation)
     assert after < before * 0.5, (before, after)
     assert trainer.state.step == 20 and trainer.state.tokens_seen == 20 * 8 * 16

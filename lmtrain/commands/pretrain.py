@@ -21,7 +21,7 @@ from lmtrain.errors import UserError
 from lmtrain.losses import cross_entropy
 from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.optim import build_optimizer, build_scheduler
-from lmtrain.run_log import MetricsFile
+from lmtrain.run_log import MetricsFile, perplexity
 from lmtrain.trainer import Trainer
 
 log = logging.getLogger("lmtrain")
@@ -168,13 +168,15 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
         )
         checkpoint.prune(run_dir / "checkpoints", t.keep_last)
 
+    def evaluate() -> dict[str, float]:
+        loss = trainer.evaluate_loss(validation)
+        return {"loss": loss, "ppl": perplexity(loss)}
+
     try:
         trainer.fit(
-            sampler,
-            validation,
+            lambda: sampler.next_step(accum_steps, t.micro_batch_size),
+            evaluate,
             max_steps=t.max_steps,
-            accum_steps=accum_steps,
-            micro_batch_size=t.micro_batch_size,
             eval_every=t.eval_every,
             log_every=t.log_every,
             checkpoint_every=t.checkpoint_every,
@@ -186,28 +188,25 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
         metrics.close()
 
     state = trainer.state
-    loop_seconds = state.train_seconds
     tokens_this_run = state.tokens_seen - start_tokens
+    tokens_per_s = tokens_this_run / state.train_seconds if tokens_this_run and state.train_seconds > 0 else None
+    best = state.best_metric if state.best_metric is not None else float("nan")
+    final = state.last_metrics.get("loss")
     latest = run_dir / "checkpoints" / "latest"
     log.info(
-        "done: %d steps, final val_loss %s, best val_loss %s, wall %.1fs, %s tokens/s, checkpoint %s",
-        state.step - start_step,
-        f"{state.last_val_loss:.4f}" if state.last_val_loss is not None else "-",
-        f"{state.best_val_loss:.4f}" if state.best_val_loss is not None else "-",
-        time.perf_counter() - started,
-        f"{tokens_this_run / max(loop_seconds, 1e-9):,.0f}" if tokens_this_run else "-",
-        latest,
+        "done: %d steps, final val_loss %s, best val_loss %.4f, wall %.1fs, %s tokens/s, checkpoint %s",
+        state.step - start_step, f"{final:.4f}" if final is not None else "-", best,
+        time.perf_counter() - started, f"{tokens_per_s:,.0f}" if tokens_per_s else "-", latest,
     )
     log.info('try: lmtrain generate ckpt=%s prompt="def "', latest)
-    best = state.best_val_loss if state.best_val_loss is not None else float("nan")
     return {
         "metric": "val_loss",
         "objective": best,
         "best_val_loss": best,
-        "final_val_loss": state.last_val_loss,
+        "final_val_loss": final,
         "steps": state.step,
         "tokens": state.tokens_seen,
-        "tokens_per_s": tokens_this_run / loop_seconds if loop_seconds > 0 else None,
+        "tokens_per_s": tokens_per_s,
         "checkpoint": str(checkpoint.resolve(run_dir)),
     }
 
