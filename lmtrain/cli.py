@@ -171,14 +171,8 @@ def _task(command: str, schema: type):
             summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))
         except Exception as err:
             if command in TRAINING_COMMANDS:
-                reason = (
-                    _first_line(err)
-                    if isinstance(err, UserError)
-                    else f"{type(err).__name__}: {_first_line(err)}"
-                )
-                write_result(
-                    run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides
-                )
+                reason = _first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
+                write_result(run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides)
             if os.environ.get("LMTRAIN_DEBUG") or not (sweeping or isinstance(err, UserError)):
                 raise
             if sweeping:

@@ -59,3 +59,58 @@ def generate(
         else:
             logits = model(next_token, cache)[:, -1]
     return tokens
+
+
+@torch.no_grad()
+def beam_search(
+    model: TransformerLM,
+    prompt: list[int],
+    max_new_tokens: int,
+    *,
+    num_beams: int,
+    stop_token: int,
+    length_penalty: float = 1.0,
+) -> list[int]:
+    """The most likely continuation of `prompt` by beam search (log-probability / length**length_penalty).
+
+    Returns the new tokens without the stop token. Generation ends at the context length.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(prompt))
+    cache = KVCache(model.config, num_beams, device, next(model.parameters()).dtype)
+    tokens = torch.tensor([prompt] * num_beams, device=device)
+    log_probs = model(tokens, cache)[:, -1].float().log_softmax(-1)
+    scores = torch.full((num_beams,), float("-inf"), device=device)
+    scores[0] = 0.0  # all beams start identical: expand only the first
+    sequences: list[list[int]] = [[] for _ in range(num_beams)]
+    finished: list[tuple[float, list[int]]] = []
+    for _ in range(max(max_new_tokens, 0)):
+        candidates = (scores[:, None] + log_probs).flatten()
+        top_scores, top_ids = candidates.topk(2 * num_beams)
+        vocab = log_probs.shape[-1]
+        keep_beams, keep_tokens, keep_scores = [], [], []
+        for score, flat in zip(top_scores.tolist(), top_ids.tolist(), strict=True):
+            beam, token = divmod(flat, vocab)
+            if token == stop_token:
+                length = len(sequences[beam]) + 1
+                finished.append((score / length**length_penalty, sequences[beam]))
+            else:
+                keep_beams.append(beam)
+                keep_tokens.append(token)
+                keep_scores.append(score)
+            if len(keep_beams) == num_beams:
+                break
+        if len(finished) >= num_beams or not keep_beams:
+            break
+        index = torch.tensor(keep_beams, device=device)
+        for layer in range(len(cache.keys)):  # each beam continues from its parent's cache
+            cache.keys[layer] = cache.keys[layer][index]
+            cache.values[layer] = cache.values[layer][index]
+        sequences = [sequences[b] + [t] for b, t in zip(keep_beams, keep_tokens, strict=True)]
+        scores = torch.tensor(keep_scores, device=device)
+        log_probs = model(torch.tensor(keep_tokens, device=device)[:, None], cache)[:, -1].float().log_softmax(-1)
+    finished += [
+        (s / max(len(seq), 1) ** length_penalty, seq) for s, seq in zip(scores.tolist(), sequences, strict=True)
+    ]
+    return max(finished, key=lambda item: item[0])[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class TransformerConfig:
     tie_embeddings: bool = True
     bias: bool = False
     init_std: float = 0.02
+    num_classes: int = 0  # > 0: a classification head over the hidden state of a chosen position
 
     @property
     def ffn_width(self) -> int:
@@ -77,9 +79,7 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         batch, seq, width = x.shape
         # [B, T, 3C] -> 3 × [B, H, T, C/H]
-        q, k, v = (
-            self.qkv(x).view(batch, seq, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
-        )
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         is_causal, mask = True, None
@@ -104,9 +104,7 @@ class FeedForward(nn.Module):
         hidden = config.ffn_width
         self.activation = config.activation
         self.up = nn.Linear(config.d_model, hidden, bias=config.bias)
-        self.gate = (
-            nn.Linear(config.d_model, hidden, bias=config.bias) if config.activation == "swiglu" else None
-        )
+        self.gate = nn.Linear(config.d_model, hidden, bias=config.bias) if config.activation == "swiglu" else None
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -153,12 +151,11 @@ class TransformerLM(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         # Post-norm blocks end in a norm already; pre-norm needs one before the head.
-        self.final_norm = (
-            nn.LayerNorm(config.d_model, bias=config.bias) if config.norm_position == "pre" else None
-        )
+        self.final_norm = nn.LayerNorm(config.d_model, bias=config.bias) if config.norm_position == "pre" else None
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
+        self.classifier = nn.Linear(config.d_model, config.num_classes) if config.num_classes > 0 else None
         self.apply(self._init_weights)
         # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
         for name, param in self.named_parameters():
@@ -178,9 +175,7 @@ class TransformerLM(nn.Module):
         seq = tokens.shape[1]
         start = cache.length if cache is not None else 0
         if start + seq > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + seq} tokens exceeds max_seq_len={self.config.max_seq_len}"
-            )
+            raise ValueError(f"sequence of {start + seq} tokens exceeds max_seq_len={self.config.max_seq_len}")
         x = self.token_embedding(tokens)
         if self.position_embedding is not None:
             x = x + self.position_embedding(torch.arange(start, start + seq, device=tokens.device))
@@ -195,9 +190,32 @@ class TransformerLM(nn.Module):
             cache.length = start + seq
         return self.final_norm(x) if self.final_norm is not None else x
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab_size]."""
-        return self.lm_head(self.hidden_states(tokens, cache))
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, last_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens [B, T] -> next-token logits [B, T, vocab_size]; or, given last_positions [B] (the index of
+        each sequence's last real token), class logits [B, num_classes] from the hidden state there.
+        Right padding needs no attention mask: causal attention never looks ahead at it."""
+        hidden = self.hidden_states(tokens, cache)
+        if last_positions is None:
+            return self.lm_head(hidden)
+        if self.classifier is None:
+            raise ValueError("this model has no classification head (num_classes=0)")
+        return self.classifier(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_positions])
+
+    def add_classifier(self, num_classes: int) -> None:
+        """A fresh classification head (for finetuning a pretrained LM on a classification task)."""
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        self.classifier = nn.Linear(self.config.d_model, num_classes, device=self.token_embedding.weight.device)
+        self._init_weights(self.classifier)
+
+    def freeze(self, embeddings: bool = False, first_blocks: int = 0) -> None:
+        """Stop training the embeddings (and so a tied LM head) and/or the first `first_blocks` blocks."""
+        modules = [self.blocks[i] for i in range(min(first_blocks, len(self.blocks)))]
+        if embeddings:
+            modules += [m for m in (self.token_embedding, self.position_embedding) if m is not None]
+        for module in modules:
+            module.requires_grad_(False)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
@@ -211,6 +229,4 @@ class TransformerLM(nn.Module):
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 per matmul parameter plus attention scores (PaLM, appendix B)."""
         c = self.config
-        return (
-            6 * self.num_parameters(exclude_embeddings=True) + 12 * c.num_layers * c.d_model * c.max_seq_len
-        )
+        return 6 * self.num_parameters(exclude_embeddings=True) + 12 * c.num_layers * c.d_model * c.max_seq_len

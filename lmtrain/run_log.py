@@ -24,18 +24,13 @@ class MetricsFile:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError(
-                    "trainer.tensorboard=true needs the tensorboard package: "
-                    "pip install 'lmtrain[tensorboard]'"
+                    "trainer.tensorboard=true needs the tensorboard package: pip install 'lmtrain[tensorboard]'"
                 ) from None
             # purge_step drops events an interrupted attempt wrote after the checkpoint we resume from
             purge = resume_step + 1 if resume_step is not None else None
             self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=purge)
         if resume_step is not None and path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= resume_step
-            ]
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         elif path.exists():
             path.unlink()

@@ -36,9 +36,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per
 
 def build(cfg: PretrainConfig, vocab_size: int, device: torch.device):
     torch.manual_seed(cfg.trainer.seed)
-    model = TransformerLM(TransformerConfig(vocab_size=vocab_size, **dataclasses.asdict(cfg.model))).to(
-        device
-    )
+    model = TransformerLM(TransformerConfig(vocab_size=vocab_size, **dataclasses.asdict(cfg.model))).to(device)
     o = cfg.optimizer
     optimizer = build_optimizer(
         model,
@@ -131,9 +129,7 @@ def lmtrain_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per repeat")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of both loops")

@@ -19,9 +19,7 @@ def make_corpus(path: Path, sentences: int = 3000, seed: int = 0) -> Path:
     lines = []
     for _ in range(sentences):
         a, b = rng.choice(WORDS[:2]), rng.choice(WORDS[2:4])
-        lines.append(
-            f"{a} {rng.choice(WORDS[10:14])} {b} {rng.choice(WORDS[4:6])} {rng.choice(WORDS[6:8])} the mat."
-        )
+        lines.append(f"{a} {rng.choice(WORDS[10:14])} {b} {rng.choice(WORDS[4:6])} {rng.choice(WORDS[6:8])} the mat.")
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -33,9 +33,7 @@ def test_pretrain_then_generate(tmp_path, corpus):
     assert "best val_loss" in result.stdout + result.stderr
     assert (run_dir / "checkpoints" / "latest").resolve().name == "step_0000040"
 
-    out = lmtrain(
-        "generate", f"ckpt={run_dir}/checkpoints/latest", "prompt=the ", "max_new_tokens=30", "temperature=0"
-    )
+    out = lmtrain("generate", f"ckpt={run_dir}/checkpoints/latest", "prompt=the ", "max_new_tokens=30", "temperature=0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("the ") and len(out.stdout.strip()) > 20
     assert "mat" in out.stdout  # the corpus's most frequent word
@@ -54,9 +52,7 @@ def test_multirun_sweep(tmp_path, corpus):
 
 
 def test_bad_data_path_is_one_line(tmp_path):
-    result = lmtrain(
-        "pretrain", *TINY, f"data.train={tmp_path}/missing.txt", f"hydra.run.dir={tmp_path / 'r'}"
-    )
+    result = lmtrain("pretrain", *TINY, f"data.train={tmp_path}/missing.txt", f"hydra.run.dir={tmp_path / 'r'}")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [f"lmtrain pretrain: error: data.train: no such file or folder '{tmp_path}/missing.txt'"]

@@ -70,9 +70,7 @@ def test_all_errors_reported_at_once():
 def test_global_batch_derives_accumulation_steps():
     from lmtrain.config import accumulation_steps
 
-    cfg = compose(
-        "grad_accum=global_batch", "grad_accum.global_batch_tokens=8192", "trainer.micro_batch_size=16"
-    )
+    cfg = compose("grad_accum=global_batch", "grad_accum.global_batch_tokens=8192", "trainer.micro_batch_size=16")
     assert accumulation_steps(cfg.grad_accum, 16, cfg.model.max_seq_len, world_size=1) == 4
     assert accumulation_steps(cfg.grad_accum, 16, cfg.model.max_seq_len, world_size=2) == 2
 

@@ -57,9 +57,7 @@ def test_flops_per_token_counts_matmuls_and_attention():
 
 
 def test_residual_projections_get_scaled_init():
-    model = TransformerLM(
-        TransformerConfig(vocab_size=50, d_model=256, num_heads=4, num_layers=8, max_seq_len=16)
-    )
+    model = TransformerLM(TransformerConfig(vocab_size=50, d_model=256, num_heads=4, num_layers=8, max_seq_len=16))
     std = model.blocks[0].attn.proj.weight.std().item()
     assert std == pytest.approx(0.02 / 4, rel=0.1)
 

@@ -26,9 +26,7 @@ def test_non_editable_install_finds_the_configs(tmp_path):
         check=True,
         capture_output=True,
     )
-    shipped = {
-        p.relative_to(site / "lmtrain" / "configs") for p in (site / "lmtrain" / "configs").rglob("*.yaml")
-    }
+    shipped = {p.relative_to(site / "lmtrain" / "configs") for p in (site / "lmtrain" / "configs").rglob("*.yaml")}
     assert shipped == {p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml")}
     env = {**os.environ, "PYTHONPATH": str(site)}
     code = "import lmtrain, sys; from lmtrain.cli import main; print(lmtrain.__file__); main(sys.argv[1:])"

@@ -10,9 +10,7 @@ from lmtrain.commands import pretrain, report
 
 def sweep(tmp_path, corpus, *overrides):
     sweep_dir = tmp_path / "sweep"
-    result = lmtrain(
-        "pretrain", "-m", *TINY, f"data.train={corpus}", *overrides, f"hydra.sweep.dir={sweep_dir}"
-    )
+    result = lmtrain("pretrain", "-m", *TINY, f"data.train={corpus}", *overrides, f"hydra.sweep.dir={sweep_dir}")
     return result, sweep_dir
 
 
@@ -46,15 +44,11 @@ def test_two_by_two_sweep_and_its_report(tmp_path, corpus):
     assert header[3] == "best val_loss"
     best = [row[3] for row in table]
     assert best == sorted(best)
-    assert {(row[1], row[2]) for row in table} == {
-        (lr, s) for lr in ("0.001", "0.003") for s in ("cosine", "wsd")
-    }
+    assert {(row[1], row[2]) for row in table} == {(lr, s) for lr in ("0.001", "0.003") for s in ("cosine", "wsd")}
 
     out = lmtrain("report", str(sweep_dir), "--format", "json")
     assert out.returncode == 0, out.stderr
-    assert [row["run"] for row in json.loads(out.stdout[: out.stdout.rindex("]") + 1])] == [
-        r[0] for r in table
-    ]
+    assert [row["run"] for row in json.loads(out.stdout[: out.stdout.rindex("]") + 1])] == [r[0] for r in table]
     for name in ("report_loss_vs_step.png", "report_loss_vs_tokens.png", "report_lr.png"):
         assert (sweep_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(sweep_dir.glob("report_metric_vs_*.png"))  # two swept keys: no one-parameter plot

@@ -34,9 +34,7 @@ CASES = (
 def test_option_trains(tmp_path, corpus, overrides):
     group_choice = [o for o in overrides if "." not in o.split("=")[0]]
     # group options first, then the tiny settings, then the case's own values
-    cfg = compose(
-        *group_choice, *TINY, f"data.train={corpus}", *[o for o in overrides if o not in group_choice]
-    )
+    cfg = compose(*group_choice, *TINY, f"data.train={corpus}", *[o for o in overrides if o not in group_choice])
     # trainer=gpu runs here on the CPU (TINY sets the device): its bf16 autocast and torch.compile still run
     best = pretrain.run(cfg, str(tmp_path))["objective"]
     records = read_metrics(tmp_path / "metrics.jsonl")

@@ -14,9 +14,7 @@ CPU = torch.device("cpu")
 
 def make_trainer(lr: float = 1e-3) -> Trainer:
     torch.manual_seed(0)
-    model = TransformerLM(
-        TransformerConfig(vocab_size=37, d_model=32, num_heads=2, num_layers=2, max_seq_len=16)
-    )
+    model = TransformerLM(TransformerConfig(vocab_size=37, d_model=32, num_heads=2, num_layers=2, max_seq_len=16))
     opt = build_optimizer(
         model, name="adamw", lr=lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, momentum=0.0, device=CPU
     )

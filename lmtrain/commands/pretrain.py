@@ -195,8 +195,12 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     latest = run_dir / "checkpoints" / "latest"
     log.info(
         "done: %d steps, final val_loss %s, best val_loss %.4f, wall %.1fs, %s tokens/s, checkpoint %s",
-        state.step - start_step, f"{final:.4f}" if final is not None else "-", best,
-        time.perf_counter() - started, f"{tokens_per_s:,.0f}" if tokens_per_s else "-", latest,
+        state.step - start_step,
+        f"{final:.4f}" if final is not None else "-",
+        best,
+        time.perf_counter() - started,
+        f"{tokens_per_s:,.0f}" if tokens_per_s else "-",
+        latest,
     )
     log.info('try: lmtrain generate ckpt=%s prompt="def "', latest)
     return {
@@ -211,16 +215,12 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     }
 
 
-def _restore(
-    source: Path, trainer: Trainer, sampler: tokens.WindowSampler, model_json: str, tokenizer_json: str
-):
+def _restore(source: Path, trainer: Trainer, sampler: tokens.WindowSampler, model_json: str, tokenizer_json: str):
     with checkpoint.readable(source, "trainer.resume"):
         if (source / "model.json").read_text() != model_json:
             raise UserError(f"trainer.resume: the model in '{source}' differs from this run's model config")
         if (source / "tokenizer.json").read_text() != tokenizer_json:
-            raise UserError(
-                f"trainer.resume: the tokenizer in '{source}' differs from this run's data config"
-            )
+            raise UserError(f"trainer.resume: the tokenizer in '{source}' differs from this run's data config")
         checkpoint.load_weights(trainer.model, source)
         checkpoint.load_optimizer(trainer.optimizer, source)
         state = checkpoint.load_json(source, checkpoint.COMPLETE_MARKER)

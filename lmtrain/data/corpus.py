@@ -96,25 +96,20 @@ def iter_documents(source: str, files: list[Path] | None, text_field: str, key: 
         else:
             builder = BUILDERS[files[0].suffix]
             options = {"sample_by": "document"} if builder == "text" else {}
-            dataset = datasets.load_dataset(
-                builder, data_files=[str(p) for p in files], split="train", **options
-            )
+            dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
     except Exception as err:  # datasets raises many types for unreadable input
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{key}: cannot read '{source}': {first}") from err
     field = "text" if files is not None and BUILDERS[files[0].suffix] == "text" else text_field
     if field not in dataset.column_names:
         raise UserError(
-            f"data.text_field: '{source}' has no field '{field}'; "
-            f"its fields are {', '.join(dataset.column_names)}"
+            f"data.text_field: '{source}' has no field '{field}'; its fields are {', '.join(dataset.column_names)}"
         )
     for batch in dataset.iter(batch_size=1000):
         for text in batch[field]:
             if text is None:
                 continue
             if not isinstance(text, str):
-                raise UserError(
-                    f"data.text_field: '{field}' in '{source}' holds {type(text).__name__}, not text"
-                )
+                raise UserError(f"data.text_field: '{field}' in '{source}' holds {type(text).__name__}, not text")
             if text:
                 yield text

@@ -124,9 +124,7 @@ def prepare(
     return _load(folder)
 
 
-def _build(
-    folder, train, train_files, validation, val_files, val_fraction, text_field, kind, vocab_size, max_chars
-):
+def _build(folder, train, train_files, validation, val_files, val_fraction, text_field, kind, vocab_size, max_chars):
     def train_documents():
         return _capped(corpus.iter_documents(train, train_files, text_field, "data.train"), max_chars)
 
@@ -194,9 +192,7 @@ class WindowSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets = np.arange(seq_len + 1)
 
-    def next_step(
-        self, num_micro_batches: int, micro_batch_size: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next_step(self, num_micro_batches: int, micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Inputs and targets, each int64 [micro_batch_size, seq_len], for every micro-batch of one step."""
         count = num_micro_batches * micro_batch_size
         starts = torch.randint(len(self.tokens) - self.seq_len, (count,), generator=self.generator).numpy()

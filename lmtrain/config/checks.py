@@ -1,0 +1,294 @@
+"""Validation before any compute: types against the schema, allowed choices, cross-field rules.
+
+Every problem is reported at once, one line each, naming the key to fix (and the nearest valid name
+for a misspelling).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lmtrain.config.schema import (
+    EvaluateConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    GradAccumConfig,
+    ModelConfig,
+    PredictConfig,
+    PretrainConfig,
+    TaskConfig,
+)
+from lmtrain.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config value or key that cannot work; raised before any compute."""
+
+
+CHOICES = {
+    "task.name": ("lm", "classification", "seq2seq", "qa"),
+    "task.class_weights": ("none", "balanced"),
+    "task.decoding": ("greedy", "beam", "sample"),
+    "decoding": ("greedy", "beam", "sample"),
+    "split": ("train", "validation", "test"),
+    "model.activation": ("relu", "gelu", "swiglu"),
+    "model.norm_position": ("pre", "post"),
+    "model.position": ("learned", "rope"),
+    "optimizer.name": ("adamw", "adam", "sgd"),
+    "scheduler.name": ("cosine", "linear", "constant", "inverse_sqrt", "wsd"),
+    "grad_accum.mode": ("steps", "global_batch"),
+    "loss.name": ("cross_entropy",),
+    "data.tokenizer": ("char", "byte", "bpe"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.precision": ("fp32", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def nearest(name: str, candidates: list[str]) -> str | None:
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf and node in a config or dataclass schema."""
+    node = OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg
+    keys = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            keys.extend(all_keys(child, path + "."))
+    return keys
+
+
+def _typed(schema: type, cfg: DictConfig, errors: list[str]) -> Any:
+    """Merge `cfg` into `schema` group by group, so each group reports its own first type error."""
+    merged = OmegaConf.structured(schema)
+    known = all_keys(schema)
+    for key in cfg.keys():
+        if key == "hydra":
+            continue
+        if key not in merged:
+            hint = nearest(str(key), [k for k in known if "." not in k])
+            errors.append(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+            continue
+        try:
+            merged[key] = OmegaConf.merge(merged[key], cfg[key]) if isinstance(cfg[key], DictConfig) else cfg[key]
+        except OmegaConfBaseException as err:
+            errors.append(_describe(err, str(key), known))
+    return merged
+
+
+def _describe(err: OmegaConfBaseException, group: str, known: list[str]) -> str:
+    full_key = getattr(err, "full_key", None) or group
+    if not full_key.startswith(group):
+        full_key = f"{group}.{full_key}"
+    message = str(getattr(err, "msg", err)).splitlines()[0]
+    if "not in struct" in message:
+        leaf = full_key.rsplit(".", 1)[-1]
+        siblings = [k.rsplit(".", 1)[-1] for k in known if k.startswith(group + ".")]
+        hint = nearest(leaf, siblings)
+        return f"unknown key '{full_key}'" + (f" (did you mean '{group}.{hint}'?)" if hint else "")
+    return f"{full_key}: {message}"
+
+
+def _check_choices(cfg: DictConfig, errors: list[str]) -> None:
+    for key, options in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in options:
+            hint = nearest(str(value), list(options))
+            suggestion = f" (did you mean '{hint}'?)" if hint else ""
+            errors.append(f"{key}: '{value}' is not one of {', '.join(options)}{suggestion}")
+
+
+def _check_model(m: ModelConfig, errors: list[str]) -> None:
+    for key in ("d_model", "num_heads", "num_layers", "max_seq_len"):
+        if getattr(m, key) <= 0:
+            errors.append(f"model.{key}: must be > 0, got {getattr(m, key)}")
+    if m.num_heads > 0 and m.d_model % m.num_heads:
+        errors.append(f"model.num_heads: {m.num_heads} does not divide model.d_model={m.d_model}")
+    elif m.position == "rope" and m.num_heads > 0 and (m.d_model // m.num_heads) % 2:
+        errors.append(f"model.position=rope needs an even head size, got d_model/num_heads={m.d_model // m.num_heads}")
+    if m.rope_theta <= 0 or m.init_std <= 0:
+        errors.append("model.rope_theta and model.init_std: must be > 0")
+    if m.d_ff is not None and m.d_ff <= 0:
+        errors.append(f"model.d_ff: must be > 0 or null, got {m.d_ff}")
+    if not 0.0 <= m.dropout < 1.0:
+        errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+
+
+def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str], max_steps_known: bool) -> None:
+    """Optimizer, scheduler, accumulation, loss and trainer: the groups pretrain and finetune share."""
+    o, s, g, t, lo = cfg.optimizer, cfg.scheduler, cfg.grad_accum, cfg.trainer, cfg.loss
+    positive = {
+        "trainer.max_steps": t.max_steps,
+        "trainer.micro_batch_size": t.micro_batch_size,
+        "trainer.eval_every": t.eval_every,
+        "trainer.eval_batches": t.eval_batches,
+        "trainer.log_every": t.log_every,
+        "trainer.checkpoint_every": t.checkpoint_every,
+        "grad_accum.steps": g.steps,
+        "optimizer.lr": o.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            errors.append(f"{key}: must be > 0, got {value}")
+    if o.eps <= 0:
+        errors.append(f"optimizer.eps: must be > 0, got {o.eps}")
+    if not 0.0 <= o.momentum < 1.0:
+        errors.append(f"optimizer.momentum: must be in [0, 1), got {o.momentum}")
+    if o.weight_decay < 0:
+        errors.append(f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        errors.append(f"optimizer.betas: must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.grad_clip < 0:
+        errors.append(f"optimizer.grad_clip: must be >= 0 (0 disables), got {o.grad_clip}")
+    if s.warmup_steps < 0:
+        errors.append(f"scheduler.warmup_steps: must be >= 0, got {s.warmup_steps}")
+    if max_steps_known and s.warmup_steps > t.max_steps > 0:
+        errors.append(f"scheduler.warmup_steps: {s.warmup_steps} exceeds trainer.max_steps={t.max_steps}")
+    if o.lr > 0 and not 0 <= s.min_lr <= o.lr:
+        errors.append(f"scheduler.min_lr: must be in [0, optimizer.lr={o.lr}], got {s.min_lr}")
+    if not 0.0 < s.decay_fraction <= 1.0:
+        errors.append(f"scheduler.decay_fraction: must be in (0, 1], got {s.decay_fraction}")
+    if g.mode == "global_batch" and (g.global_batch_tokens is None or g.global_batch_tokens <= 0):
+        errors.append(
+            "grad_accum.global_batch_tokens: must be a positive number of tokens with grad_accum=global_batch"
+        )
+    if not 0.0 <= lo.label_smoothing < 1.0:
+        errors.append(f"loss.label_smoothing: must be in [0, 1), got {lo.label_smoothing}")
+    if lo.z_loss < 0:
+        errors.append(f"loss.z_loss: must be >= 0, got {lo.z_loss}")
+    if t.keep_last < 0:
+        errors.append(f"trainer.keep_last: must be >= 0 (0 keeps all), got {t.keep_last}")
+    if not isinstance(t.resume, bool | str):
+        errors.append(f"trainer.resume: must be true, false or a path, got {t.resume!r}")
+
+
+def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
+    _check_model(cfg.model, errors)
+    _check_training(cfg, errors, max_steps_known=True)
+    d = cfg.data
+    if d.max_chars is not None and d.max_chars <= 0:
+        errors.append(f"data.max_chars: must be > 0 or null (all), got {d.max_chars}")
+    if not 0.0 < d.val_fraction < 1.0:
+        errors.append(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+    if d.tokenizer == "bpe" and d.vocab_size < 257:
+        errors.append(f"data.vocab_size: a byte-level BPE needs at least 257 entries, got {d.vocab_size}")
+    if not errors and cfg.grad_accum.mode == "global_batch":
+        try:
+            accumulation_steps(cfg.grad_accum, cfg.trainer.micro_batch_size, cfg.model.max_seq_len, 1)
+        except ConfigError as err:
+            errors.append(str(err))
+
+
+def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
+    _check_training(cfg, errors, max_steps_known=cfg.epochs is None)
+    if not cfg.init_from:
+        errors.append("init_from: missing; pass init_from=outputs/<pretrain-run>/checkpoints/latest")
+    if not cfg.data.train:
+        errors.append("data.train: missing; pass data.train=path/to/train.jsonl")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        errors.append(f"epochs: must be > 0 or null, got {cfg.epochs}")
+    if cfg.evals_per_epoch <= 0:
+        errors.append(f"evals_per_epoch: must be > 0, got {cfg.evals_per_epoch}")
+    if cfg.freeze_blocks < 0:
+        errors.append(f"freeze_blocks: must be >= 0, got {cfg.freeze_blocks}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        errors.append(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
+    _check_task(cfg.task, "task.", errors)
+    if cfg.grad_accum.mode == "global_batch":
+        errors.append("grad_accum=global_batch counts tokens of packed text: finetune with grad_accum=steps")
+
+
+def _check_task(task: TaskConfig, prefix: str, errors: list[str]) -> None:
+    for key in ("num_beams", "max_new_tokens"):
+        if getattr(task, key) <= 0:
+            errors.append(f"{prefix}{key}: must be > 0, got {getattr(task, key)}")
+    if task.top_k is not None and task.top_k <= 0:
+        errors.append(f"{prefix}top_k: must be > 0 or null, got {task.top_k}")
+    if task.temperature <= 0:
+        errors.append(f"{prefix}temperature: must be > 0, got {task.temperature}")
+
+
+def _check_generate(cfg: GenerateConfig, errors: list[str]) -> None:
+    if not cfg.ckpt:
+        errors.append("ckpt: missing; pass ckpt=outputs/<run>/checkpoints/latest")
+    if cfg.num_samples <= 0:
+        errors.append(f"num_samples: must be > 0, got {cfg.num_samples}")
+    if cfg.top_k is not None and cfg.top_k <= 0:
+        errors.append(f"top_k: must be > 0 or null (all tokens), got {cfg.top_k}")
+    if cfg.max_new_tokens <= 0:
+        errors.append(f"max_new_tokens: must be > 0, got {cfg.max_new_tokens}")
+    if cfg.temperature < 0:
+        errors.append(f"temperature: must be >= 0, got {cfg.temperature}")
+    if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
+        errors.append(f"top_p: must be in (0, 1], got {cfg.top_p}")
+
+
+def _check_evaluate(cfg: EvaluateConfig, errors: list[str]) -> None:
+    if not cfg.ckpt:
+        errors.append("ckpt: missing; pass ckpt=outputs/<run>/checkpoints/latest")
+    if cfg.batch_size <= 0:
+        errors.append(f"batch_size: must be > 0, got {cfg.batch_size}")
+    for key in ("num_beams", "max_new_tokens", "max_examples"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            errors.append(f"{key}: must be > 0 or null, got {value}")
+
+
+def _check_predict(cfg: PredictConfig, errors: list[str]) -> None:
+    if not cfg.ckpt:
+        errors.append("ckpt: missing; pass ckpt=outputs/<finetune-run>/checkpoints/best")
+    if (cfg.text is None) == (cfg.input is None):
+        errors.append('text / input: give exactly one: text="a line to classify" or input=path/to/file')
+    if cfg.batch_size <= 0:
+        errors.append(f"batch_size: must be > 0, got {cfg.batch_size}")
+
+
+CHECKS = {
+    PretrainConfig: _check_pretrain,
+    FinetuneConfig: _check_finetune,
+    GenerateConfig: _check_generate,
+    EvaluateConfig: _check_evaluate,
+    PredictConfig: _check_predict,
+}
+
+
+def accumulation_steps(grad_accum: GradAccumConfig, micro_batch_size: int, seq_len: int, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process."""
+    if grad_accum.mode == "steps":
+        return grad_accum.steps
+    tokens_per_round = micro_batch_size * seq_len * world_size
+    steps, rest = divmod(grad_accum.global_batch_tokens, tokens_per_round)
+    if rest or steps == 0:
+        raise ConfigError(
+            f"grad_accum.global_batch_tokens: {grad_accum.global_batch_tokens} is not a positive multiple of "
+            f"trainer.micro_batch_size × model.max_seq_len × processes = {tokens_per_round}"
+        )
+    return steps
+
+
+def validate(cfg: DictConfig, schema: type) -> Any:
+    """Type-check `cfg` against `schema` and run the cross-field checks; returns the dataclass object.
+
+    Raises ConfigError listing every problem found, one per line.
+    """
+    errors: list[str] = []
+    merged = _typed(schema, cfg, errors)
+    _check_choices(merged, errors)
+    if not errors:
+        try:
+            obj = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as err:
+            raise ConfigError(_describe(err, "", all_keys(schema))) from None
+        CHECKS[schema](obj, errors)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return obj
