@@ -78,15 +78,17 @@ def save(
     rng: dict[str, torch.Tensor],
     trainer_state: dict,
     files: dict[str, str],
+    name: str | None = None,
 ) -> Path:
     """Write checkpoint `step` into a temporary folder, then rename it into place and repoint `latest`.
 
-    `files` maps extra file names to text content (config.yaml, model.json, tokenizer.json).
+    `files` maps extra file names to text content (config.yaml, model.json, tokenizer.json). With `name`
+    (such as "best") the checkpoint goes to that folder instead, and `latest` is left alone.
     """
     checkpoint_root.mkdir(parents=True, exist_ok=True)
-    for stale in checkpoint_root.glob(".step_*.tmp-*"):  # left by a process killed mid-write
+    for stale in checkpoint_root.glob(".*.tmp-*"):  # left by a process killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
-    final = checkpoint_root / step_dir_name(step)
+    final = checkpoint_root / (name or step_dir_name(step))
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=checkpoint_root))
     staging.chmod(0o755)  # mkdtemp makes it private
     try:
@@ -95,8 +97,8 @@ def save(
         save_file(tensors, str(staging / "optimizer.safetensors"))
         _write_json(staging / "optimizer.json", optimizer_meta)
         save_file({k: v.contiguous() for k, v in rng.items()}, str(staging / "rng.safetensors"))
-        for name, text in files.items():
-            (staging / name).write_text(text)
+        for file_name, text in files.items():
+            (staging / file_name).write_text(text)
         _write_json(staging / COMPLETE_MARKER, trainer_state)
         for path in staging.iterdir():
             with open(path, "rb") as f:
@@ -112,6 +114,8 @@ def save(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if name is not None:
+        return final
     link = checkpoint_root / "latest"
     tmp_link = checkpoint_root / f".latest.tmp-{os.getpid()}"
     if tmp_link.is_symlink():

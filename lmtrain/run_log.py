@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from tqdm import tqdm
@@ -77,7 +76,3 @@ class ProgressBar:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))

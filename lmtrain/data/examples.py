@@ -1,0 +1,137 @@
+"""Finetuning data: records read with `datasets`, encoded examples, and length-bucketed padded batches."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lmtrain.data import corpus
+from lmtrain.errors import UserError
+
+
+@dataclass
+class Example:
+    ids: list[int]  # the whole sequence: prompt then target (lm/seq2seq/qa), or the text (classification)
+    loss_start: int = 0  # ids[loss_start:] are predicted with loss; the prompt before it carries none
+    label: int | None = None  # classification
+    reference: str | None = None  # the target text, for generation metrics
+
+
+def read_records(source: str, key: str, fields: list[str] | None = None, txt_by: str = "line") -> list[dict]:
+    """Records of a jsonl/csv/parquet/txt file (or a `datasets` name), checked to hold `fields` (and cut
+    down to them). A .txt file gives one record {"text": ...} per line, or per file with txt_by="document"."""
+    files = corpus.resolve_files(source, key)
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if files is None:
+            dataset = datasets.load_dataset(source, split="train")
+        else:
+            builder = corpus.BUILDERS[files[0].suffix]
+            options = {"sample_by": txt_by} if builder == "text" else {}
+            dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+    except Exception as err:  # datasets raises many types for unreadable input
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{key}: cannot read '{source}': {first}") from err
+    missing = [f for f in fields or [] if f not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"{key}: '{source}' has no field '{missing[0]}'; its fields are {', '.join(dataset.column_names)} "
+            f"(set data.<role>_field to the right name)"
+        )
+    if len(dataset) == 0:
+        raise UserError(f"{key}: '{source}' holds no records")
+    return (dataset.select_columns(fields) if fields else dataset).to_list()
+
+
+def split_off(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded random `fraction` of records held out for validation."""
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = max(1, int(len(records) * fraction))
+    if held >= len(records):
+        raise UserError(f"data.train: {len(records)} records are too few to hold out data.val_fraction={fraction}")
+    return [records[i] for i in order[held:]], [records[i] for i in order[:held]]
+
+
+def collate(examples: list[Example], pad_id: int, ignore_index: int, classify: bool):
+    """Right-padded inputs and targets. Classification: ({tokens, last_positions}, labels);
+    otherwise (tokens, next-token targets with ignore_index on prompt and padding)."""
+    if classify:
+        width = max(len(e.ids) for e in examples)
+        tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        for row, e in enumerate(examples):
+            tokens[row, : len(e.ids)] = torch.tensor(e.ids)
+        last = torch.tensor([len(e.ids) - 1 for e in examples])
+        return {"tokens": tokens, "last_positions": last}, torch.tensor([e.label for e in examples])
+    width = max(len(e.ids) for e in examples) - 1
+    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), ignore_index, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids = torch.tensor(e.ids)
+        tokens[row, : len(ids) - 1] = ids[:-1]
+        start = max(e.loss_start - 1, 0)  # target j predicts ids[j + 1]
+        targets[row, start : len(ids) - 1] = ids[start + 1 :]
+    return tokens, targets
+
+
+class ExampleBatches:
+    """Shuffled, length-bucketed batches of examples, epoch after epoch; resumable exactly.
+
+    Each epoch shuffles by a generator seeded with (seed, epoch); examples are sorted by length within
+    windows of 32 batches so a batch pads little, and the batch order is shuffled again.
+    """
+
+    def __init__(
+        self, examples: list[Example], batch_size: int, seed: int, pad_id: int, ignore_index: int, classify: bool
+    ):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.pad_id, self.ignore_index, self.classify = pad_id, ignore_index, classify
+        self.epoch, self.position = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.examples), generator=generator).tolist()
+        window = self.batch_size * 32
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start : start + window], key=lambda i: len(self.examples[i].ids))
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffled]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._order)
+
+    def next_batch(self):
+        if self.position >= len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        indices = self._order[self.position]
+        self.position += 1
+        return collate([self.examples[i] for i in indices], self.pad_id, self.ignore_index, self.classify)
+
+    def next_step(self, num_micro_batches: int) -> list:
+        return [self.next_batch() for _ in range(num_micro_batches)]
+
+    def steps_per_epoch(self, num_micro_batches: int) -> int:
+        return max(1, math.ceil(self.batches_per_epoch / num_micro_batches))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"epoch": torch.tensor([self.epoch]), "position": torch.tensor([self.position])}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.epoch, self.position = int(state["epoch"][0]), int(state["position"][0])
+        self._order = self._epoch_order(self.epoch)
+
+
+def fixed_batches(examples: list[Example], batch_size: int, pad_id: int, ignore_index: int, classify: bool) -> list:
+    """Evaluation batches: every example once, sorted by length to pad little."""
+    ordered = sorted(examples, key=lambda e: len(e.ids))
+    return [
+        collate(ordered[i : i + batch_size], pad_id, ignore_index, classify) for i in range(0, len(ordered), batch_size)
+    ]

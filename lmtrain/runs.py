@@ -1,0 +1,192 @@
+"""What every training command shares around the Trainer: the run dir, resuming, checkpoint writing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lmtrain import checkpoint
+from lmtrain.errors import UserError
+from lmtrain.losses import cross_entropy
+from lmtrain.optim import build_optimizer, build_scheduler
+from lmtrain.run_log import MetricsFile
+from lmtrain.trainer import Trainer
+
+log = logging.getLogger("lmtrain")
+
+
+class Sampler(Protocol):
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("several processes (torchrun) are not supported yet: run lmtrain as one process")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"hydra.run.dir: cannot create '{run_dir}': {err.strerror}") from None
+
+
+def resume_source(resume: bool | str, run_dir: Path) -> Path | None:
+    """The checkpoint trainer.resume names: None (fresh start), this run dir's latest, or a path."""
+    if resume is False or resume == "false":
+        if checkpoint.complete_steps(run_dir / "checkpoints"):
+            raise UserError(
+                f"trainer.resume: run dir '{run_dir}' already holds checkpoints; pass trainer.resume=true to "
+                "continue it, or choose a new hydra.run.dir"
+            )
+        return None
+    if resume is True or resume == "true":
+        if not checkpoint.complete_steps(run_dir / "checkpoints"):
+            log.warning(
+                "trainer.resume=true: no checkpoint in %s, starting from scratch (to continue a run, "
+                "pass its folder as hydra.run.dir)",
+                run_dir,
+            )
+            return None
+        return checkpoint.resolve(run_dir, "trainer.resume")
+    return checkpoint.resolve(resume, "trainer.resume")
+
+
+def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, str], run_dir: Path) -> None:
+    """Load every stateful piece from `source`; the model and tokenizer files must match this run's."""
+    with checkpoint.readable(source, "trainer.resume"):
+        for name, what in (("model.json", "model"), ("tokenizer.json", "tokenizer")):
+            if (source / name).read_text() != files[name]:
+                raise UserError(f"trainer.resume: the {what} in '{source}' differs from this run's config")
+        checkpoint.load_weights(trainer.model, source)
+        checkpoint.load_optimizer(trainer.optimizer, source)
+        state = checkpoint.load_json(source, checkpoint.COMPLETE_MARKER)
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.scaler.load_state_dict(state["grad_scaler"])
+        trainer.state.load_state_dict(state["trainer"])
+        rng = checkpoint.load_rng(source)
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["torch_cuda"], trainer.device)
+    sampler.load_state_dict({k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("sampler.")})
+    log.info("resumed from %s at step %d", source, trainer.state.step)
+    for moved in checkpoint.set_aside_after(run_dir / "checkpoints", trainer.state.step):
+        log.warning("set aside %s: it continued the run past the checkpoint resumed from", moved)
+
+
+class Checkpointer:
+    """Writes the run's checkpoints: `step_NNNNNNN` (+ `latest`) and, for finetuning, `best`."""
+
+    def __init__(self, run_dir: Path, trainer: Trainer, sampler: Sampler, files: dict[str, str], keep_last: int):
+        self.root = run_dir / "checkpoints"
+        self.trainer, self.sampler, self.files, self.keep_last = trainer, sampler, files, keep_last
+
+    def _save(self, name: str | None) -> None:
+        trainer = self.trainer
+        rng = {"torch_cpu": torch.get_rng_state(), **{f"sampler.{k}": v for k, v in self.sampler.state_dict().items()}}
+        if trainer.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(trainer.device)
+        state = {
+            "trainer": trainer.state.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "grad_scaler": trainer.scaler.state_dict(),
+        }
+        checkpoint.save(
+            self.root,
+            trainer.state.step,
+            model=trainer.model,
+            optimizer=trainer.optimizer,
+            rng=rng,
+            trainer_state=state,
+            files=self.files,
+            name=name,
+        )
+
+    def save(self) -> None:
+        self._save(None)
+        checkpoint.prune(self.root, self.keep_last)
+
+    def save_best(self) -> None:
+        self._save("best")
+
+
+def build_trainer(model: torch.nn.Module, cfg, device: torch.device, max_steps: int) -> Trainer:
+    """Optimizer, schedule and loss from the shared config groups (cfg: PretrainConfig | FinetuneConfig)."""
+    o, s, t = cfg.optimizer, cfg.scheduler, cfg.trainer
+    optimizer = build_optimizer(
+        model,
+        name=o.name,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        momentum=o.momentum,
+        device=device,
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        name=s.name,
+        lr=o.lr,
+        warmup_steps=s.warmup_steps,
+        max_steps=max_steps,
+        min_lr=s.min_lr,
+        decay_fraction=s.decay_fraction,
+    )
+    loss_fn = partial(
+        cross_entropy,
+        label_smoothing=cfg.loss.label_smoothing,
+        z_loss=cfg.loss.z_loss,
+        ignore_index=cfg.loss.ignore_index,
+    )
+    return Trainer(
+        model,
+        optimizer,
+        scheduler,
+        loss_fn,
+        device=device,
+        precision=t.precision,
+        grad_clip=o.grad_clip,
+        ignore_index=cfg.loss.ignore_index,
+        compile=t.compile,
+    )
+
+
+def open_metrics(run_dir: Path, trainer: Trainer, resumed: bool, tensorboard: bool) -> MetricsFile:
+    return MetricsFile(
+        run_dir / "metrics.jsonl",
+        resume_step=trainer.state.step if resumed else None,
+        tensorboard_dir=run_dir / "tensorboard" if tensorboard else None,
+    )
+
+
+def summarize(trainer: Trainer, run_dir: Path, metric: str, start_step: int, start_tokens: int, started: float) -> dict:
+    """Log the end-of-run line and return the run's summary (the `result.json` body)."""
+    state = trainer.state
+    tokens = state.tokens_seen - start_tokens
+    tokens_per_s = tokens / state.train_seconds if tokens and state.train_seconds > 0 else None
+    best = state.best_metric if state.best_metric is not None else float("nan")
+    final = state.last_metrics.get(metric)
+    log.info(
+        "done: %d steps, final val_%s %s, best val_%s %.4f, wall %.1fs, %s tokens/s, checkpoint %s",
+        state.step - start_step,
+        metric,
+        f"{final:.4f}" if final is not None else "-",
+        metric,
+        best,
+        time.perf_counter() - started,
+        f"{tokens_per_s:,.0f}" if tokens_per_s else "-",
+        run_dir / "checkpoints" / "latest",
+    )
+    return {
+        "metric": f"val_{metric}",
+        f"best_val_{metric}": best,
+        f"final_val_{metric}": final,
+        "steps": state.step,
+        "tokens": state.tokens_seen,
+        "tokens_per_s": tokens_per_s,
+        "checkpoint": str(checkpoint.resolve(run_dir)),
+    }

@@ -1,0 +1,238 @@
+"""Finetuning tasks: how records become examples, and how a model is scored on them.
+
+Sequence formats (EOT is the tokenizer's <|endoftext|>, which every lmtrain tokenizer has):
+  lm, plain text   text EOT, cut into windows of max_seq_len + 1 tokens; loss on every token
+  lm, instruction  prompt EOT response EOT; loss on the response and its EOT only
+  classification   text EOT; a head reads the hidden state at that last EOT
+  seq2seq          source EOT target EOT; loss on the target; evaluation generates after source EOT
+  qa               context EOT question EOT answer EOT; loss on the answer; evaluation generates it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from lmtrain import metrics
+from lmtrain.config import TaskConfig
+from lmtrain.data.examples import Example, fixed_batches
+from lmtrain.data.tokenizer import end_of_text_id
+from lmtrain.errors import UserError
+from lmtrain.generate import beam_search, generate
+from lmtrain.model import TransformerLM
+
+log = logging.getLogger("lmtrain")
+IGNORE = -100
+MAIN_METRIC = {
+    "lm": ("loss", False),
+    "classification": ("accuracy", True),
+    "seq2seq": ("bleu", True),
+    "qa": ("exact_match", True),
+}  # task -> (metric, higher is better)
+
+
+@dataclass
+class TaskInfo:
+    """What a finetuned checkpoint records about its task (task.json)."""
+
+    name: str
+    fields: dict[str, str]  # role -> record field, e.g. {"source": "en", "target": "fr"}
+    labels: list | None = None  # classification: the label values, index = class id
+    instruction: bool = False  # lm: prompt/response records rather than plain text
+    decoding: dict = field(default_factory=dict)  # seq2seq/qa: decoding settings used for evaluation
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def field_roles(name: str, instruction: bool) -> list[str]:
+    return {
+        "lm": ["prompt", "response"] if instruction else ["text"],
+        "classification": ["text", "label"],
+        "seq2seq": ["source", "target"],
+        "qa": ["context", "question", "answer"],
+    }[name]
+
+
+class Task:
+    def __init__(self, info: TaskInfo, tokenizer: Tokenizer, max_seq_len: int):
+        self.info, self.tokenizer, self.max_seq_len = info, tokenizer, max_seq_len
+        self.eot = end_of_text_id(tokenizer)
+        self.main_metric, self.higher_is_better = MAIN_METRIC[info.name]
+        self.classify = info.name == "classification"
+
+    # ---- encoding -------------------------------------------------------------------------------
+    def _encode(self, texts: list) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch([str(t) for t in texts], add_special_tokens=False)]
+
+    def _column(self, records: list[dict], role: str) -> list:
+        return [r[self.info.fields[role]] for r in records]
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        """The tokens generation starts from (seq2seq, qa, instruction lm)."""
+        roles = {"seq2seq": ["source"], "qa": ["context", "question"], "lm": ["prompt"]}[self.info.name]
+        ids: list[int] = []
+        for role in roles:
+            ids += self._encode([record[self.info.fields[role]]])[0] + [self.eot]
+        return ids
+
+    def encode(self, records: list[dict], key: str) -> list[Example]:
+        """Examples of `records` (from the data file named by config key `key`); reports truncation."""
+        name, limit = self.info.name, self.max_seq_len + 1
+        truncated = 0
+        examples: list[Example] = []
+        if name == "classification":
+            index = {label: i for i, label in enumerate(self.info.labels)}
+            for ids, label in zip(
+                self._encode(self._column(records, "text")), self._column(records, "label"), strict=True
+            ):
+                if label not in index:
+                    known = ", ".join(map(str, self.info.labels))
+                    raise UserError(
+                        f"data.label_field: label {label!r} in {key} was not seen in data.train (known: {known})"
+                    )
+                truncated += len(ids) + 1 > self.max_seq_len
+                examples.append(Example(ids[: self.max_seq_len - 1] + [self.eot], label=index[label]))
+        elif name == "lm" and not self.info.instruction:
+            for ids in self._encode(self._column(records, "text")):
+                ids = ids + [self.eot]  # windows overlap by one token so each token is predicted once
+                examples += [Example(ids[i : i + limit]) for i in range(0, max(len(ids) - 1, 1), limit - 1)]
+        else:
+            target_role = {"lm": "response", "seq2seq": "target", "qa": "answer"}[name]
+            targets = self._column(records, target_role)
+            for record, target_text, target in zip(records, targets, self._encode(targets), strict=True):
+                prompt, target = self.prompt_ids(record), target + [self.eot]
+                if len(prompt) + len(target) > limit:
+                    truncated += 1
+                    target = target[: limit - 1]
+                    prompt = prompt[-(limit - len(target)) :]  # keep the end of the prompt, next to the target
+                examples.append(Example(prompt + target, loss_start=len(prompt), reference=str(target_text)))
+        if truncated:
+            log.warning(
+                "%s: %d of %d examples exceed model.max_seq_len=%d tokens and were truncated",
+                key,
+                truncated,
+                len(records),
+                self.max_seq_len,
+            )
+        if not examples:
+            raise UserError(f"{key}: no examples")
+        return examples
+
+    # ---- scoring --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: TransformerLM,
+        examples: list[Example],
+        *,
+        batch_size: int,
+        device: torch.device,
+        amp_dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ) -> dict:
+        """The task's metrics on `examples`: always `loss`, plus perplexity / accuracy and F1 (with
+        per-class scores) / BLEU and chrF / exact match and F1."""
+        model.eval()
+        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+        total, count, predictions, labels = 0.0, 0, [], []
+        for inputs, targets in fixed_batches(examples, batch_size, self.eot, IGNORE, self.classify):
+            with autocast:
+                if self.classify:
+                    logits = model(**{k: v.to(device) for k, v in inputs.items()})
+                else:
+                    logits = model(inputs.to(device))
+            targets = targets.to(device)
+            total += F.cross_entropy(
+                logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum"
+            ).item()
+            count += int((targets != IGNORE).sum())
+            if self.classify:
+                predictions += logits.argmax(-1).tolist()
+                labels += targets.tolist()
+        result = {"loss": total / max(count, 1)}
+        if self.info.name == "lm":
+            result["ppl"] = metrics.perplexity(result["loss"])
+        elif self.classify:
+            result.update(metrics.classification_report(predictions, labels, [str(v) for v in self.info.labels]))
+        else:
+            with autocast:
+                hypotheses = self.generate(model, [e.ids[: e.loss_start] for e in examples], device, seed)
+            references = [e.reference for e in examples]
+            if self.info.name == "seq2seq":
+                result.update(metrics.bleu_chrf(hypotheses, references))
+            else:
+                result.update(metrics.squad_scores(hypotheses, references))
+        return result
+
+    def generate(
+        self, model: TransformerLM, prompts: list[list[int]], device: torch.device, seed: int = 0
+    ) -> list[str]:
+        """Decoded continuations of `prompts` up to EOT, by the task's decoding settings."""
+        settings = {
+            "decoding": "greedy",
+            "num_beams": 4,
+            "max_new_tokens": 64,
+            "temperature": 1.0,
+            "top_k": None,
+            **self.info.decoding,
+        }
+        outputs: list[list[int]] = [[] for _ in prompts]
+        if settings["decoding"] == "beam":
+            for i, prompt in enumerate(prompts):
+                outputs[i] = beam_search(
+                    model, prompt, settings["max_new_tokens"], num_beams=settings["num_beams"], stop_token=self.eot
+                )
+            return [self.tokenizer.decode(ids).strip() for ids in outputs]
+        by_length: dict[int, list[int]] = defaultdict(list)  # equal lengths batch without padding
+        for i, prompt in enumerate(prompts):
+            by_length[len(prompt)].append(i)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        greedy = settings["decoding"] == "greedy"
+        for length, indices in by_length.items():
+            room = max(1, min(settings["max_new_tokens"], self.max_seq_len - length))
+            for start in range(0, len(indices), 64):
+                chunk = indices[start : start + 64]
+                batch = torch.tensor([prompts[i] for i in chunk], device=device)
+                out = generate(
+                    model,
+                    batch,
+                    room,
+                    temperature=0.0 if greedy else settings["temperature"],
+                    top_k=settings["top_k"],
+                    generator=generator,
+                    stop_token=self.eot,
+                )
+                for i, row in zip(chunk, out[:, length:].tolist(), strict=True):
+                    outputs[i] = row[: row.index(self.eot)] if self.eot in row else row
+        return [self.tokenizer.decode(ids).strip() for ids in outputs]
+
+
+def build_task_info(cfg: TaskConfig, data_fields: dict[str, str], train_records: list[dict] | None) -> TaskInfo:
+    """The task's record fields, its labels (from the training records) and its decoding settings."""
+    instruction = cfg.name == "lm" and train_records is not None and data_fields["prompt"] in train_records[0]
+    roles = field_roles(cfg.name, instruction)
+    info = TaskInfo(cfg.name, {r: data_fields[r] for r in roles}, instruction=instruction)
+    if cfg.name == "classification" and train_records is not None:
+        values = {r[data_fields["label"]] for r in train_records}
+        if len(values) < 2:
+            raise UserError(
+                f"data.label_field: '{data_fields['label']}' has {len(values)} distinct value(s) in "
+                "data.train; classification needs at least 2"
+            )
+        info.labels = sorted(values) if len({type(v) for v in values}) == 1 else sorted(values, key=str)
+    if cfg.name in ("seq2seq", "qa"):
+        info.decoding = {
+            "decoding": cfg.decoding,
+            "num_beams": cfg.num_beams,
+            "max_new_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "top_k": cfg.top_k,
+        }
+    return info
