@@ -15,22 +15,38 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmtrain.config import ConfigError, GenerateConfig, PretrainConfig, all_keys, nearest, validate
+from lmtrain.config import (
+    ConfigError,
+    EvaluateConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    PredictConfig,
+    PretrainConfig,
+    all_keys,
+    nearest,
+    validate,
+)
 from lmtrain.errors import UserError
 
 log = logging.getLogger("lmtrain")
 CONFIG_PACKAGE = "lmtrain.configs"
-TRAINING_COMMANDS = {"pretrain"}  # commands whose runs record result.json
+TRAINING_COMMANDS = {"pretrain", "finetune"}  # commands whose runs record result.json
 # command -> (primary config, schema); lmtrain.commands.<command>.run(cfg, run_dir) does the work
 COMMANDS: dict[str, tuple[str, type]] = {
     "pretrain": ("pretrain", PretrainConfig),
+    "finetune": ("finetune", FinetuneConfig),
+    "evaluate": ("evaluate", EvaluateConfig),
     "generate": ("generate", GenerateConfig),
+    "predict": ("predict", PredictConfig),
 }
 USAGE = """usage: lmtrain <command> [hydra flags] [key=value ...]
 
 commands:
   pretrain   train a causal LM from scratch            (configs/pretrain.yaml)
+  finetune   adapt a checkpoint to a task              (configs/finetune.yaml)
+  evaluate   score a checkpoint on a split: eval.json  (configs/evaluate.yaml)
   generate   sample text from a checkpoint             (configs/generate.yaml)
+  predict    classify text with a checkpoint           (configs/predict.yaml)
   report     compare runs or a sweep: table and plots  (lmtrain report --help)
 
 Hydra's flags work after the command: --help, --cfg job, --info, -m (multirun), hydra.run.dir=...

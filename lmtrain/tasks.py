@@ -89,16 +89,16 @@ class Task:
         examples: list[Example] = []
         if name == "classification":
             index = {label: i for i, label in enumerate(self.info.labels)}
-            for ids, label in zip(
-                self._encode(self._column(records, "text")), self._column(records, "label"), strict=True
-            ):
+            texts = self._column(records, "text")
+            examples = self.encode_texts(texts)
+            for example, label in zip(examples, self._column(records, "label"), strict=True):
                 if label not in index:
                     known = ", ".join(map(str, self.info.labels))
                     raise UserError(
                         f"data.label_field: label {label!r} in {key} was not seen in data.train (known: {known})"
                     )
-                truncated += len(ids) + 1 > self.max_seq_len
-                examples.append(Example(ids[: self.max_seq_len - 1] + [self.eot], label=index[label]))
+                example.label = index[label]
+            truncated = sum(len(e.ids) == self.max_seq_len for e in examples)
         elif name == "lm" and not self.info.instruction:
             for ids in self._encode(self._column(records, "text")):
                 ids = ids + [self.eot]  # windows overlap by one token so each token is predicted once
@@ -124,6 +124,10 @@ class Task:
         if not examples:
             raise UserError(f"{key}: no examples")
         return examples
+
+    def encode_texts(self, texts: list) -> list[Example]:
+        """Classification inputs: the text, cut to fit, then EOT (where the head reads)."""
+        return [Example(ids[: self.max_seq_len - 1] + [self.eot]) for ids in self._encode(texts)]
 
     # ---- scoring --------------------------------------------------------------------------------
     @torch.no_grad()

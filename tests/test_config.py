@@ -9,12 +9,22 @@ from conftest import compose, lmtrain
 
 from lmtrain.config import ConfigError
 
-GROUPS = ["model", "optimizer", "scheduler", "grad_accum", "loss", "data", "trainer"]
+GROUPS = ["model", "optimizer", "scheduler", "grad_accum", "loss", "data", "trainer", "task"]
+FINETUNE_ONLY = {"data/examples", "task"}  # options only the finetune schema takes
 
 
 def options(group: str) -> list[str]:
     folder = importlib.resources.files("lmtrain.configs") / group
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def compose_for(group: str, option: str):
+    if group in FINETUNE_ONLY or f"{group}/{option}" in FINETUNE_ONLY:
+        from lmtrain.cli import check
+        from lmtrain.config import FinetuneConfig
+
+        return check("finetune", FinetuneConfig, [f"{group}={option}", "init_from=x", "data.train=x.jsonl"])
+    return compose(f"{group}={option}")
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -23,12 +33,47 @@ def test_every_option_composes_and_validates(group):
     from omegaconf import OmegaConf
 
     for option in options(group):
-        cfg = compose(f"{group}={option}")
+        cfg = compose_for(group, option)
         shipped = OmegaConf.load(importlib.resources.files("lmtrain.configs") / group / f"{option}.yaml")
         selected = OmegaConf.structured(getattr(cfg, group))
         for key, value in shipped.items():
             if not OmegaConf.is_interpolation(shipped, key):
                 assert selected[key] == value, f"{group}={option}: {key}"
+
+
+@pytest.mark.parametrize(
+    "command, overrides",
+    [
+        ("finetune", ["init_from=x", "data.train=x.jsonl", "task=seq2seq"]),
+        ("evaluate", ["ckpt=x", "data.test=t.jsonl"]),
+        ("predict", ["ckpt=x", "text=hello"]),
+        ("generate", ["ckpt=x"]),
+    ],
+)
+def test_other_commands_compose(command, overrides):
+    from lmtrain.cli import COMMANDS, check
+
+    config_name, schema = COMMANDS[command]
+    assert isinstance(check(config_name, schema, overrides), schema)
+
+
+@pytest.mark.parametrize(
+    "command, overrides, message",
+    [
+        ("finetune", ["data.train=x.jsonl"], "init_from: missing"),
+        ("finetune", ["init_from=x"], "data.train: missing"),
+        ("finetune", ["init_from=x", "data.train=x", "task=translate"], "task=translate: no such option"),
+        ("predict", ["ckpt=x"], "text / input: give exactly one"),
+        ("evaluate", ["ckpt=x", "split=dev"], "split: 'dev' is not one of train, validation, test"),
+    ],
+)
+def test_other_commands_reject_mistakes(command, overrides, message):
+    from lmtrain.cli import COMMANDS, check
+
+    config_name, schema = COMMANDS[command]
+    with pytest.raises(ConfigError) as err:
+        check(config_name, schema, overrides)
+    assert message in str(err.value)
 
 
 def test_experiment_composes():

@@ -15,16 +15,32 @@ from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.generate import generate
 from lmtrain.model import TransformerConfig, TransformerLM
+from lmtrain.tasks import Task, TaskInfo
 
 
-def load_model(path: str, device: torch.device) -> tuple[TransformerLM, Tokenizer]:
-    """A model and tokenizer from a checkpoint (or run dir, or `latest`)."""
-    source = checkpoint.resolve(path, "ckpt")
-    with checkpoint.readable(source, "ckpt"):
-        model = TransformerLM(TransformerConfig(**json.loads((source / "model.json").read_text())))
-        checkpoint.load_weights(model, source)
+def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[TransformerLM, Tokenizer]:
+    """A model and tokenizer from a checkpoint (or run dir, or `latest`); `key` names the config key."""
+    source = checkpoint.resolve(path, key)
+    with checkpoint.readable(source, key):
+        config = TransformerConfig(**json.loads((source / "model.json").read_text()))
         tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+        if tokenizer.get_vocab_size() != config.vocab_size:
+            raise UserError(
+                f"{key}: the tokenizer in '{source}' has {tokenizer.get_vocab_size()} entries but the model's "
+                f"vocabulary has {config.vocab_size}"
+            )
+        model = TransformerLM(config)
+        checkpoint.load_weights(model, source)
     return model.to(device), tokenizer
+
+
+def load_task_info(path: str, key: str = "ckpt") -> TaskInfo | None:
+    """The task a finetuned checkpoint was trained on (None for a pretrained one)."""
+    source = checkpoint.resolve(path, key)
+    if not (source / "task.json").is_file():
+        return None
+    with checkpoint.readable(source, key):
+        return TaskInfo(**json.loads((source / "task.json").read_text()))
 
 
 def run(cfg: GenerateConfig, run_dir: str) -> None:
@@ -37,7 +53,22 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
             raise UserError(f"prompt_file: no such file '{cfg.prompt_file}'")
         prompt = path.read_text()
     stop = end_of_text_id(tokenizer)
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [stop]
+    info = load_task_info(cfg.ckpt)
+    if info is not None and info.name == "classification":
+        raise UserError("ckpt: a classification checkpoint does not generate text; use lmtrain predict")
+    formatted = info is not None and (info.instruction or info.name in ("seq2seq", "qa"))
+    if formatted:  # the prompt as the task trained it; print only the answer
+        if info.name == "qa" and cfg.context is None:
+            raise UserError("context: a qa checkpoint answers a question (prompt=...) about a passage (context=...)")
+        roles = {
+            "seq2seq": {"source": prompt},
+            "qa": {"question": prompt, "context": cfg.context},
+            "lm": {"prompt": prompt},
+        }[info.name]
+        task = Task(info, tokenizer, model.config.max_seq_len)
+        ids = task.prompt_ids({info.fields[role]: text for role, text in roles.items()})
+    else:
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [stop]
     prompt_tokens = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = generate(
@@ -53,4 +84,7 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
     for i, sample in enumerate(out.tolist()):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---")
+        if formatted:
+            sample = sample[len(ids) :]
+            sample = sample[: sample.index(stop)] if stop in sample else sample
         print(tokenizer.decode(sample))  # the end-of-text token is special: decode skips it

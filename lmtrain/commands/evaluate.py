@@ -1,0 +1,72 @@
+"""`lmtrain evaluate`: score any checkpoint (pretrained or finetuned) on a split; writes `eval.json`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lmtrain import checkpoint
+from lmtrain.commands.generate import load_model, load_task_info
+from lmtrain.config import EvaluateConfig
+from lmtrain.data.examples import read_records, split_off
+from lmtrain.distributed import resolve_device
+from lmtrain.errors import UserError
+from lmtrain.tasks import Task, TaskInfo, field_roles
+
+log = logging.getLogger("lmtrain")
+
+
+def _records(cfg: EvaluateConfig, info: TaskInfo, trained: dict) -> tuple[list[dict], str]:
+    """The split's records: from data.<split>, else the file the checkpoint was trained with; a validation
+    split that was held out of train is held out again the same way."""
+    fields = [info.fields[role] for role in field_roles(info.name, info.instruction)]
+    txt_by = "document" if info.name == "lm" and not info.instruction else "line"
+    path = getattr(cfg.data, cfg.split) or trained.get("data", {}).get(cfg.split)
+    key = f"data.{cfg.split}"
+    if path:
+        return read_records(path, key, fields, txt_by), path
+    finetuned = trained.get("data", {})
+    if cfg.split == "validation" and finetuned.get("train") and "val_fraction" in finetuned:
+        records = read_records(finetuned["train"], "data.train", fields, txt_by)
+        return split_off(records, finetuned["val_fraction"], trained["trainer"]["seed"])[1], finetuned["train"]
+    raise UserError(f"{key}: missing; pass {key}=path/to/{cfg.split}.jsonl")
+
+
+def run(cfg: EvaluateConfig, run_dir: str) -> None:
+    device = resolve_device(cfg.device, "device")
+    model, tokenizer = load_model(cfg.ckpt, device)
+    source = checkpoint.resolve(cfg.ckpt)
+    trained = (
+        OmegaConf.to_container(OmegaConf.load(source / "config.yaml")) if (source / "config.yaml").is_file() else {}
+    )
+    info = load_task_info(cfg.ckpt) or TaskInfo("lm", {"text": "text"})  # a pretrained LM: perplexity on text
+    for role in info.fields:
+        override = getattr(cfg.data, f"{role}_field")
+        if override is not None:
+            info.fields[role] = override
+    for key in ("decoding", "num_beams", "max_new_tokens"):
+        if getattr(cfg, key) is not None:
+            info.decoding[key] = getattr(cfg, key)
+    records, path = _records(cfg, info, trained)
+    task = Task(info, tokenizer, model.config.max_seq_len)
+    examples = task.encode(records, f"data.{cfg.split}")[: cfg.max_examples]
+    result = task.evaluate(model, examples, batch_size=cfg.batch_size, device=device, seed=cfg.seed)
+    report = {
+        "task": info.name,
+        "split": cfg.split,
+        "num_examples": len(examples),
+        "data": str(path),
+        "checkpoint": str(source),
+        **result,
+    }
+    out = Path(run_dir) / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        if key != "per_class":
+            print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print(f"{'eval.json':<{width}}  {out}")

@@ -1,0 +1,144 @@
+"""`lmtrain finetune`: a pretrained checkpoint adapted to a task (lm, classification, seq2seq, qa).
+
+Weights and tokenizer come from `init_from`; a classification head is added fresh when needed. The run dir
+holds what a pretraining run holds, plus `checkpoints/best` (by the task's main validation metric), and
+every checkpoint carries `task.json` so evaluate/predict/generate know how the model was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from lmtrain import checkpoint, runs
+from lmtrain.commands.generate import load_model
+from lmtrain.config import FinetuneConfig
+from lmtrain.data.examples import ExampleBatches, read_records, split_off
+from lmtrain.distributed import resolve_device
+from lmtrain.errors import UserError
+from lmtrain.tasks import Task, build_task_info, field_roles
+from lmtrain.trainer import AMP_DTYPES
+
+log = logging.getLogger("lmtrain")
+
+
+def data_fields(cfg: FinetuneConfig) -> dict[str, str]:
+    d = cfg.data
+    return {
+        role: getattr(d, f"{role}_field")
+        for role in ("text", "label", "source", "target", "prompt", "response", "question", "context", "answer")
+    }
+
+
+def run(cfg: FinetuneConfig, run_dir: str) -> dict:
+    """Finetune; returns the run's summary, with the objective Hydra sweepers minimise."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    runs.prepare_run_dir(run_dir)
+    t, d = cfg.trainer, cfg.data
+    device = resolve_device(t.device)
+    source = runs.resume_source(t.resume, run_dir)
+    model, tokenizer = load_model(cfg.init_from, device, key="init_from")
+
+    fields = data_fields(cfg)
+    train_records = read_records(d.train, "data.train")
+    info = build_task_info(cfg.task, fields, train_records)
+    required = [info.fields[role] for role in field_roles(info.name, info.instruction)]
+    missing = [f for f in required if f not in train_records[0]]
+    if missing:
+        raise UserError(
+            f"data.train: '{d.train}' has no field '{missing[0]}'; its fields are "
+            f"{', '.join(train_records[0])} (set data.<role>_field to the right name)"
+        )
+    if d.validation:
+        val_records = read_records(d.validation, "data.validation", required)
+    else:
+        train_records, val_records = split_off(train_records, d.val_fraction, t.seed)
+    task = Task(info, tokenizer, model.config.max_seq_len)
+    train_examples = task.encode(train_records, "data.train")
+    val_examples = task.encode(val_records, "data.validation")
+    if cfg.task.max_eval_examples:
+        val_examples = val_examples[: cfg.task.max_eval_examples]
+    log.info("data: %d train / %d validation examples, task %s", len(train_examples), len(val_examples), info.name)
+
+    torch.manual_seed(t.seed)
+    if info.name == "classification" and model.config.num_classes != len(info.labels):
+        model.add_classifier(len(info.labels))
+    model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
+    accum_steps = cfg.grad_accum.steps
+    batches = ExampleBatches(train_examples, t.micro_batch_size, t.seed, task.eot, cfg.loss.ignore_index, task.classify)
+    steps_per_epoch = batches.steps_per_epoch(accum_steps)
+    max_steps, eval_every = t.max_steps, t.eval_every
+    if cfg.epochs is not None:
+        max_steps = math.ceil(cfg.epochs * steps_per_epoch)
+        eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    if cfg.scheduler.warmup_steps > max_steps:
+        raise UserError(
+            f"scheduler.warmup_steps: {cfg.scheduler.warmup_steps} exceeds the {max_steps} steps "
+            "of this run; lower it or train longer"
+        )
+    trainer = runs.build_trainer(model, cfg, device, max_steps)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(
+        "model: %s parameters (%s trainable); %d steps of %d micro-batches (%d steps per epoch)",
+        f"{model.num_parameters():,}",
+        f"{trainable:,}",
+        max_steps,
+        accum_steps,
+        steps_per_epoch,
+    )
+
+    files = {
+        "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+        "model.json": json.dumps(dataclasses.asdict(model.config), indent=2),
+        "tokenizer.json": tokenizer.to_str(),
+        "task.json": json.dumps(info.to_dict(), indent=2),
+    }
+    (run_dir / "tokenizer.json").write_text(files["tokenizer.json"])
+    if source is not None:
+        runs.restore(source, trainer, batches, files, run_dir)
+    metrics = runs.open_metrics(run_dir, trainer, source is not None, t.tensorboard)
+    checkpointer = runs.Checkpointer(run_dir, trainer, batches, files, t.keep_last)
+    start_step, start_tokens = trainer.state.step, trainer.state.tokens_seen
+
+    def evaluate() -> dict[str, float]:
+        result = task.evaluate(
+            model,
+            val_examples,
+            batch_size=t.micro_batch_size,
+            device=device,
+            amp_dtype=AMP_DTYPES[t.precision],
+            seed=t.seed,
+        )
+        return {k: v for k, v in result.items() if isinstance(v, int | float)}
+
+    try:
+        trainer.fit(
+            lambda: batches.next_step(accum_steps),
+            evaluate,
+            max_steps=max_steps,
+            eval_every=eval_every,
+            log_every=t.log_every,
+            checkpoint_every=t.checkpoint_every,
+            write_metrics=metrics.write,
+            save_checkpoint=checkpointer.save,
+            save_best=checkpointer.save_best,
+            main_metric=task.main_metric,
+            higher_is_better=task.higher_is_better,
+            progress_bar=t.progress_bar,
+        )
+    finally:
+        metrics.close()
+    summary = runs.summarize(trainer, run_dir, task.main_metric, start_step, start_tokens, started)
+    best = summary[f"best_val_{task.main_metric}"]
+    best_dir = run_dir / "checkpoints" / "best"
+    summary["best_checkpoint"] = str(best_dir) if (best_dir / checkpoint.COMPLETE_MARKER).is_file() else None
+    log.info("best checkpoint (val_%s %.4f): %s", task.main_metric, best, summary["best_checkpoint"])
+    return {**summary, "objective": -best if task.higher_is_better else best}

@@ -1,0 +1,53 @@
+"""`lmtrain predict`: labels with probabilities from a classification checkpoint, for a line or a file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from lmtrain.commands.generate import load_model, load_task_info
+from lmtrain.config import PredictConfig
+from lmtrain.data.examples import fixed_batches, read_records
+from lmtrain.distributed import resolve_device
+from lmtrain.errors import UserError
+from lmtrain.tasks import IGNORE, Task
+
+
+@torch.no_grad()
+def run(cfg: PredictConfig, run_dir: str) -> None:
+    device = resolve_device(cfg.device, "device")
+    info = load_task_info(cfg.ckpt)
+    if info is None or info.name != "classification":
+        raise UserError("ckpt: predict needs a checkpoint finetuned with task=classification")
+    model, tokenizer = load_model(cfg.ckpt, device)
+    field = cfg.text_field or info.fields["text"]
+    if cfg.text is not None:
+        texts = [cfg.text]
+    else:
+        is_txt = Path(cfg.input).suffix in (".txt", ".md")
+        texts = [r["text" if is_txt else field] for r in read_records(cfg.input, "input", None if is_txt else [field])]
+    task = Task(info, tokenizer, model.config.max_seq_len)
+    examples = task.encode_texts(texts)
+    for i, example in enumerate(examples):
+        example.label = i  # carries the position through the length-sorted batches
+    results: list[dict] = [{} for _ in texts]
+    model.eval()
+    for inputs, positions in fixed_batches(examples, cfg.batch_size, task.eot, IGNORE, classify=True):
+        probs = model(**{k: v.to(device) for k, v in inputs.items()}).float().softmax(-1).cpu()
+        for position, row in zip(positions.tolist(), probs.tolist(), strict=True):
+            best = max(range(len(row)), key=row.__getitem__)
+            results[position] = {
+                "text": texts[position],
+                "label": info.labels[best],
+                "probabilities": {str(label): p for label, p in zip(info.labels, row, strict=True)},
+            }
+    out = open(cfg.output, "w") if cfg.output else sys.stdout
+    try:
+        for result in results:
+            out.write(json.dumps(result) + "\n")
+    finally:
+        if cfg.output:
+            out.close()

@@ -1,0 +1,257 @@
+"""Finetuning from a tiny pretrained checkpoint made here: each task learns a generated rule."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import lmtrain
+
+from lmtrain.cli import check
+from lmtrain.commands import finetune, pretrain
+from lmtrain.config import FinetuneConfig, PretrainConfig
+from lmtrain.errors import UserError
+from lmtrain.run_log import read_metrics
+
+NOUNS = "cat dog mat log sun moon tree bird fish".split()
+COLORS = "red blue green black white".split()
+SIZES = "big small tall short long".split()
+WORDS = NOUNS + COLORS + SIZES
+FRENCH = dict(
+    zip(
+        WORDS,
+        "chat chien tapis bois soleil lune arbre oiseau poisson rouge bleu vert noir blanc grand "
+        "petit haut court long".split(),
+        strict=True,
+    )
+)
+
+
+def qa_record(rng):
+    a, b = rng.sample(NOUNS, 2)
+    color, size = rng.choice(COLORS), rng.choice(SIZES)
+    facts = [f"the {a} is {color}.", f"the {b} is {size}."]
+    rng.shuffle(facts)
+    question, answer = (f"what color is the {a}?", color) if rng.random() < 0.5 else (f"what size is the {b}?", size)
+    return {"context": " ".join(facts), "question": question, "answer": answer}
+
+
+def seq2seq_record(rng):
+    words = [rng.choice(WORDS) for _ in range(4)]
+    return {"en": " ".join(words), "fr": " ".join(FRENCH[w] for w in words)}
+
+
+def classification_record(rng):
+    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
+    return {"text": " ".join(words), "label": "pos" if "red" in words else "neg"}  # needs the text
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    rng = random.Random(0)
+    files = {}
+    for name, make in (("qa", qa_record), ("seq2seq", seq2seq_record), ("classification", classification_record)):
+        files[name] = (
+            write(root / f"{name}_train.jsonl", [make(rng) for _ in range(1200)]),
+            write(root / f"{name}_val.jsonl", [make(rng) for _ in range(100)]),
+        )
+    lines = []
+    for _ in range(600):
+        r = qa_record(rng)
+        lines.append(f"{r['context']} {r['question']} {r['answer']}")
+        r = seq2seq_record(rng)
+        lines.append(f"{r['en']} = {r['fr']}")
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    files["root"] = root
+    return files
+
+
+@pytest.fixture(scope="module")
+def base(data):
+    """A tiny byte-level RoPE LM pretrained on text of the same kind (~10 s)."""
+    run_dir = data["root"] / "pretrained"
+    cfg = check(
+        "pretrain",
+        PretrainConfig,
+        [
+            "model=tiny",
+            "model.d_model=128",
+            "model.num_heads=4",
+            "model.position=rope",
+            "data.tokenizer=byte",
+            f"data.train={data['root'] / 'corpus.txt'}",
+            "trainer.max_steps=300",
+            "trainer.eval_every=300",
+            "trainer.checkpoint_every=300",
+            "scheduler.warmup_steps=10",
+            "optimizer.lr=3e-3",
+            "trainer.device=cpu",
+            "trainer.progress_bar=false",
+        ],
+    )
+    pretrain.run(cfg, str(run_dir))
+    return run_dir / "checkpoints" / "latest"
+
+
+def finetune_run(run_dir, base, task, train, val, *extra):
+    cfg = check(
+        "finetune",
+        FinetuneConfig,
+        [
+            f"init_from={base}",
+            f"task={task}",
+            f"data.train={train}",
+            f"data.validation={val}",
+            "epochs=6",
+            "evals_per_epoch=1",
+            "optimizer.lr=2e-3",
+            "trainer.device=cpu",
+            "trainer.progress_bar=false",
+            *extra,
+        ],
+    )
+    return finetune.run(cfg, str(run_dir))
+
+
+def best_validation(run_dir, metric):
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if f"val_{metric}" in r and r["step"] > 0]
+    return max(r[f"val_{metric}"] for r in records)
+
+
+def test_classification_learns_a_rule_in_the_text(tmp_path, data, base):
+    summary = finetune_run(tmp_path, base, "classification", *data["classification"], "epochs=3")
+    assert summary["best_val_accuracy"] >= 0.95
+    assert (tmp_path / "checkpoints" / "best" / "task.json").is_file()
+    task = json.loads((tmp_path / "checkpoints" / "best" / "task.json").read_text())
+    assert task["labels"] == ["neg", "pos"]
+
+    out = lmtrain("predict", f"ckpt={tmp_path}/checkpoints/best", "text=the red cat sat")
+    assert out.returncode == 0, out.stderr
+    prediction = json.loads(out.stdout.strip().splitlines()[-1])
+    assert prediction["label"] == "pos" and prediction["probabilities"]["pos"] > 0.5
+
+
+def test_seq2seq_learns_a_string_transformation_and_evaluate_reproduces_it(tmp_path, data, base):
+    train, val = data["seq2seq"]
+    summary = finetune_run(
+        tmp_path / "run",
+        base,
+        "seq2seq",
+        train,
+        val,
+        "data.source_field=en",
+        "data.target_field=fr",
+        "epochs=5",
+        "optimizer.lr=3e-3",
+    )
+    assert summary["best_val_bleu"] >= 90
+
+    out = lmtrain(
+        "evaluate", f"ckpt={tmp_path}/run/checkpoints/best", "split=validation", f"hydra.run.dir={tmp_path / 'eval'}"
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["task"] == "seq2seq" and report["split"] == "validation" and report["num_examples"] == 100
+    assert report["bleu"] == pytest.approx(summary["best_val_bleu"], abs=1e-6)
+    assert report["chrf"] > 90
+
+    out = lmtrain("generate", f"ckpt={tmp_path}/run/checkpoints/best", "prompt=cat red big tree", "temperature=0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "chat rouge grand arbre"
+
+
+def test_qa_copies_the_answer_out_of_the_context(tmp_path, data, base):
+    summary = finetune_run(tmp_path, base, "qa", *data["qa"], "epochs=3")
+    assert summary["best_val_exact_match"] >= 0.9
+    out = lmtrain(
+        "generate",
+        f"ckpt={tmp_path}/checkpoints/best",
+        "prompt=what size is the fish?",
+        "context=the fish is tall. the cat is black.",
+        "temperature=0",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "tall"
+
+
+def test_instruction_tuning_puts_no_loss_on_the_prompt(tmp_path, base):
+    from lmtrain.commands.generate import load_model
+    from lmtrain.config import TaskConfig
+    from lmtrain.data.examples import collate
+    from lmtrain.losses import cross_entropy
+    from lmtrain.tasks import Task, build_task_info
+
+    records = [{"prompt": "say cat", "response": "cat"}, {"prompt": "say the big dog", "response": "dog dog"}]
+    fields = {"text": "text", "prompt": "prompt", "response": "response"}
+    info = build_task_info(TaskConfig(name="lm"), fields, records)
+    assert info.instruction
+    model, tokenizer = load_model(str(base), torch.device("cpu"))
+    task = Task(info, tokenizer, model.config.max_seq_len)
+    examples = task.encode(records, "data.train")
+    tokens, targets = collate(examples, task.eot, -100, classify=False)
+    for row, record in enumerate(records):
+        prompt_len = len(tokenizer.encode(record["prompt"]).ids) + 1  # prompt + EOT
+        response = tokenizer.encode(record["response"]).ids + [task.eot]
+        assert (targets[row, : prompt_len - 1] == -100).all()  # no prompt token is ever a target
+        assert targets[row, prompt_len - 1 : prompt_len - 1 + len(response)].tolist() == response
+        assert (targets[row, prompt_len - 1 + len(response) :] == -100).all()  # padding
+    # the loss equals cross-entropy over the response tokens alone, and the prompt gets no gradient signal
+    logits = model(tokens)
+    loss_sum, count = cross_entropy(logits, targets)
+    mask = targets != -100
+    manual = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
+    assert count == sum(len(tokenizer.encode(r["response"]).ids) + 1 for r in records)
+    torch.testing.assert_close(loss_sum, manual)
+
+
+def test_instruction_tuning_runs(tmp_path, base):
+    rng = random.Random(3)
+    records = [{"prompt": f"repeat {w}", "response": w} for w in (rng.choice(WORDS) for _ in range(200))]
+    train = write(tmp_path / "chat.jsonl", records)
+    summary = finetune_run(tmp_path / "run", base, "lm", train, train, "epochs=3")
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["step"] == 0 and summary["metric"] == "val_loss"
+    assert summary["best_val_loss"] < 0.5 * first["val_loss"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["data.source_field=english"], "data.train: .* has no field 'english'; its fields are en, fr"),
+        (["init_from=/nonexistent/run"], "init_from: no complete checkpoint at '/nonexistent/run'"),
+    ],
+)
+def test_finetune_errors(tmp_path, data, base, extra, message):
+    train, val = data["seq2seq"]
+    with pytest.raises(UserError, match=message):
+        finetune_run(tmp_path, base, "seq2seq", train, val, "data.source_field=en", "data.target_field=fr", *extra)
+
+
+def test_unseen_label_and_empty_split(tmp_path, data, base):
+    train, _ = data["classification"]
+    odd = write(tmp_path / "odd.jsonl", [{"text": "red cat", "label": "maybe"}])
+    with pytest.raises(UserError, match="label 'maybe' in data.validation was not seen in data.train"):
+        finetune_run(tmp_path / "a", base, "classification", train, odd)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="data.validation: cannot read|holds no records"):
+        finetune_run(tmp_path / "b", base, "classification", train, empty)
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path, base):
+    import shutil
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(base.resolve(), broken)
+    model = json.loads((broken / "model.json").read_text())
+    (broken / "model.json").write_text(json.dumps({**model, "vocab_size": model["vocab_size"] + 1}))
+    from lmtrain.commands.generate import load_model
+
+    with pytest.raises(UserError, match="init_from: the tokenizer in .* has 257 entries but the model's vocabulary"):
+        load_model(str(broken), torch.device("cpu"), key="init_from")
