@@ -161,7 +161,7 @@ def prune(checkpoint_root: Path, keep_last: int) -> None:
 def resolve(path: str | Path, key: str = "ckpt") -> Path:
     """A complete checkpoint from the path of a checkpoint, a run dir, its `checkpoints/` or `latest`."""
     path = Path(path).expanduser()
-    if (path / COMPLETE_MARKER).is_file():
+    if (path / COMPLETE_MARKER).is_file() or (path / "export.json").is_file():  # a checkpoint or an export
         return path.resolve()
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if root.name == "latest":

@@ -18,6 +18,7 @@ from typing import Any
 from lmtrain.config import (
     ConfigError,
     EvaluateConfig,
+    ExportConfig,
     FinetuneConfig,
     GenerateConfig,
     PredictConfig,
@@ -38,6 +39,7 @@ COMMANDS: dict[str, tuple[str, type]] = {
     "evaluate": ("evaluate", EvaluateConfig),
     "generate": ("generate", GenerateConfig),
     "predict": ("predict", PredictConfig),
+    "export": ("export", ExportConfig),
 }
 USAGE = """usage: lmtrain <command> [hydra flags] [key=value ...]
 
@@ -47,6 +49,7 @@ commands:
   evaluate   score a checkpoint on a split: eval.json  (configs/evaluate.yaml)
   generate   sample text from a checkpoint             (configs/generate.yaml)
   predict    classify text with a checkpoint           (configs/predict.yaml)
+  export     weights for inference: bf16/fp16/int8     (configs/export.yaml)
   report     compare runs or a sweep: table and plots  (lmtrain report --help)
 
 Hydra's flags work after the command: --help, --cfg job, --info, -m (multirun), hydra.run.dir=...

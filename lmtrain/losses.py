@@ -14,18 +14,63 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     ignore_index: int = -100,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [..., V], targets [...] -> (summed loss, count of targets != ignore_index).
 
     z_loss adds z_loss * log(Z)^2 per target token (PaLM), which keeps the softmax normalizer near 1.
+    class_weights [V] scale each target's loss by its class's weight (the count stays a plain count,
+    so a balanced weighting keeps the loss on the scale of the unweighted one).
     """
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1)
     loss = F.cross_entropy(
-        flat_logits, flat_targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
+        flat_logits,
+        flat_targets,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+        weight=None if class_weights is None else class_weights.to(flat_logits.device, torch.float32),
     )
     valid = flat_targets != ignore_index
     if z_loss > 0:
         log_z = torch.logsumexp(flat_logits.float(), dim=-1)
         loss = loss + z_loss * (log_z.square() * valid).sum()
     return loss, valid.sum()
+
+
+def distillation(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    kl: str = "forward",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    ignore_index: int = -100,
+    class_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha * T^2 * KL + (1 - alpha) * cross-entropy, summed over the positions with a target.
+
+    kl="forward" is KL(teacher || student) (the student covers the teacher's mass, Hinton et al.);
+    "reverse" is KL(student || teacher) (mode-seeking). The T^2 factor keeps the soft-target gradients on
+    the scale of the hard-label ones as T changes.
+    """
+    hard, count = cross_entropy(
+        logits,
+        targets,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+    )
+    valid = (targets != ignore_index).reshape(-1)
+    student = (logits.reshape(-1, logits.shape[-1])[valid].float() / temperature).log_softmax(-1)
+    teacher = (teacher_logits.reshape(-1, teacher_logits.shape[-1])[valid].float() / temperature).log_softmax(-1)
+    if kl == "forward":
+        divergence = (teacher.exp() * (teacher - student)).sum()
+    else:
+        divergence = (student.exp() * (student - teacher)).sum()
+    return alpha * temperature**2 * divergence + (1.0 - alpha) * hard, count

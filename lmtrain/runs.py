@@ -13,8 +13,9 @@ import torch
 
 from lmtrain import checkpoint
 from lmtrain.errors import UserError
-from lmtrain.losses import cross_entropy
+from lmtrain.losses import cross_entropy, distillation
 from lmtrain.optim import build_optimizer, build_scheduler
+from lmtrain.pretrained import load_model
 from lmtrain.run_log import MetricsFile
 from lmtrain.trainer import Trainer
 
@@ -114,9 +115,18 @@ class Checkpointer:
         self._save("best")
 
 
-def build_trainer(model: torch.nn.Module, cfg, device: torch.device, max_steps: int) -> Trainer:
-    """Optimizer, schedule and loss from the shared config groups (cfg: PretrainConfig | FinetuneConfig)."""
-    o, s, t = cfg.optimizer, cfg.scheduler, cfg.trainer
+def build_trainer(
+    model: torch.nn.Module,
+    cfg,
+    device: torch.device,
+    max_steps: int,
+    *,
+    tokenizer_json: str,
+    class_weights: torch.Tensor | None = None,
+) -> Trainer:
+    """Optimizer, schedule and loss (and, for loss=distill, the teacher) from the shared config groups
+    (cfg: PretrainConfig | FinetuneConfig)."""
+    o, s, t, lo = cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.loss
     optimizer = build_optimizer(
         model,
         name=o.name,
@@ -136,12 +146,15 @@ def build_trainer(model: torch.nn.Module, cfg, device: torch.device, max_steps: 
         min_lr=s.min_lr,
         decay_fraction=s.decay_fraction,
     )
-    loss_fn = partial(
-        cross_entropy,
-        label_smoothing=cfg.loss.label_smoothing,
-        z_loss=cfg.loss.z_loss,
-        ignore_index=cfg.loss.ignore_index,
+    common = dict(
+        label_smoothing=lo.label_smoothing, z_loss=lo.z_loss, ignore_index=lo.ignore_index, class_weights=class_weights
     )
+    teacher = None
+    if lo.name == "distill":
+        teacher = load_teacher(lo.teacher, model, tokenizer_json, device)
+        loss_fn = partial(distillation, temperature=lo.temperature, alpha=lo.alpha, kl=lo.kl, **common)
+    else:
+        loss_fn = partial(cross_entropy, **common)
     return Trainer(
         model,
         optimizer,
@@ -150,9 +163,33 @@ def build_trainer(model: torch.nn.Module, cfg, device: torch.device, max_steps: 
         device=device,
         precision=t.precision,
         grad_clip=o.grad_clip,
-        ignore_index=cfg.loss.ignore_index,
+        ignore_index=lo.ignore_index,
         compile=t.compile,
+        teacher=teacher,
     )
+
+
+def load_teacher(path: str, student: torch.nn.Module, tokenizer_json: str, device: torch.device):
+    """The distillation teacher: frozen, in eval mode, checked to speak the student's vocabulary."""
+    teacher, tokenizer = load_model(path, device, key="loss.teacher")
+    if teacher.config.vocab_size != student.config.vocab_size or tokenizer.to_str() != tokenizer_json:
+        raise UserError(
+            f"loss.teacher: its tokenizer ({teacher.config.vocab_size} entries) is not the student's "
+            f"({student.config.vocab_size} entries); distill from a model trained with the same tokenizer"
+        )
+    if teacher.config.num_classes != student.config.num_classes:
+        raise UserError(
+            f"loss.teacher: it predicts {teacher.config.num_classes} classes, the student {student.config.num_classes}"
+            " (a classification student needs a teacher finetuned on the same labels)"
+        )
+    if teacher.config.max_seq_len < student.config.max_seq_len:
+        raise UserError(
+            f"loss.teacher: its context ({teacher.config.max_seq_len}) is shorter than the student's "
+            f"({student.config.max_seq_len})"
+        )
+    teacher.eval().requires_grad_(False)
+    log.info("distilling from %s (%s parameters)", path, f"{teacher.num_parameters():,}")
+    return teacher
 
 
 def open_metrics(run_dir: Path, trainer: Trainer, resumed: bool, tensorboard: bool) -> MetricsFile:

@@ -55,6 +55,7 @@ class Trainer:
         grad_clip: float = 1.0,
         ignore_index: int = -100,
         compile: bool = False,
+        teacher: nn.Module | None = None,
     ):
         self.model = model
         self.compiled = torch.compile(model) if compile else model
@@ -66,6 +67,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.grad_clip = grad_clip if grad_clip > 0 else float("inf")
         self.ignore_index = ignore_index
+        # distillation: a frozen model whose logits on the same inputs go to loss_fn as teacher_logits
+        self.teacher = teacher
         self.state = TrainState()
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -73,20 +76,26 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def forward(self, inputs: Inputs) -> torch.Tensor:
+    def forward(self, inputs: Inputs, model: nn.Module | None = None) -> torch.Tensor:
         """Inputs moved to the device and run through the (compiled) model, under autocast."""
+        model = model or self.compiled
         non_blocking = self.device.type == "cuda"
         with self.autocast():
             if isinstance(inputs, dict):
-                return self.compiled(**{k: v.to(self.device, non_blocking=non_blocking) for k, v in inputs.items()})
-            return self.compiled(inputs.to(self.device, non_blocking=non_blocking))
+                return model(**{k: v.to(self.device, non_blocking=non_blocking) for k, v in inputs.items()})
+            return model(inputs.to(self.device, non_blocking=non_blocking))
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Summed loss of one micro-batch."""
         inputs, targets = batch
         output = self.forward(inputs)
+        extra = {}
+        if self.teacher is not None:
+            with torch.no_grad():
+                extra["teacher_logits"] = self.forward(inputs, self.teacher)
         with self.autocast():
-            loss_sum, _ = self.loss_fn(output, targets.to(self.device, non_blocking=self.device.type == "cuda"))
+            targets = targets.to(self.device, non_blocking=self.device.type == "cuda")
+            loss_sum, _ = self.loss_fn(output, targets, **extra)
         return loss_sum
 
     def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:

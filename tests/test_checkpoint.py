@@ -109,7 +109,7 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, corpus, damage):
         (source / "model.safetensors").write_bytes(b"\x00\x01")
     else:
         (source / "model.json").unlink()
-    from lmtrain.commands.generate import load_model
+    from lmtrain.pretrained import load_model
 
     with pytest.raises(UserError, match="ckpt: .* is not a readable lmtrain checkpoint"):
         load_model(str(tmp_path), torch.device("cpu"))
@@ -136,7 +136,7 @@ def test_checkpoint_round_trip_is_bitwise_and_needs_no_pickle(tmp_path, corpus):
         "tokenizer.json",
         "trainer_state.json",
     ]
-    from lmtrain.commands.generate import load_model
+    from lmtrain.pretrained import load_model
 
     model, _ = load_model(str(tmp_path), torch.device("cpu"))
     saved = load_file(str(source / "model.safetensors"))

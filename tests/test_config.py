@@ -24,6 +24,8 @@ def compose_for(group: str, option: str):
         from lmtrain.config import FinetuneConfig
 
         return check("finetune", FinetuneConfig, [f"{group}={option}", "init_from=x", "data.train=x.jsonl"])
+    if (group, option) == ("loss", "distill"):
+        return compose("loss=distill", "loss.teacher=outputs/teacher")
     return compose(f"{group}={option}")
 
 

@@ -181,10 +181,10 @@ def test_qa_copies_the_answer_out_of_the_context(tmp_path, data, base):
 
 
 def test_instruction_tuning_puts_no_loss_on_the_prompt(tmp_path, base):
-    from lmtrain.commands.generate import load_model
     from lmtrain.config import TaskConfig
     from lmtrain.data.examples import collate
     from lmtrain.losses import cross_entropy
+    from lmtrain.pretrained import load_model
     from lmtrain.tasks import Task, build_task_info
 
     records = [{"prompt": "say cat", "response": "cat"}, {"prompt": "say the big dog", "response": "dog dog"}]
@@ -251,7 +251,7 @@ def test_vocabulary_mismatch_is_refused(tmp_path, base):
     shutil.copytree(base.resolve(), broken)
     model = json.loads((broken / "model.json").read_text())
     (broken / "model.json").write_text(json.dumps({**model, "vocab_size": model["vocab_size"] + 1}))
-    from lmtrain.commands.generate import load_model
+    from lmtrain.pretrained import load_model
 
     with pytest.raises(UserError, match="init_from: the tokenizer in .* has 257 entries but the model's vocabulary"):
         load_model(str(broken), torch.device("cpu"), key="init_from")

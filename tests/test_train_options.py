@@ -5,6 +5,7 @@ import importlib.resources
 import math
 
 import pytest
+import torch
 from conftest import TINY, compose
 
 from lmtrain.commands import pretrain
@@ -31,8 +32,17 @@ CASES = (
 )
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, corpus):
+    run_dir = tmp_path_factory.mktemp("teacher")
+    pretrain.run(compose(*TINY, f"data.train={corpus}", "model.d_model=96"), str(run_dir))
+    return run_dir
+
+
 @pytest.mark.parametrize("overrides", CASES, ids=[" ".join(c) for c in CASES])
-def test_option_trains(tmp_path, corpus, overrides):
+def test_option_trains(tmp_path, corpus, overrides, request):
+    if "loss=distill" in overrides:
+        overrides = [*overrides, f"loss.teacher={request.getfixturevalue('teacher')}"]
     group_choice = [o for o in overrides if "." not in o.split("=")[0]]
     # group options first, then the tiny settings, then the case's own values
     cfg = compose(*group_choice, *TINY, f"data.train={corpus}", *[o for o in overrides if o not in group_choice])
@@ -42,3 +52,32 @@ def test_option_trains(tmp_path, corpus, overrides):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
     assert math.isfinite(best)
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+def test_teacher_with_another_vocabulary_is_refused(tmp_path, corpus, teacher):
+    from lmtrain.errors import UserError
+
+    cfg = compose(*TINY, f"data.train={corpus}", "data.tokenizer=byte", "loss=distill", f"loss.teacher={teacher}")
+    with pytest.raises(UserError, match=r"loss.teacher: its tokenizer \(\d+ entries\) is not the student's"):
+        pretrain.run(cfg, str(tmp_path))
+
+
+def test_int8_export_loads_and_generates(tmp_path, teacher):
+    from conftest import lmtrain
+
+    out = lmtrain("export", f"ckpt={teacher}", "quantize=int8", f"out={tmp_path / 'int8'}")
+    assert out.returncode == 0, out.stderr
+    assert "val before" in out.stdout and "val after" in out.stdout
+    import json
+
+    report = json.loads((tmp_path / "int8" / "report.json").read_text())
+    assert report["bytes"] < 0.6 * report["fp32_bytes"]
+    assert abs(report["validation_after"]["loss"] - report["validation_before"]["loss"]) < 0.05
+    from lmtrain.export import Int8Linear
+    from lmtrain.pretrained import load_model
+
+    model, _ = load_model(str(tmp_path / "int8"), torch.device("cpu"))
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.int8 and isinstance(model.blocks[0].ffn.up, Int8Linear)
+    gen = lmtrain("generate", f"ckpt={tmp_path / 'int8'}", "prompt=the ", "max_new_tokens=20", "temperature=0")
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("the ") and len(gen.stdout.strip()) > 10

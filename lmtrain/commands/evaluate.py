@@ -9,30 +9,29 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lmtrain import checkpoint
-from lmtrain.commands.generate import load_model, load_task_info
 from lmtrain.config import EvaluateConfig
 from lmtrain.data.examples import read_records, split_off
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
+from lmtrain.pretrained import load_model, load_task_info
 from lmtrain.tasks import Task, TaskInfo, field_roles
 
 log = logging.getLogger("lmtrain")
 
 
-def _records(cfg: EvaluateConfig, info: TaskInfo, trained: dict) -> tuple[list[dict], str]:
-    """The split's records: from data.<split>, else the file the checkpoint was trained with; a validation
-    split that was held out of train is held out again the same way."""
+def split_records(trained: dict, info: TaskInfo, split: str, path: str | None = None) -> list[dict]:
+    """A split's records: from `path`, else the file the checkpoint was trained with; a validation split
+    that was held out of train is held out again the same way (`trained`: the checkpoint's config)."""
     fields = [info.fields[role] for role in field_roles(info.name, info.instruction)]
     txt_by = "document" if info.name == "lm" and not info.instruction else "line"
-    path = getattr(cfg.data, cfg.split) or trained.get("data", {}).get(cfg.split)
-    key = f"data.{cfg.split}"
+    data = trained.get("data", {})
+    path = path or data.get(split)
     if path:
-        return read_records(path, key, fields, txt_by), path
-    finetuned = trained.get("data", {})
-    if cfg.split == "validation" and finetuned.get("train") and "val_fraction" in finetuned:
-        records = read_records(finetuned["train"], "data.train", fields, txt_by)
-        return split_off(records, finetuned["val_fraction"], trained["trainer"]["seed"])[1], finetuned["train"]
-    raise UserError(f"{key}: missing; pass {key}=path/to/{cfg.split}.jsonl")
+        return read_records(path, f"data.{split}", fields, txt_by)
+    if split == "validation" and data.get("train") and "val_fraction" in data:
+        records = read_records(data["train"], "data.train", fields, txt_by)
+        return split_off(records, data["val_fraction"], trained["trainer"]["seed"])[1]
+    raise UserError(f"data.{split}: missing; pass data.{split}=path/to/{split}.jsonl")
 
 
 def run(cfg: EvaluateConfig, run_dir: str) -> None:
@@ -50,7 +49,9 @@ def run(cfg: EvaluateConfig, run_dir: str) -> None:
     for key in ("decoding", "num_beams", "max_new_tokens"):
         if getattr(cfg, key) is not None:
             info.decoding[key] = getattr(cfg, key)
-    records, path = _records(cfg, info, trained)
+    data = trained.get("data", {})
+    path = getattr(cfg.data, cfg.split) or data.get(cfg.split) or data.get("train")
+    records = split_records(trained, info, cfg.split, getattr(cfg.data, cfg.split))
     task = Task(info, tokenizer, model.config.max_seq_len)
     examples = task.encode(records, f"data.{cfg.split}")[: cfg.max_examples]
     result = task.evaluate(model, examples, batch_size=cfg.batch_size, device=device, seed=cfg.seed)

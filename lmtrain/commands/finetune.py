@@ -18,11 +18,11 @@ import torch
 from omegaconf import OmegaConf
 
 from lmtrain import checkpoint, runs
-from lmtrain.commands.generate import load_model
 from lmtrain.config import FinetuneConfig
 from lmtrain.data.examples import ExampleBatches, read_records, split_off
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
+from lmtrain.pretrained import load_model
 from lmtrain.tasks import Task, build_task_info, field_roles
 from lmtrain.trainer import AMP_DTYPES
 
@@ -84,7 +84,14 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
             f"scheduler.warmup_steps: {cfg.scheduler.warmup_steps} exceeds the {max_steps} steps "
             "of this run; lower it or train longer"
         )
-    trainer = runs.build_trainer(model, cfg, device, max_steps)
+    class_weights = None
+    if task.classify and cfg.task.class_weights == "balanced":  # inverse class frequency, mean weight 1
+        counts = torch.bincount(torch.tensor([e.label for e in train_examples]), minlength=len(info.labels))
+        class_weights = len(train_examples) / (len(info.labels) * counts.clamp(min=1).float())
+        log.info("class weights: %s", dict(zip(map(str, info.labels), class_weights.tolist(), strict=True)))
+    trainer = runs.build_trainer(
+        model, cfg, device, max_steps, tokenizer_json=tokenizer.to_str(), class_weights=class_weights
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
         "model: %s parameters (%s trainable); %d steps of %d micro-batches (%d steps per epoch)",

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.commands.generate import load_model, load_task_info
 from lmtrain.config import PredictConfig
 from lmtrain.data.examples import fixed_batches, read_records
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
+from lmtrain.pretrained import load_model, load_task_info
 from lmtrain.tasks import IGNORE, Task
 
 

@@ -59,7 +59,7 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
         model.flops_per_token() / 1e6,
     )
     accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, m.max_seq_len, world_size=1)
-    trainer = runs.build_trainer(model, cfg, device, t.max_steps)
+    trainer = runs.build_trainer(model, cfg, device, t.max_steps, tokenizer_json=tokenizer_json)
     sampler = tokens.WindowSampler(data.train, m.max_seq_len, t.seed)
     validation = tokens.validation_batches(data.validation, m.max_seq_len, t.eval_batches, t.micro_batch_size)
 

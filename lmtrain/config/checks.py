@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lmtrain.config.schema import (
     EvaluateConfig,
+    ExportConfig,
     FinetuneConfig,
     GenerateConfig,
     GradAccumConfig,
@@ -41,7 +42,10 @@ CHOICES = {
     "optimizer.name": ("adamw", "adam", "sgd"),
     "scheduler.name": ("cosine", "linear", "constant", "inverse_sqrt", "wsd"),
     "grad_accum.mode": ("steps", "global_batch"),
-    "loss.name": ("cross_entropy",),
+    "loss.name": ("cross_entropy", "distill"),
+    "loss.kl": ("forward", "reverse"),
+    "quantize": ("none", "int8"),
+    "dtype": ("fp32", "bf16", "fp16"),
     "data.tokenizer": ("char", "byte", "bpe"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
@@ -165,6 +169,12 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str], max
         errors.append(f"loss.label_smoothing: must be in [0, 1), got {lo.label_smoothing}")
     if lo.z_loss < 0:
         errors.append(f"loss.z_loss: must be >= 0, got {lo.z_loss}")
+    if lo.name == "distill" and not lo.teacher:
+        errors.append("loss.teacher: missing; loss=distill needs loss.teacher=outputs/<run>/checkpoints/latest")
+    if lo.temperature <= 0:
+        errors.append(f"loss.temperature: must be > 0, got {lo.temperature}")
+    if not 0.0 <= lo.alpha <= 1.0:
+        errors.append(f"loss.alpha: must be in [0, 1], got {lo.alpha}")
     if t.keep_last < 0:
         errors.append(f"trainer.keep_last: must be >= 0 (0 keeps all), got {t.keep_last}")
     if not isinstance(t.resume, bool | str):
@@ -252,7 +262,15 @@ def _check_predict(cfg: PredictConfig, errors: list[str]) -> None:
         errors.append(f"batch_size: must be > 0, got {cfg.batch_size}")
 
 
+def _check_export(cfg: ExportConfig, errors: list[str]) -> None:
+    if not cfg.ckpt:
+        errors.append("ckpt: missing; pass ckpt=outputs/<run>/checkpoints/latest")
+    if cfg.eval_batches <= 0:
+        errors.append(f"eval_batches: must be > 0, got {cfg.eval_batches}")
+
+
 CHECKS = {
+    ExportConfig: _check_export,
     PretrainConfig: _check_pretrain,
     FinetuneConfig: _check_finetune,
     GenerateConfig: _check_generate,

@@ -55,10 +55,14 @@ class GradAccumConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "cross_entropy"  # cross_entropy
+    name: str = "cross_entropy"  # cross_entropy | distill
     label_smoothing: float = 0.0  # mass spread uniformly over the vocabulary
     z_loss: float = 0.0  # weight of the squared log-partition penalty (PaLM); 0 disables
     ignore_index: int = -100  # target id that carries no loss (padding, prompt tokens)
+    teacher: str | None = None  # distill: the teacher checkpoint (same tokenizer; any size)
+    temperature: float = 2.0  # distill: softmax temperature T of both distributions
+    alpha: float = 0.5  # distill: weight of T^2 * KL; (1 - alpha) weighs the hard-label cross-entropy
+    kl: str = "forward"  # distill: forward = KL(teacher || student); reverse = KL(student || teacher)
 
 
 @dataclass
@@ -188,6 +192,16 @@ class PredictConfig:
     text_field: str | None = None  # field of `input` holding the text (null: the checkpoint's)
     batch_size: int = 64
     device: str = "auto"
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str | None = None  # checkpoint (or run dir) to export
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: the dtype of the weights that are not int8
+    quantize: str = "none"  # none | int8: weight-only int8 of the linear layers, one scale per output channel
+    out: str | None = None  # export folder (default: <run dir>/export-<dtype or int8>)
+    eval_batches: int = 20  # validation batches for the before/after score
+    device: str = "auto"  # auto | cpu | cuda
 
 
 @dataclass

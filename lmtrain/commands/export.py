@@ -1,0 +1,101 @@
+"""`lmtrain export ckpt=<checkpoint> dtype=bf16` (or `quantize=int8`): weights for inference, with the size
+on disk and the validation score before and after. `generate`, `evaluate` and `predict` load the export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from lmtrain import checkpoint
+from lmtrain.config import ExportConfig
+from lmtrain.data import tokens
+from lmtrain.distributed import resolve_device
+from lmtrain.export import write_export
+from lmtrain.pretrained import load_model, load_task_info
+
+log = logging.getLogger("lmtrain")
+
+
+@torch.no_grad()
+def validation_score(model, tokenizer, source: Path, eval_batches: int, device: torch.device) -> dict | None:
+    """Validation loss (and perplexity) on the data the checkpoint trained with; None when it is gone."""
+    config_file = source / "config.yaml"
+    if not config_file.is_file():
+        return None
+    trained = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    model.eval()
+    try:
+        info = load_task_info(str(source))
+        if info is not None:
+            from lmtrain.commands.evaluate import split_records
+            from lmtrain.tasks import Task
+
+            records = split_records(trained, info, "validation")
+            task = Task(info, tokenizer, model.config.max_seq_len)
+            result = task.evaluate(model, task.encode(records, "data.validation"), batch_size=32, device=device)
+            return {k: v for k, v in result.items() if isinstance(v, float)}
+        d = trained["data"]
+        data = tokens.prepare(
+            train=d["train"],
+            validation=d["validation"],
+            val_fraction=d["val_fraction"],
+            text_field=d["text_field"],
+            tokenizer=d["tokenizer"],
+            vocab_size=d["vocab_size"],
+            max_chars=d["max_chars"],
+            cache_dir=d["cache_dir"],
+        )
+        batches = tokens.validation_batches(data.validation, model.config.max_seq_len, eval_batches, 16)
+    except Exception as err:  # the training data moved or changed: report size only
+        log.warning("no validation score: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return None
+    dtype = next(model.parameters()).dtype
+    total, count = 0.0, 0
+    for inputs, targets in batches:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(inputs.to(device))
+        total += torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum"
+        ).item()
+        count += targets.numel()
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}
+
+
+def run(cfg: ExportConfig, run_dir: str) -> None:
+    device = resolve_device(cfg.device, "device")
+    source = checkpoint.resolve(cfg.ckpt)
+    model, tokenizer = load_model(str(source), device)
+    label = "int8" if cfg.quantize == "int8" else cfg.dtype
+    default_out = (source.parent.parent if source.parent.name == "checkpoints" else source.parent) / f"export-{label}"
+    out = Path(cfg.out).expanduser() if cfg.out else default_out
+    files = {
+        name: (source / name).read_text()
+        for name in ("model.json", "tokenizer.json", "task.json", "config.yaml")
+        if (source / name).is_file()
+    }
+    before = validation_score(model, tokenizer, source, cfg.eval_batches, device)
+    size = write_export(model, out, cfg.dtype, cfg.quantize, files)
+    exported, _ = load_model(str(out), device)
+    after = validation_score(exported, tokenizer, source, cfg.eval_batches, device)
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    report = {
+        "export": str(out),
+        "dtype": cfg.dtype,
+        "quantize": cfg.quantize,
+        "bytes": size,
+        "fp32_bytes": fp32_bytes,
+        "validation_before": before,
+        "validation_after": after,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"export      {out}")
+    print(f"size        {size / 1e6:.2f} MB on disk ({size / fp32_bytes:.0%} of fp32 {fp32_bytes / 1e6:.2f} MB)")
+    for name, score in (("before", before), ("after", after)):
+        if score:
+            print(f"val {name:<7} " + "  ".join(f"{k} {v:.4f}" for k, v in score.items()))
