@@ -74,7 +74,7 @@ def save(
     step: int,
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict,
     rng: dict[str, torch.Tensor],
     trainer_state: dict,
     files: dict[str, str],
@@ -93,7 +93,7 @@ def save(
     staging.chmod(0o755)  # mkdtemp makes it private
     try:
         save_model(model, str(staging / "model.safetensors"))
-        tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
+        tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
         save_file(tensors, str(staging / "optimizer.safetensors"))
         _write_json(staging / "optimizer.json", optimizer_meta)
         save_file({k: v.contiguous() for k, v in rng.items()}, str(staging / "rng.safetensors"))
@@ -188,10 +188,11 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
     load_model(model, str(checkpoint / "model.safetensors"), strict=True)
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Path) -> None:
+def load_optimizer_state(checkpoint: Path) -> dict:
+    """The optimizer's state_dict() as saved (parameters numbered in param-group order)."""
     tensors = load_file(str(checkpoint / "optimizer.safetensors"))
     meta = json.loads((checkpoint / "optimizer.json").read_text())
-    optimizer.load_state_dict(_join_optimizer_state(tensors, meta))
+    return _join_optimizer_state(tensors, meta)
 
 
 def load_rng(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -178,10 +178,13 @@ def _task(command: str, schema: type):
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
+        from lmtrain import distributed
         from lmtrain.sweep import write_result
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        rank = distributed.torchrun_rank()
+        name = command if distributed.torchrun_world_size() == 1 else f"{command} (rank {rank})"
         sweeping = hydra_cfg.mode == RunMode.MULTIRUN
         overrides = list(hydra_cfg.overrides.task)
         started = time.time()
@@ -189,23 +192,62 @@ def _task(command: str, schema: type):
             typed = validate(cfg, schema)
             summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))
         except Exception as err:
-            if command in TRAINING_COMMANDS:
+            if command in TRAINING_COMMANDS and rank == 0:
                 reason = _first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
                 write_result(run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides)
             if os.environ.get("LMTRAIN_DEBUG") or not (sweeping or isinstance(err, UserError)):
+                if distributed.torchrun_world_size() > 1:  # name the rank before torchrun stops the others
+                    print(f"lmtrain {name}: error: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
                 raise
             if sweeping:
                 if not isinstance(err, UserError):
                     log.exception("job %s failed", hydra_cfg.job.num)
                 _fail(f"{command} (job {hydra_cfg.job.num})", err)
                 return float("nan")
-            sys.exit(_fail(command, err))
+            sys.exit(_fail(name, err))
+        finally:
+            distributed.shutdown()
         if summary is None:
             return None
-        write_result(run_dir, "completed", {**summary, "wall_seconds": time.time() - started}, overrides)
+        if rank == 0:
+            write_result(run_dir, "completed", {**summary, "wall_seconds": time.time() - started}, overrides)
         return summary["objective"]
 
     return run
+
+
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """trainer.nproc=N: run this same command under torchrun with N local processes."""
+    import subprocess
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "lmtrain",
+        *argv,
+    ]
+    return subprocess.run(command).returncode
+
+
+def _torchrun_overrides(command: str, overrides: list[str]) -> list[str]:
+    """Under torchrun every process must use one run dir: the main process picks it and tells the others;
+    only the main process writes Hydra's files and logs."""
+    from lmtrain import distributed
+
+    distributed.init_process_group()
+    extra = []
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
+        suffix = "" if command == "pretrain" else f"-{command}"
+        extra.append(
+            "hydra.run.dir=" + distributed.broadcast_object(time.strftime(f"outputs/%Y-%m-%d/%H-%M-%S{suffix}"))
+        )
+    if distributed.torchrun_rank() > 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,11 +278,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.multirun:
                 check(config_name, schema, _first_values(args.overrides), check_values=False)
             else:
-                check(config_name, schema, args.overrides)
+                typed = check(config_name, schema, args.overrides)
+                nproc = getattr(getattr(typed, "trainer", None), "nproc", 1)
+                if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not args.cfg:
+                    return _launch_torchrun(nproc, argv)
         except UserError as err:
             if os.environ.get("LMTRAIN_DEBUG"):
                 raise
             return _fail(command, err)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command in TRAINING_COMMANDS and not args.multirun:
+            rest = [*rest, *_torchrun_overrides(command, args.overrides)]
 
     import hydra
 

@@ -55,10 +55,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class ProgressBar:
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, main: bool = True):
+        self.main = main  # only the main process draws the bar and prints
         # disable=None: draw only on a terminal, so logs and CI stay clean.
         self.bar = tqdm(
-            total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None if enabled else True
+            total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None if enabled and main else True
         )
 
     def update(self, steps: int, record: dict | None = None) -> None:
@@ -72,7 +73,8 @@ class ProgressBar:
             )
 
     def write(self, text: str) -> None:
-        self.bar.write(text)
+        if self.main:
+            self.bar.write(text)
 
     def close(self) -> None:
         self.bar.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -11,9 +10,11 @@ from typing import Protocol
 
 import torch
 
-from lmtrain import checkpoint
+from lmtrain import checkpoint, distributed
+from lmtrain.distributed import Placement
 from lmtrain.errors import UserError
 from lmtrain.losses import cross_entropy, distillation
+from lmtrain.model import TransformerLM
 from lmtrain.optim import build_optimizer, build_scheduler
 from lmtrain.pretrained import load_model
 from lmtrain.run_log import MetricsFile
@@ -28,8 +29,6 @@ class Sampler(Protocol):
 
 
 def prepare_run_dir(run_dir: Path) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("several processes (torchrun) are not supported yet: run lmtrain as one process")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -57,14 +56,61 @@ def resume_source(resume: bool | str, run_dir: Path) -> Path | None:
     return checkpoint.resolve(resume, "trainer.resume")
 
 
+def _fqn_order(optimizer_state: dict) -> list:
+    return [p for group in optimizer_state["param_groups"] for p in group["params"]]
+
+
+def _numbered(full: dict) -> dict:
+    """A full optimizer state keyed by parameter names (torch.distributed.checkpoint) -> keyed by number,
+    as optimizer.state_dict() gives it: the format checkpoints keep whatever the strategy."""
+    number = {name: i for i, name in enumerate(_fqn_order(full))}
+    groups = [{**g, "params": [number[p] for p in g["params"]]} for g in full["param_groups"]]
+    return {"state": {number[k]: v for k, v in full["state"].items()}, "param_groups": groups}
+
+
+def _named(numbered: dict, names: list[str]) -> dict:
+    groups, start = [], 0
+    for group in numbered["param_groups"]:
+        groups.append({**group, "params": names[start : start + len(group["params"])]})
+        start += len(group["params"])
+    return {"state": {names[int(k)]: v for k, v in numbered["state"].items()}, "param_groups": groups}
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, str], run_dir: Path) -> None:
-    """Load every stateful piece from `source`; the model and tokenizer files must match this run's."""
+    """Load every stateful piece from `source` (on every process); model and tokenizer must match this run's.
+    A checkpoint holds whole tensors, so any number of processes can resume it."""
     with checkpoint.readable(source, "trainer.resume"):
         for name, what in (("model.json", "model"), ("tokenizer.json", "tokenizer")):
             if (source / name).read_text() != files[name]:
                 raise UserError(f"trainer.resume: the {what} in '{source}' differs from this run's config")
-        checkpoint.load_weights(trainer.model, source)
-        checkpoint.load_optimizer(trainer.optimizer, source)
+        optimizer_state = checkpoint.load_optimizer_state(source)
+        if trainer.placement.strategy == "fsdp":
+            from safetensors.torch import load_file
+            from torch.distributed.checkpoint.state_dict import (
+                get_optimizer_state_dict,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            weights = load_file(str(source / "model.safetensors"))
+            if trainer.model.config.tie_embeddings:  # stored once; the sharded model names both
+                shared = weights.get("token_embedding.weight", weights.get("lm_head.weight"))
+                weights.update({"token_embedding.weight": shared, "lm_head.weight": shared})
+            set_model_state_dict(trainer.model, weights, options=_full_state_options())
+            current = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=_full_state_options())
+            names = _fqn_order(current)
+            set_optimizer_state_dict(
+                trainer.model, trainer.optimizer, _named(optimizer_state, names), options=_full_state_options()
+            )
+        else:
+            checkpoint.load_weights(trainer.model, source)
+            trainer.optimizer.load_state_dict(optimizer_state)
         state = checkpoint.load_json(source, checkpoint.COMPLETE_MARKER)
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["grad_scaler"])
@@ -75,58 +121,84 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
         torch.cuda.set_rng_state(rng["torch_cuda"], trainer.device)
     sampler.load_state_dict({k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("sampler.")})
     log.info("resumed from %s at step %d", source, trainer.state.step)
-    for moved in checkpoint.set_aside_after(run_dir / "checkpoints", trainer.state.step):
-        log.warning("set aside %s: it continued the run past the checkpoint resumed from", moved)
+    if trainer.placement.is_main:
+        for moved in checkpoint.set_aside_after(run_dir / "checkpoints", trainer.state.step):
+            log.warning("set aside %s: it continued the run past the checkpoint resumed from", moved)
+    distributed.barrier()
 
 
 class Checkpointer:
-    """Writes the run's checkpoints: `step_NNNNNNN` (+ `latest`) and, for finetuning, `best`."""
+    """Writes the run's checkpoints: `step_NNNNNNN` (+ `latest`) and, for finetuning, `best`. Every process
+    takes part (FSDP gathers whole tensors); the main process writes."""
 
     def __init__(self, run_dir: Path, trainer: Trainer, sampler: Sampler, files: dict[str, str], keep_last: int):
         self.root = run_dir / "checkpoints"
         self.trainer, self.sampler, self.files, self.keep_last = trainer, sampler, files, keep_last
 
+    def _gathered(self) -> tuple[torch.nn.Module, dict]:
+        trainer = self.trainer
+        if trainer.placement.strategy != "fsdp":
+            return trainer.model, trainer.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        weights = get_model_state_dict(trainer.model, options=_full_state_options())
+        optimizer_state = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=_full_state_options())
+        if not trainer.placement.is_main:
+            return trainer.model, {}
+        whole = TransformerLM(trainer.model.config)
+        whole.load_state_dict(weights)
+        return whole, _numbered(optimizer_state)
+
     def _save(self, name: str | None) -> None:
         trainer = self.trainer
-        rng = {"torch_cpu": torch.get_rng_state(), **{f"sampler.{k}": v for k, v in self.sampler.state_dict().items()}}
-        if trainer.device.type == "cuda":
-            rng["torch_cuda"] = torch.cuda.get_rng_state(trainer.device)
-        state = {
-            "trainer": trainer.state.state_dict(),
-            "scheduler": trainer.scheduler.state_dict(),
-            "grad_scaler": trainer.scaler.state_dict(),
-        }
-        checkpoint.save(
-            self.root,
-            trainer.state.step,
-            model=trainer.model,
-            optimizer=trainer.optimizer,
-            rng=rng,
-            trainer_state=state,
-            files=self.files,
-            name=name,
-        )
+        model, optimizer_state = self._gathered()
+        if trainer.placement.is_main:
+            rng = {"torch_cpu": torch.get_rng_state()}
+            rng.update({f"sampler.{k}": v for k, v in self.sampler.state_dict().items()})
+            if trainer.device.type == "cuda":
+                rng["torch_cuda"] = torch.cuda.get_rng_state(trainer.device)
+            state = {
+                "trainer": trainer.state.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(),
+                "grad_scaler": trainer.scaler.state_dict(),
+                "world_size": trainer.placement.world_size,
+            }
+            checkpoint.save(
+                self.root,
+                trainer.state.step,
+                model=model,
+                optimizer_state=optimizer_state,
+                rng=rng,
+                trainer_state=state,
+                files=self.files,
+                name=name,
+            )
+            if name is None:
+                checkpoint.prune(self.root, self.keep_last)
+        distributed.barrier()
 
     def save(self) -> None:
         self._save(None)
-        checkpoint.prune(self.root, self.keep_last)
 
     def save_best(self) -> None:
         self._save("best")
 
 
 def build_trainer(
-    model: torch.nn.Module,
+    model: TransformerLM,
     cfg,
-    device: torch.device,
+    placement: Placement,
     max_steps: int,
     *,
     tokenizer_json: str,
     class_weights: torch.Tensor | None = None,
 ) -> Trainer:
-    """Optimizer, schedule and loss (and, for loss=distill, the teacher) from the shared config groups
-    (cfg: PretrainConfig | FinetuneConfig)."""
+    """The model placed (single, DDP or FSDP), then optimizer, schedule and loss (and, for loss=distill, the
+    teacher) from the shared config groups (cfg: PretrainConfig | FinetuneConfig)."""
     o, s, t, lo = cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.loss
+    device = placement.device
+    teacher = load_teacher(lo.teacher, model, tokenizer_json, device) if lo.name == "distill" else None
+    parallel = distributed.wrap(model, placement, t.precision)
     optimizer = build_optimizer(
         model,
         name=o.name,
@@ -149,9 +221,7 @@ def build_trainer(
     common = dict(
         label_smoothing=lo.label_smoothing, z_loss=lo.z_loss, ignore_index=lo.ignore_index, class_weights=class_weights
     )
-    teacher = None
-    if lo.name == "distill":
-        teacher = load_teacher(lo.teacher, model, tokenizer_json, device)
+    if teacher is not None:
         loss_fn = partial(distillation, temperature=lo.temperature, alpha=lo.alpha, kl=lo.kl, **common)
     else:
         loss_fn = partial(cross_entropy, **common)
@@ -166,6 +236,8 @@ def build_trainer(
         ignore_index=lo.ignore_index,
         compile=t.compile,
         teacher=teacher,
+        placement=placement,
+        parallel=parallel,
     )
 
 
@@ -192,7 +264,19 @@ def load_teacher(path: str, student: torch.nn.Module, tokenizer_json: str, devic
     return teacher
 
 
-def open_metrics(run_dir: Path, trainer: Trainer, resumed: bool, tensorboard: bool) -> MetricsFile:
+class _NoMetrics:
+    """What processes other than the main one write: nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_metrics(run_dir: Path, trainer: Trainer, resumed: bool, tensorboard: bool, main: bool = True):
+    if not main:
+        return _NoMetrics()
     return MetricsFile(
         run_dir / "metrics.jsonl",
         resume_step=trainer.state.step if resumed else None,

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from lmtrain import distributed
+from lmtrain.distributed import Placement
 from lmtrain.run_log import ProgressBar
 
 # A micro-batch: model inputs (token ids [batch, seq], or a dict of keyword tensors) and targets
@@ -56,9 +58,13 @@ class Trainer:
         ignore_index: int = -100,
         compile: bool = False,
         teacher: nn.Module | None = None,
+        placement: Placement | None = None,
+        parallel: nn.Module | None = None,
     ):
-        self.model = model
-        self.compiled = torch.compile(model) if compile else model
+        self.model = model  # the plain module: its parameters, its state
+        self.placement = placement or Placement(device=device)
+        self.parallel = parallel or model  # what runs forward/backward: model, DDP(model) or FSDP-sharded model
+        self.compiled = torch.compile(self.parallel) if compile else self.parallel
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_fn = loss_fn
@@ -106,32 +112,49 @@ class Trainer:
         targets: no device synchronisation.
         """
         self.model.train()
-        count = max(1, sum(int((y != self.ignore_index).sum()) for _, y in batches))
+        world = self.placement.world_size
+        count = sum(int((y != self.ignore_index).sum()) for _, y in batches)
+        if world > 1:  # the step's targets over all processes
+            count = int(distributed.all_reduce_sum(count, self.device))
+        count = max(count, 1)
+        # DDP and FSDP average gradients over processes: scale by world / global count to get sum / count
+        scale = world / count
         total = torch.zeros((), device=self.device)
-        for batch in batches:
-            loss_sum = self.loss(batch)
-            self.scaler.scale(loss_sum / count).backward()
+        for i, batch in enumerate(batches):
+            with distributed.gradient_sync(self.parallel, enabled=i == len(batches) - 1):
+                loss_sum = self.loss(batch)
+                self.scaler.scale(loss_sum * scale).backward()
             total += loss_sum.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step += 1
-        self.state.tokens_seen += sum(_tokens(x).numel() for x, _ in batches)
-        return total / count, grad_norm
+        self.state.tokens_seen += sum(_tokens(x).numel() for x, _ in batches) * world
+        return total / count, grad_norm  # this process's share of the step's mean loss
 
     @torch.no_grad()
     def evaluate_loss(self, batches: list[Batch]) -> float:
-        """Mean loss per target over `batches`."""
+        """Mean loss per target over `batches`; processes split them and each batch counts once."""
         self.model.eval()
+        rank, world = self.placement.rank, self.placement.world_size
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
-        for batch in batches:
-            total += self.loss(batch).double()
-            count += int((batch[1] != self.ignore_index).sum())
-        return total.item() / max(count, 1)
+        rounds = -(-len(batches) // world)  # every process runs as many forwards (FSDP needs them all)
+        for i in range(rounds):
+            index = i * world + rank
+            batch = batches[index] if index < len(batches) else batches[0]
+            loss = self.loss(batch).double()
+            if index < len(batches):
+                total += loss
+                count += int((batch[1] != self.ignore_index).sum())
+        return distributed.all_reduce_sum(total.item(), self.device) / max(
+            distributed.all_reduce_sum(count, self.device), 1
+        )
 
     def _validate(self, evaluate, main_metric, higher_is_better, write_metrics, bar, save_best) -> None:
         step, metrics = self.state.step, evaluate()
@@ -163,9 +186,10 @@ class Trainer:
     ) -> None:
         """Train until `max_steps`: `next_step()` gives the micro-batches of one optimizer step; `evaluate()`
         gives validation metrics (at step 0, every `eval_every` steps and at the end)."""
-        bar = ProgressBar(max_steps, self.state.step, progress_bar)
+        bar = ProgressBar(max_steps, self.state.step, progress_bar, self.placement.is_main)
         state = self.state
-        window_loss = torch.tensor(state.window_loss, device=self.device)
+        world = self.placement.world_size
+        window_loss = torch.tensor(state.window_loss / world, device=self.device)  # this process's share
         window_tokens = 0  # tokens/s counts this process's work only
         validate = (
             (lambda: self._validate(evaluate, main_metric, higher_is_better, write_metrics, bar, save_best))
@@ -174,7 +198,10 @@ class Trainer:
         )
 
         def checkpoint() -> None:
-            state.window_loss = window_loss.item()
+            total = window_loss.clone()
+            if world > 1:
+                torch.distributed.all_reduce(total)
+            state.window_loss = total.item()
             save_checkpoint()
 
         try:
@@ -191,6 +218,8 @@ class Trainer:
                 step = state.step
                 record = None
                 if step % log_every == 0 or step == max_steps:
+                    if world > 1:  # each process holds its share of the mean
+                        torch.distributed.all_reduce(window_loss)
                     mean_loss = (window_loss / state.window_steps).item()  # waits for the device
                     elapsed = time.perf_counter() - window_start
                     record = {

@@ -54,8 +54,8 @@ def compose(*overrides: str):
     return check("pretrain", PretrainConfig, list(overrides))
 
 
-def lmtrain(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def lmtrain(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
     """Run the real CLI in a subprocess."""
     return subprocess.run(
-        [sys.executable, "-m", "lmtrain", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+        [sys.executable, "-m", "lmtrain", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
     )

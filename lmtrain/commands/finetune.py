@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lmtrain import checkpoint, runs
+from lmtrain import checkpoint, distributed, runs
 from lmtrain.config import FinetuneConfig
 from lmtrain.data.examples import ExampleBatches, read_records, split_off
-from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.pretrained import load_model
 from lmtrain.tasks import Task, build_task_info, field_roles
@@ -43,7 +42,8 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
     run_dir = Path(run_dir)
     runs.prepare_run_dir(run_dir)
     t, d = cfg.trainer, cfg.data
-    device = resolve_device(t.device)
+    placement = distributed.place(t.strategy, t.device, t.dist_timeout_s)
+    device = placement.device
     source = runs.resume_source(t.resume, run_dir)
     model, tokenizer = load_model(cfg.init_from, device, key="init_from")
 
@@ -74,7 +74,7 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
     model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
     accum_steps = cfg.grad_accum.steps
     batches = ExampleBatches(train_examples, t.micro_batch_size, t.seed, task.eot, cfg.loss.ignore_index, task.classify)
-    steps_per_epoch = batches.steps_per_epoch(accum_steps)
+    steps_per_epoch = batches.steps_per_epoch(accum_steps, placement.world_size)
     max_steps, eval_every = t.max_steps, t.eval_every
     if cfg.epochs is not None:
         max_steps = math.ceil(cfg.epochs * steps_per_epoch)
@@ -90,7 +90,7 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
         class_weights = len(train_examples) / (len(info.labels) * counts.clamp(min=1).float())
         log.info("class weights: %s", dict(zip(map(str, info.labels), class_weights.tolist(), strict=True)))
     trainer = runs.build_trainer(
-        model, cfg, device, max_steps, tokenizer_json=tokenizer.to_str(), class_weights=class_weights
+        model, cfg, placement, max_steps, tokenizer_json=tokenizer.to_str(), class_weights=class_weights
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
@@ -108,10 +108,11 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
         "tokenizer.json": tokenizer.to_str(),
         "task.json": json.dumps(info.to_dict(), indent=2),
     }
-    (run_dir / "tokenizer.json").write_text(files["tokenizer.json"])
+    if placement.is_main:
+        (run_dir / "tokenizer.json").write_text(files["tokenizer.json"])
     if source is not None:
         runs.restore(source, trainer, batches, files, run_dir)
-    metrics = runs.open_metrics(run_dir, trainer, source is not None, t.tensorboard)
+    metrics = runs.open_metrics(run_dir, trainer, source is not None, t.tensorboard, placement.is_main)
     checkpointer = runs.Checkpointer(run_dir, trainer, batches, files, t.keep_last)
     start_step, start_tokens = trainer.state.step, trainer.state.tokens_seen
 
@@ -128,7 +129,7 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
 
     try:
         trainer.fit(
-            lambda: batches.next_step(accum_steps),
+            lambda: batches.next_step(accum_steps, placement.rank, placement.world_size),
             evaluate,
             max_steps=max_steps,
             eval_every=eval_every,

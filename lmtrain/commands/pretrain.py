@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lmtrain import runs
+from lmtrain import distributed, runs
 from lmtrain.config import PretrainConfig, accumulation_steps
 from lmtrain.data import tokens
-from lmtrain.distributed import resolve_device
 from lmtrain.metrics import perplexity
 from lmtrain.model import TransformerConfig, TransformerLM
 
@@ -27,21 +26,24 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     run_dir = Path(run_dir)
     runs.prepare_run_dir(run_dir)
     t, m, d = cfg.trainer, cfg.model, cfg.data
-    device = resolve_device(t.device)
+    placement = distributed.place(t.strategy, t.device, t.dist_timeout_s)
+    device, main = placement.device, placement.is_main
     source = runs.resume_source(t.resume, run_dir)
 
-    data = tokens.prepare(
-        train=d.train,
-        validation=d.validation,
-        val_fraction=d.val_fraction,
-        text_field=d.text_field,
-        tokenizer=d.tokenizer,
-        vocab_size=d.vocab_size,
-        max_chars=d.max_chars,
-        cache_dir=d.cache_dir,
-    )
+    with distributed.main_first():  # one process tokenizes; the others read its cache
+        data = tokens.prepare(
+            train=d.train,
+            validation=d.validation,
+            val_fraction=d.val_fraction,
+            text_field=d.text_field,
+            tokenizer=d.tokenizer,
+            vocab_size=d.vocab_size,
+            max_chars=d.max_chars,
+            cache_dir=d.cache_dir,
+        )
     tokenizer_json = data.tokenizer.to_str()
-    (run_dir / "tokenizer.json").write_text(tokenizer_json)
+    if main:
+        (run_dir / "tokenizer.json").write_text(tokenizer_json)
     log.info(
         "data: %s train / %s validation tokens, vocabulary %d (cache %s)",
         f"{len(data.train):,}",
@@ -58,8 +60,8 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
         f"{model.num_parameters():,}",
         model.flops_per_token() / 1e6,
     )
-    accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, m.max_seq_len, world_size=1)
-    trainer = runs.build_trainer(model, cfg, device, t.max_steps, tokenizer_json=tokenizer_json)
+    accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, m.max_seq_len, placement.world_size)
+    trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer_json)
     sampler = tokens.WindowSampler(data.train, m.max_seq_len, t.seed)
     validation = tokens.validation_batches(data.validation, m.max_seq_len, t.eval_batches, t.micro_batch_size)
 
@@ -70,7 +72,7 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     }
     if source is not None:
         runs.restore(source, trainer, sampler, files, run_dir)
-    metrics = runs.open_metrics(run_dir, trainer, source is not None, t.tensorboard)
+    metrics = runs.open_metrics(run_dir, trainer, source is not None, t.tensorboard, main)
     checkpointer = runs.Checkpointer(run_dir, trainer, sampler, files, t.keep_last)
     start_step, start_tokens = trainer.state.step, trainer.state.tokens_seen
 
@@ -80,7 +82,7 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
 
     try:
         trainer.fit(
-            lambda: sampler.next_step(accum_steps, t.micro_batch_size),
+            lambda: sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size),
             evaluate,
             max_steps=t.max_steps,
             eval_every=t.eval_every,

@@ -49,6 +49,7 @@ CHOICES = {
     "data.tokenizer": ("char", "byte", "bpe"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
+    "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -175,6 +176,10 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str], max
         errors.append(f"loss.temperature: must be > 0, got {lo.temperature}")
     if not 0.0 <= lo.alpha <= 1.0:
         errors.append(f"loss.alpha: must be in [0, 1], got {lo.alpha}")
+    if t.nproc < 1:
+        errors.append(f"trainer.nproc: must be >= 1, got {t.nproc}")
+    if t.dist_timeout_s <= 0:
+        errors.append(f"trainer.dist_timeout_s: must be > 0, got {t.dist_timeout_s}")
     if t.keep_last < 0:
         errors.append(f"trainer.keep_last: must be >= 0 (0 keeps all), got {t.keep_last}")
     if not isinstance(t.resume, bool | str):

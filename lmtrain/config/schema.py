@@ -93,6 +93,9 @@ class TrainerConfig:
     resume: Any = False  # false | true (this run dir's latest) | path to a checkpoint or run dir
     progress_bar: bool = True  # tqdm bar on a terminal
     tensorboard: bool = False  # also log scalars to <run dir>/tensorboard (needs the tensorboard package)
+    strategy: str = "auto"  # auto | single | ddp | fsdp (auto: ddp under torchrun with several processes)
+    nproc: int = 1  # > 1: lmtrain starts torchrun with this many local processes itself
+    dist_timeout_s: float = 600.0  # a collective waiting longer on a peer fails the run instead of hanging
 
 
 @dataclass

@@ -115,11 +115,14 @@ class ExampleBatches:
         self.position += 1
         return collate([self.examples[i] for i in indices], self.pad_id, self.ignore_index, self.classify)
 
-    def next_step(self, num_micro_batches: int) -> list:
-        return [self.next_batch() for _ in range(num_micro_batches)]
+    def next_step(self, num_micro_batches: int, rank: int = 0, world_size: int = 1) -> list:
+        """This process's micro-batches of one step: every process walks the same batch order and keeps
+        its own consecutive share, as one process accumulating them all would see them."""
+        batches = [self.next_batch() for _ in range(num_micro_batches * world_size)]
+        return batches[rank * num_micro_batches : (rank + 1) * num_micro_batches]
 
-    def steps_per_epoch(self, num_micro_batches: int) -> int:
-        return max(1, math.ceil(self.batches_per_epoch / num_micro_batches))
+    def steps_per_epoch(self, num_micro_batches: int, world_size: int = 1) -> int:
+        return max(1, math.ceil(self.batches_per_epoch / (num_micro_batches * world_size)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"epoch": torch.tensor([self.epoch]), "position": torch.tensor([self.position])}

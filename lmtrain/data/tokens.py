@@ -192,10 +192,15 @@ class WindowSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets = np.arange(seq_len + 1)
 
-    def next_step(self, num_micro_batches: int, micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Inputs and targets, each int64 [micro_batch_size, seq_len], for every micro-batch of one step."""
+    def next_step(
+        self, num_micro_batches: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Inputs and targets, each int64 [micro_batch_size, seq_len], for this process's micro-batches of
+        one step. Every process draws the windows of all processes and keeps its own slice, so N processes
+        see exactly what one process with the same global batch would."""
         count = num_micro_batches * micro_batch_size
-        starts = torch.randint(len(self.tokens) - self.seq_len, (count,), generator=self.generator).numpy()
+        starts = torch.randint(len(self.tokens) - self.seq_len, (count * world_size,), generator=self.generator)
+        starts = starts[rank * count : (rank + 1) * count].numpy()
         windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         return [(w[:, :-1], w[:, 1:]) for w in windows.split(micro_batch_size)]
 

@@ -1,0 +1,100 @@
+"""torch.distributed on CPU (gloo): 2 processes started by torchrun (trainer.nproc=2) inside the test."""
+
+import os
+import time
+
+import pytest
+import torch
+from conftest import TINY, lmtrain
+from safetensors.torch import load_file
+
+from lmtrain.run_log import read_metrics
+
+STEPS = ["trainer.max_steps=6", "trainer.log_every=1", "trainer.checkpoint_every=3", "trainer.keep_last=0"]
+
+
+def train(run_dir, corpus, *overrides, env=None):
+    result = lmtrain("pretrain", *TINY, f"data.train={corpus}", *STEPS, *overrides, f"hydra.run.dir={run_dir}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def assert_close(a, b, rtol=1e-5):
+    for key in a:
+        diff = (a[key] - b[key]).norm() / b[key].norm().clamp(min=1e-12)
+        assert diff <= rtol, f"{key}: relative difference {diff:.2e}"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, corpus):
+    """1 process × micro-batch 4 × accumulation 2."""
+    run_dir = tmp_path_factory.mktemp("single")
+    train(run_dir, corpus, "trainer.micro_batch_size=4", "grad_accum.steps=2")
+    return run_dir
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_accumulation(tmp_path, corpus, single, strategy):
+    train(
+        tmp_path,
+        corpus,
+        "trainer.micro_batch_size=4",
+        "grad_accum.steps=1",
+        "trainer.nproc=2",
+        f"trainer.strategy={strategy}",
+    )
+    assert_close(weights(tmp_path / "checkpoints" / "latest"), weights(single / "checkpoints" / "latest"))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # written once, by one process
+    expected = [r["loss"] for r in read_metrics(single / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] for r in records if "loss" in r] == pytest.approx(expected, rel=1e-5)
+    assert not (tmp_path / ".hydra").joinpath("multirun.yaml").exists()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpoint_of_two_processes_resumes_in_one(tmp_path, corpus, single, strategy):
+    train(tmp_path / "two", corpus, "trainer.micro_batch_size=4", "trainer.nproc=2", f"trainer.strategy={strategy}")
+    step3 = tmp_path / "two" / "checkpoints" / "step_0000003"
+    assert torch.equal(
+        load_file(str(step3 / "rng.safetensors"))["sampler.generator"],
+        load_file(str(single / "checkpoints" / "step_0000003" / "rng.safetensors"))["sampler.generator"],
+    )
+    train(tmp_path / "one", corpus, "trainer.micro_batch_size=4", "grad_accum.steps=2", f"trainer.resume={step3}")
+    assert_close(weights(tmp_path / "one" / "checkpoints" / "latest"), weights(single / "checkpoints" / "latest"))
+
+
+def test_a_failing_rank_stops_the_run_and_is_named(tmp_path, corpus):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from lmtrain import trainer\n"
+        "    real = trainer.Trainer.train_step\n"
+        "    def failing(self, batches):\n"
+        "        if self.state.step == 2:\n"
+        "            raise RuntimeError('injected failure')\n"
+        "        return real(self, batches)\n"
+        "    trainer.Trainer.train_step = failing\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    started = time.monotonic()
+    result = lmtrain(
+        "pretrain",
+        *TINY,
+        "trainer.max_steps=50",
+        "trainer.nproc=2",
+        "trainer.dist_timeout_s=30",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"data.train={corpus}",
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 90
+    assert "lmtrain pretrain (rank 1): error: RuntimeError: injected failure" in result.stderr
