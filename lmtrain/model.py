@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -156,6 +157,7 @@ class TransformerLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.classifier = nn.Linear(config.d_model, config.num_classes) if config.num_classes > 0 else None
+        self.activation_checkpointing = False  # recompute each block's activations in backward (saves memory)
         self.apply(self._init_weights)
         # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
         for name, param in self.named_parameters():
@@ -185,7 +187,10 @@ class TransformerLM(nn.Module):
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             layer_cache = (cache.keys[i], cache.values[i], start) if cache is not None else None
-            x = block(x, rope, layer_cache)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, layer_cache, use_reentrant=False)
+            else:
+                x = block(x, rope, layer_cache)
         if cache is not None:
             cache.length = start + seq
         return self.final_norm(x) if self.final_norm is not None else x

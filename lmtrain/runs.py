@@ -198,6 +198,7 @@ def build_trainer(
     o, s, t, lo = cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.loss
     device = placement.device
     teacher = load_teacher(lo.teacher, model, tokenizer_json, device) if lo.name == "distill" else None
+    model.activation_checkpointing = t.activation_checkpointing
     parallel = distributed.wrap(model, placement, t.precision)
     optimizer = build_optimizer(
         model,

@@ -89,3 +89,33 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isinf(filter_logits(logits, 2, None)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, None, 0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, None, 0.5)).tolist() == [[False, True, True, True]]
+
+
+def test_freeze_embeddings_and_first_blocks():
+    model = tiny(tie_embeddings=False)
+    model.add_classifier(3)
+    model.freeze(embeddings=True, first_blocks=1)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "token_embedding.weight" in frozen and "position_embedding.weight" in frozen
+    assert all(n in frozen for n, _ in model.blocks[0].named_parameters(prefix="blocks.0"))
+    assert not any(n.startswith(("blocks.1", "classifier", "lm_head")) for n in frozen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logits = model(torch.randint(0, 50, (2, 8)), last_positions=torch.tensor([7, 3]))
+    assert logits.shape == (2, 3)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).zero_grad()
+    logits.sum().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) == (name in frozen), name
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    tokens = torch.randint(0, 50, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny(position="rope")
+        model.activation_checkpointing = checkpointing
+        model(tokens).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -96,6 +96,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | single | ddp | fsdp (auto: ddp under torchrun with several processes)
     nproc: int = 1  # > 1: lmtrain starts torchrun with this many local processes itself
     dist_timeout_s: float = 600.0  # a collective waiting longer on a peer fails the run instead of hanging
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
 
 
 @dataclass
