@@ -12,6 +12,7 @@ from torch import nn
 
 from lmtrain import distributed
 from lmtrain.distributed import Placement
+from lmtrain.losses import cross_entropy
 from lmtrain.run_log import ProgressBar
 
 # A micro-batch: model inputs (token ids [batch, seq], or a dict of keyword tensors) and targets
@@ -139,7 +140,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate_loss(self, batches: list[Batch]) -> float:
-        """Mean loss per target over `batches`; processes split them and each batch counts once."""
+        """Mean cross-entropy per target over `batches`; processes split them and each batch counts once."""
         self.model.eval()
         rank, world = self.placement.rank, self.placement.world_size
         total = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -148,7 +149,10 @@ class Trainer:
         for i in range(rounds):
             index = i * world + rank
             batch = batches[index] if index < len(batches) else batches[0]
-            loss = self.loss(batch).double()
+            inputs, targets = batch
+            with self.autocast():  # plain cross-entropy: no smoothing, z-loss or teacher in validation
+                loss, _ = cross_entropy(self.forward(inputs), targets.to(self.device), ignore_index=self.ignore_index)
+            loss = loss.double()
             if index < len(batches):
                 total += loss
                 count += int((batch[1] != self.ignore_index).sum())

@@ -32,7 +32,8 @@ def main() -> None:
     default_data = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_shakespeare" / "input.txt"
     parser.add_argument("--data", default=str(default_data))
     parser.add_argument("--out", default="/tmp/lmtrain-bench-distill")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps of the teacher and of each student")
+    parser.add_argument("--teacher-steps", type=int, default=2500, help="training steps of the teacher")
+    parser.add_argument("--steps", type=int, default=800, help="training steps of each student")
     args = parser.parse_args()
     out = Path(args.out)
     common = [
@@ -41,9 +42,6 @@ def main() -> None:
         "data.max_chars=null",
         "model.max_seq_len=64",
         "trainer.micro_batch_size=12",
-        f"trainer.max_steps={args.steps}",
-        f"trainer.eval_every={args.steps // 5}",
-        f"trainer.checkpoint_every={args.steps}",
         "trainer.eval_batches=40",
         "optimizer.lr=1e-3",
         "optimizer.betas=[0.9,0.99]",
@@ -51,7 +49,11 @@ def main() -> None:
         "scheduler.min_lr=1e-4",
         "trainer.progress_bar=false",
     ]
-    print("teacher: 4 layers x 128", flush=True)
+
+    def steps(n: int) -> list[str]:
+        return [f"trainer.max_steps={n}", f"trainer.eval_every={n // 5}", f"trainer.checkpoint_every={n}"]
+
+    print(f"teacher: 4 layers x 128, {args.teacher_steps} steps", flush=True)
     lmtrain(
         "pretrain",
         "model=tiny",
@@ -59,16 +61,18 @@ def main() -> None:
         "model.num_heads=4",
         "model.num_layers=4",
         *common,
+        *steps(args.teacher_steps),
         f"hydra.run.dir={out / 'teacher'}",
     )
     student = ["model=tiny", "model.d_model=128", "model.num_heads=4", "model.num_layers=1"]
-    print("student: 1 layer x 128, hard labels only", flush=True)
-    lmtrain("pretrain", *student, *common, f"hydra.run.dir={out / 'student'}")
-    print("student: 1 layer x 128, distilled (T=2, alpha=0.5)", flush=True)
+    print(f"student: 1 layer x 128, {args.steps} steps, hard labels only", flush=True)
+    lmtrain("pretrain", *student, *common, *steps(args.steps), f"hydra.run.dir={out / 'student'}")
+    print(f"student: 1 layer x 128, {args.steps} steps, distilled (T=2, alpha=0.5)", flush=True)
     lmtrain(
         "pretrain",
         *student,
         *common,
+        *steps(args.steps),
         "loss=distill",
         f"loss.teacher={out / 'teacher'}",
         "loss.temperature=2.0",

@@ -31,16 +31,7 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     source = runs.resume_source(t.resume, run_dir)
 
     with distributed.main_first():  # one process tokenizes; the others read its cache
-        data = tokens.prepare(
-            train=d.train,
-            validation=d.validation,
-            val_fraction=d.val_fraction,
-            text_field=d.text_field,
-            tokenizer=d.tokenizer,
-            vocab_size=d.vocab_size,
-            max_chars=d.max_chars,
-            cache_dir=d.cache_dir,
-        )
+        data = tokens.prepare(**dataclasses.asdict(d))
     tokenizer_json = data.tokenizer.to_str()
     if main:
         (run_dir / "tokenizer.json").write_text(tokenizer_json)
