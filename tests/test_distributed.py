@@ -37,15 +37,17 @@ def single(tmp_path_factory, corpus):
     return run_dir
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp activation_checkpointing"])
 def test_two_processes_equal_one_with_accumulation(tmp_path, corpus, single, strategy):
+    name, _, checkpointing = strategy.partition(" ")
     train(
         tmp_path,
         corpus,
         "trainer.micro_batch_size=4",
         "grad_accum.steps=1",
         "trainer.nproc=2",
-        f"trainer.strategy={strategy}",
+        f"trainer.strategy={name}",
+        f"trainer.activation_checkpointing={bool(checkpointing)}",
     )
     assert_close(weights(tmp_path / "checkpoints" / "latest"), weights(single / "checkpoints" / "latest"))
     records = read_metrics(tmp_path / "metrics.jsonl")
