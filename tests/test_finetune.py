@@ -131,6 +131,19 @@ def test_classification_learns_a_rule_in_the_text(tmp_path, data, base):
     task = json.loads((tmp_path / "checkpoints" / "best" / "task.json").read_text())
     assert task["labels"] == ["neg", "pos"]
 
+    # the finetuned classifier teaches a fresh student through its class logits
+    student = finetune_run(
+        tmp_path / "student",
+        base,
+        "classification",
+        *data["classification"],
+        "epochs=3",
+        "loss=distill",
+        f"loss.teacher={tmp_path}/checkpoints/best",
+        "loss.alpha=0.7",
+    )
+    assert student["best_val_accuracy"] >= 0.9
+
     out = lmtrain("predict", f"ckpt={tmp_path}/checkpoints/best", "text=the red cat sat")
     assert out.returncode == 0, out.stderr
     prediction = json.loads(out.stdout.strip().splitlines()[-1])
