@@ -85,10 +85,22 @@ def _first_values(overrides: list[str]) -> list[str]:
         raise ConfigError(_first_line(err)) from None
     checked = []
     for override in parsed:
+        key = override.get_key_element().lstrip("+~")
         if not override.is_sweep_override():
             checked.append(override.input_line)
         elif override.is_discrete_sweep():
-            checked.append(f"{override.get_key_element()}={next(override.sweep_string_iterator())}")
+            values = list(override.sweep_string_iterator())
+            options = _group_options(key) if "." not in key else None
+            for value in values if options is not None else []:  # every group option of a sweep must exist
+                if value not in options:
+                    hint = nearest(value, options)
+                    raise ConfigError(
+                        f"{key}={value}: no such option; choose from {', '.join(options)}"
+                        + (f" (did you mean '{hint}'?)" if hint else "")
+                    )
+            checked.append(f"{override.get_key_element()}={values[0]}")
+        if key == "trainer.nproc":
+            raise ConfigError("trainer.nproc: a -m sweep runs its jobs in this process; start them with torchrun")
     return checked
 
 
@@ -233,12 +245,12 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.run(command).returncode
 
 
-def _torchrun_overrides(command: str, overrides: list[str]) -> list[str]:
+def _torchrun_overrides(command: str, overrides: list[str], trainer) -> list[str]:
     """Under torchrun every process must use one run dir: the main process picks it and tells the others;
     only the main process writes Hydra's files and logs."""
     from lmtrain import distributed
 
-    distributed.init_process_group()
+    distributed.init_process_group(trainer.device, trainer.dist_timeout_s)
     extra = []
     if not any(o.startswith("hydra.run.dir=") for o in overrides):
         suffix = "" if command == "pretrain" else f"-{command}"
@@ -286,8 +298,14 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("LMTRAIN_DEBUG"):
                 raise
             return _fail(command, err)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command in TRAINING_COMMANDS and not args.multirun:
-            rest = [*rest, *_torchrun_overrides(command, args.overrides)]
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.multirun:
+            if command not in TRAINING_COMMANDS:  # evaluate, generate, ...: the main process does the work
+                return 0 if int(os.environ.get("RANK", "0")) > 0 else _run_hydra(command, config_name, schema, rest)
+            rest = [*rest, *_torchrun_overrides(command, args.overrides, typed.trainer)]
+    return _run_hydra(command, config_name, schema, rest)
+
+
+def _run_hydra(command: str, config_name: str, schema: type, rest: list[str]) -> int:
 
     import hydra
 

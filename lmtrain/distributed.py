@@ -62,8 +62,8 @@ def place(strategy: str, device_name: str, timeout_s: float = 600.0) -> Placemen
         strategy = "ddp" if world > 1 else "single"
     if strategy == "single" and world > 1:
         raise UserError(f"trainer.strategy=single, but torchrun started {world} processes; use ddp or fsdp")
-    if world == 1:
-        return Placement(device=resolve_device(device_name), strategy="single" if strategy == "ddp" else strategy)
+    if world == 1:  # ddp/fsdp over one process is plain single-process training
+        return Placement(device=resolve_device(device_name), strategy="single")
     init_process_group(device_name, timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return Placement(dist.get_rank(), world, local_rank, resolve_device(device_name, local_rank=local_rank), strategy)

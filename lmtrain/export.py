@@ -81,7 +81,7 @@ def write_export(model: TransformerLM, out: Path, dtype: str, quantize: str, fil
         size = (staging / "model.safetensors").stat().st_size
         meta = {"dtype": dtype, "quantize": quantize, "int8_layers": quantized, "bytes": size}
         (staging / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
-        if out.exists():
+        if out.exists():  # only an earlier export is replaced (checked by the command)
             shutil.rmtree(out)
         os.rename(staging, out)
     except BaseException:

@@ -23,8 +23,15 @@ def classification_report(predictions: list[int], labels: list[int], names: list
         precision = true_pos / predicted if predicted else 0.0
         recall = true_pos / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-    present = [c for c in per_class.values() if c["support"] > 0] or list(per_class.values())
+        per_class[name] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": actual,
+            "predicted": predicted,
+        }
+    # macro average over the classes that occur in the labels or the predictions (as scikit-learn does)
+    present = [c for c in per_class.values() if c["support"] or c["predicted"]] or list(per_class.values())
     return {
         "accuracy": sum(p == y for p, y in zip(predictions, labels, strict=True)) / max(len(labels), 1),
         "f1": sum(c["f1"] for c in present) / max(len(present), 1),

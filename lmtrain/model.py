@@ -214,6 +214,19 @@ class TransformerLM(nn.Module):
         self.classifier = nn.Linear(self.config.d_model, num_classes, device=self.token_embedding.weight.device)
         self._init_weights(self.classifier)
 
+    def remove_classifier(self) -> None:
+        self.config = dataclasses.replace(self.config, num_classes=0)
+        self.classifier = None
+
+    def set_dropout(self, p: float) -> None:
+        """Change every dropout rate (embedding, attention, residual), e.g. for finetuning."""
+        self.config = dataclasses.replace(self.config, dropout=p)
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = p
+
     def freeze(self, embeddings: bool = False, first_blocks: int = 0) -> None:
         """Stop training the embeddings (and so a tied LM head) and/or the first `first_blocks` blocks."""
         modules = [self.blocks[i] for i in range(min(first_blocks, len(self.blocks)))]

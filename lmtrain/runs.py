@@ -113,6 +113,13 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
             trainer.optimizer.load_state_dict(optimizer_state)
         state = checkpoint.load_json(source, checkpoint.COMPLETE_MARKER)
         trainer.scheduler.load_state_dict(state["scheduler"])
+        # the LR of the next step under this run's schedule (the same as saved unless max_steps changed)
+        scheduler = trainer.scheduler
+        for group, base, factor in zip(
+            trainer.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
         trainer.scaler.load_state_dict(state["grad_scaler"])
         trainer.state.load_state_dict(state["trainer"])
         rng = checkpoint.load_rng(source)

@@ -51,6 +51,11 @@ class TaskInfo:
         return asdict(self)
 
 
+def text_unit(task_name: str) -> str:
+    """How a .txt file becomes records: whole documents for language modelling, lines otherwise."""
+    return "document" if task_name == "lm" else "line"
+
+
 def field_roles(name: str, instruction: bool) -> list[str]:
     return {
         "lm": ["prompt", "response"] if instruction else ["text"],
@@ -224,7 +229,11 @@ def build_task_info(cfg: TaskConfig, data_fields: dict[str, str], train_records:
     roles = field_roles(cfg.name, instruction)
     info = TaskInfo(cfg.name, {r: data_fields[r] for r in roles}, instruction=instruction)
     if cfg.name == "classification" and train_records is not None:
-        values = {r[data_fields["label"]] for r in train_records}
+        raw = [r[data_fields["label"]] for r in train_records]
+        bad = next((v for v in raw if v is None or not isinstance(v, int | str | bool)), "ok")
+        if bad != "ok":
+            raise UserError(f"data.label_field: '{data_fields['label']}' holds {bad!r}; labels must be ints or strings")
+        values = set(raw)
         if len(values) < 2:
             raise UserError(
                 f"data.label_field: '{data_fields['label']}' has {len(values)} distinct value(s) in "

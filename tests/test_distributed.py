@@ -100,3 +100,34 @@ def test_a_failing_rank_stops_the_run_and_is_named(tmp_path, corpus):
     assert result.returncode != 0
     assert time.monotonic() - started < 90
     assert "lmtrain pretrain (rank 1): error: RuntimeError: injected failure" in result.stderr
+
+
+def test_distributed_finetune_of_an_untied_model(tmp_path, corpus):
+    """Classification never uses an untied LM head; DDP must not wait for its gradient."""
+    import json
+    import random
+
+    train(tmp_path / "pre", corpus, "model.tie_embeddings=false", "trainer.max_steps=3")
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choice(["red", "cat", "sat", "mat"]) for _ in range(4))} for _ in range(64)]
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps({**r, "label": int("red" in r["text"])}) + "\n" for r in rows))
+    result = lmtrain(
+        "finetune",
+        f"init_from={tmp_path / 'pre'}",
+        "task=classification",
+        f"data.train={data}",
+        "epochs=1",
+        "scheduler.warmup_steps=1",
+        "trainer.nproc=2",
+        "trainer.device=cpu",
+        "trainer.progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'ft'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "ft" / "result.json").read_text())["status"] == "completed"
+
+
+def test_strategy_without_torchrun_is_one_process(tmp_path, corpus):
+    train(tmp_path, corpus, "trainer.strategy=fsdp", "trainer.max_steps=2")
+    assert (tmp_path / "checkpoints" / "latest" / "model.safetensors").is_file()

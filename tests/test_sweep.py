@@ -124,3 +124,12 @@ def test_tensorboard_logging(tmp_path, corpus):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in events.Scalars("val/loss")] == [0, 3, 6]
     assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "val/ppl"} <= set(events.Tags()["scalars"])
+
+
+def test_every_swept_group_option_is_checked_first(tmp_path, corpus):
+    result, sweep_dir = sweep(tmp_path, corpus, "model=tiny,tinyy")
+    assert result.returncode == 2 and not sweep_dir.exists()
+    assert result.stderr.strip().splitlines() == [
+        "lmtrain pretrain: error: model=tinyy: no such option; choose from gpt2_124m, llama_small, small, tiny "
+        "(did you mean 'tiny'?)"
+    ]

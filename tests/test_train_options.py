@@ -78,6 +78,9 @@ def test_int8_export_loads_and_generates(tmp_path, teacher):
 
     model, _ = load_model(str(tmp_path / "int8"), torch.device("cpu"))
     assert model.blocks[0].attn.qkv.weight.dtype == torch.int8 and isinstance(model.blocks[0].ffn.up, Int8Linear)
+    refused = lmtrain("export", f"ckpt={teacher}", f"out={teacher}")  # never replaces a folder that is not an export
+    assert refused.returncode == 2 and "is not an lmtrain export" in refused.stderr
+    assert (teacher / "checkpoints").is_dir()
     gen = lmtrain("generate", f"ckpt={tmp_path / 'int8'}", "prompt=the ", "max_new_tokens=20", "temperature=0")
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("the ") and len(gen.stdout.strip()) > 10

@@ -14,23 +14,24 @@ from lmtrain.data.examples import read_records, split_off
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.pretrained import load_model, load_task_info
-from lmtrain.tasks import Task, TaskInfo, field_roles
+from lmtrain.tasks import Task, TaskInfo, field_roles, text_unit
 
 log = logging.getLogger("lmtrain")
 
 
-def split_records(trained: dict, info: TaskInfo, split: str, path: str | None = None) -> list[dict]:
-    """A split's records: from `path`, else the file the checkpoint was trained with; a validation split
-    that was held out of train is held out again the same way (`trained`: the checkpoint's config)."""
+def split_examples(trained: dict, task: Task, split: str, path: str | None = None) -> list:
+    """A split's examples: from `path`, else the file the checkpoint was trained with; a validation split
+    held out of train is held out again the same way finetune did (`trained`: the checkpoint's config)."""
+    info = task.info
     fields = [info.fields[role] for role in field_roles(info.name, info.instruction)]
-    txt_by = "document" if info.name == "lm" and not info.instruction else "line"
+    txt_by = text_unit(info.name)
     data = trained.get("data", {})
     path = path or data.get(split)
     if path:
-        return read_records(path, f"data.{split}", fields, txt_by)
+        return task.encode(read_records(path, f"data.{split}", fields, txt_by), f"data.{split}")
     if split == "validation" and data.get("train") and "val_fraction" in data:
-        records = read_records(data["train"], "data.train", fields, txt_by)
-        return split_off(records, data["val_fraction"], trained["trainer"]["seed"])[1]
+        examples = task.encode(read_records(data["train"], "data.train", fields, txt_by), "data.train")
+        return split_off(examples, data["val_fraction"], trained["trainer"]["seed"])[1]
     raise UserError(f"data.{split}: missing; pass data.{split}=path/to/{split}.jsonl")
 
 
@@ -51,9 +52,8 @@ def run(cfg: EvaluateConfig, run_dir: str) -> None:
             info.decoding[key] = getattr(cfg, key)
     data = trained.get("data", {})
     path = getattr(cfg.data, cfg.split) or data.get(cfg.split) or data.get("train")
-    records = split_records(trained, info, cfg.split, getattr(cfg.data, cfg.split))
     task = Task(info, tokenizer, model.config.max_seq_len)
-    examples = task.encode(records, f"data.{cfg.split}")[: cfg.max_examples]
+    examples = split_examples(trained, task, cfg.split, getattr(cfg.data, cfg.split))[: cfg.max_examples]
     result = task.evaluate(model, examples, batch_size=cfg.batch_size, device=device, seed=cfg.seed)
     report = {
         "task": info.name,

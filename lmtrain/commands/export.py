@@ -15,7 +15,8 @@ from lmtrain import checkpoint
 from lmtrain.config import ExportConfig
 from lmtrain.data import tokens
 from lmtrain.distributed import resolve_device
-from lmtrain.export import write_export
+from lmtrain.errors import UserError
+from lmtrain.export import EXPORT_MARKER, write_export
 from lmtrain.pretrained import load_model, load_task_info
 
 log = logging.getLogger("lmtrain")
@@ -32,12 +33,11 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
     try:
         info = load_task_info(str(source))
         if info is not None:
-            from lmtrain.commands.evaluate import split_records
+            from lmtrain.commands.evaluate import split_examples
             from lmtrain.tasks import Task
 
-            records = split_records(trained, info, "validation")
             task = Task(info, tokenizer, model.config.max_seq_len)
-            result = task.evaluate(model, task.encode(records, "data.validation"), batch_size=32, device=device)
+            result = task.evaluate(model, split_examples(trained, task, "validation"), batch_size=32, device=device)
             return {k: v for k, v in result.items() if isinstance(v, float)}
         d = trained["data"]
         data = tokens.prepare(
@@ -74,6 +74,10 @@ def run(cfg: ExportConfig, run_dir: str) -> None:
     label = "int8" if cfg.quantize == "int8" else cfg.dtype
     default_out = (source.parent.parent if source.parent.name == "checkpoints" else source.parent) / f"export-{label}"
     out = Path(cfg.out).expanduser() if cfg.out else default_out
+    if (source / EXPORT_MARKER).is_file():
+        raise UserError(f"ckpt: '{source}' is already an export; export from the training checkpoint")
+    if out.exists() and not (out / EXPORT_MARKER).is_file():
+        raise UserError(f"out: '{out}' exists and is not an lmtrain export; choose a new folder")
     files = {
         name: (source / name).read_text()
         for name in ("model.json", "tokenizer.json", "task.json", "config.yaml")

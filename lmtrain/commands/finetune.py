@@ -21,8 +21,8 @@ from lmtrain import checkpoint, distributed, runs
 from lmtrain.config import FinetuneConfig
 from lmtrain.data.examples import ExampleBatches, read_records, split_off
 from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model
-from lmtrain.tasks import Task, build_task_info, field_roles
+from lmtrain.pretrained import load_model, load_task_info
+from lmtrain.tasks import Task, build_task_info, field_roles, text_unit
 from lmtrain.trainer import AMP_DTYPES
 
 log = logging.getLogger("lmtrain")
@@ -48,29 +48,39 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
     model, tokenizer = load_model(cfg.init_from, device, key="init_from")
 
     fields = data_fields(cfg)
-    train_records = read_records(d.train, "data.train")
-    info = build_task_info(cfg.task, fields, train_records)
-    required = [info.fields[role] for role in field_roles(info.name, info.instruction)]
+    txt_by = text_unit(cfg.task.name)
+    train_records = read_records(d.train, "data.train", txt_by=txt_by)
+    instruction = cfg.task.name == "lm" and fields["prompt"] in train_records[0]
+    required = [fields[role] for role in field_roles(cfg.task.name, instruction)]
     missing = [f for f in required if f not in train_records[0]]
     if missing:
         raise UserError(
             f"data.train: '{d.train}' has no field '{missing[0]}'; its fields are "
             f"{', '.join(train_records[0])} (set data.<role>_field to the right name)"
         )
-    if d.validation:
-        val_records = read_records(d.validation, "data.validation", required)
-    else:
-        train_records, val_records = split_off(train_records, d.val_fraction, t.seed)
+    info = build_task_info(cfg.task, fields, train_records)
     task = Task(info, tokenizer, model.config.max_seq_len)
     train_examples = task.encode(train_records, "data.train")
-    val_examples = task.encode(val_records, "data.validation")
+    if d.validation:
+        val_examples = task.encode(read_records(d.validation, "data.validation", required, txt_by), "data.validation")
+    else:  # held out after encoding, so evaluate/export can hold out the same examples again
+        train_examples, val_examples = split_off(train_examples, d.val_fraction, t.seed)
     if cfg.task.max_eval_examples:
         val_examples = val_examples[: cfg.task.max_eval_examples]
     log.info("data: %d train / %d validation examples, task %s", len(train_examples), len(val_examples), info.name)
 
     torch.manual_seed(t.seed)
-    if info.name == "classification" and model.config.num_classes != len(info.labels):
-        model.add_classifier(len(info.labels))
+    start_info = load_task_info(cfg.init_from, "init_from")
+    if task.classify:
+        same_labels = start_info is not None and start_info.labels == info.labels
+        if model.config.num_classes != len(info.labels) or not same_labels:
+            model.add_classifier(len(info.labels))  # a fresh head for this label set
+        if not model.config.tie_embeddings:
+            model.lm_head.requires_grad_(False)  # unused by class logits (and DDP needs every trained grad)
+    elif model.classifier is not None:
+        model.remove_classifier()
+    if cfg.dropout is not None:
+        model.set_dropout(cfg.dropout)
     model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
     accum_steps = cfg.grad_accum.steps
     batches = ExampleBatches(train_examples, t.micro_batch_size, t.seed, task.eot, cfg.loss.ignore_index, task.classify)

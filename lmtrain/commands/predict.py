@@ -44,7 +44,9 @@ def run(cfg: PredictConfig, run_dir: str) -> None:
                 "label": info.labels[best],
                 "probabilities": {str(label): p for label, p in zip(info.labels, row, strict=True)},
             }
-    out = open(cfg.output, "w") if cfg.output else sys.stdout
+    if cfg.output:
+        Path(cfg.output).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    out = open(Path(cfg.output).expanduser(), "w") if cfg.output else sys.stdout
     try:
         for result in results:
             out.write(json.dumps(result) + "\n")

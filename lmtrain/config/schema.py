@@ -144,6 +144,7 @@ class FinetuneConfig:
     init_from: str | None = None  # checkpoint (or run dir) whose weights and tokenizer start the run
     freeze_embeddings: bool = False  # keep token/position embeddings (and a tied LM head) fixed
     freeze_blocks: int = 0  # keep the first k Transformer blocks fixed
+    dropout: float | None = None  # the model's dropout for finetuning (null: as pretrained)
     epochs: float | None = 3.0  # passes over train; sets trainer.max_steps (null: trainer.max_steps decides)
     evals_per_epoch: int = 2  # validations per epoch when epochs is set (else trainer.eval_every)
     task: TaskConfig = field(default_factory=TaskConfig)

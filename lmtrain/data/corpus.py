@@ -91,8 +91,8 @@ def iter_documents(source: str, files: list[Path] | None, text_field: str, key: 
 
     datasets.disable_progress_bars()
     try:
-        if files is None:
-            dataset = datasets.load_dataset(source, split="train")
+        if files is None:  # a `datasets` name: data.validation reads its validation split
+            dataset = datasets.load_dataset(source, split="validation" if key == "data.validation" else "train")
         else:
             builder = BUILDERS[files[0].suffix]
             options = {"sample_by": "document"} if builder == "text" else {}

@@ -23,12 +23,15 @@ def read_records(source: str, key: str, fields: list[str] | None = None, txt_by:
     """Records of a jsonl/csv/parquet/txt file (or a `datasets` name), checked to hold `fields` (and cut
     down to them). A .txt file gives one record {"text": ...} per line, or per file with txt_by="document"."""
     files = corpus.resolve_files(source, key)
+    if files is not None and all(p.stat().st_size == 0 for p in files):
+        raise UserError(f"{key}: '{source}' holds no records")
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        if files is None:
-            dataset = datasets.load_dataset(source, split="train")
+        if files is None:  # a `datasets` name: data.validation / data.test read that split
+            split = {"data.validation": "validation", "data.test": "test"}.get(key, "train")
+            dataset = datasets.load_dataset(source, split=split)
         else:
             builder = corpus.BUILDERS[files[0].suffix]
             options = {"sample_by": txt_by} if builder == "text" else {}
@@ -47,13 +50,13 @@ def read_records(source: str, key: str, fields: list[str] | None = None, txt_by:
     return (dataset.select_columns(fields) if fields else dataset).to_list()
 
 
-def split_off(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded random `fraction` of records held out for validation."""
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = max(1, int(len(records) * fraction))
-    if held >= len(records):
-        raise UserError(f"data.train: {len(records)} records are too few to hold out data.val_fraction={fraction}")
-    return [records[i] for i in order[held:]], [records[i] for i in order[:held]]
+def split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random `fraction` of the training examples held out for validation."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = max(1, int(len(items) * fraction))
+    if held >= len(items):
+        raise UserError(f"data.train: {len(items)} examples are too few to hold out data.val_fraction={fraction}")
+    return [items[i] for i in order[held:]], [items[i] for i in order[:held]]
 
 
 def collate(examples: list[Example], pad_id: int, ignore_index: int, classify: bool):
