@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -11,6 +12,7 @@ from typing import Protocol
 import torch
 
 from lmtrain import checkpoint, distributed
+from lmtrain.config import TrainerConfig
 from lmtrain.distributed import Placement
 from lmtrain.errors import UserError
 from lmtrain.losses import cross_entropy, distillation
@@ -292,30 +294,75 @@ def open_metrics(run_dir: Path, trainer: Trainer, resumed: bool, tensorboard: bo
     )
 
 
-def summarize(trainer: Trainer, run_dir: Path, metric: str, start_step: int, start_tokens: int, started: float) -> dict:
-    """Log the end-of-run line and return the run's summary (the `result.json` body)."""
+def train(
+    trainer: Trainer,
+    sampler: Sampler,
+    next_step: Callable[[], list],
+    evaluate: Callable[[], dict[str, float]],
+    *,
+    run_dir: Path,
+    files: dict[str, str],
+    source: Path | None,
+    settings: TrainerConfig,
+    max_steps: int,
+    eval_every: int,
+    started: float,
+    main_metric: str = "loss",
+    higher_is_better: bool = False,
+    keep_best: bool = False,
+) -> dict:
+    """Resume if asked, run `trainer.fit` with metrics and checkpoints in `run_dir`, and return the run's
+    summary (the `result.json` body) with the `objective` Hydra sweepers minimise."""
+    main = trainer.placement.is_main
+    if source is not None:
+        restore(source, trainer, sampler, files, run_dir)
+    metrics = open_metrics(run_dir, trainer, source is not None, settings.tensorboard, main)
+    checkpointer = Checkpointer(run_dir, trainer, sampler, files, settings.keep_last)
     state = trainer.state
-    tokens = state.tokens_seen - start_tokens
-    tokens_per_s = tokens / state.train_seconds if tokens and state.train_seconds > 0 else None
+    start_step, start_tokens, start_seconds = state.step, state.tokens_seen, state.train_seconds
+    try:
+        trainer.fit(
+            next_step,
+            evaluate,
+            max_steps=max_steps,
+            eval_every=eval_every,
+            log_every=settings.log_every,
+            checkpoint_every=settings.checkpoint_every,
+            write_metrics=metrics.write,
+            save_checkpoint=checkpointer.save,
+            save_best=checkpointer.save_best if keep_best else None,
+            main_metric=main_metric,
+            higher_is_better=higher_is_better,
+            progress_bar=settings.progress_bar,
+        )
+    finally:
+        metrics.close()
+    tokens, seconds = state.tokens_seen - start_tokens, state.train_seconds - start_seconds
+    tokens_per_s = tokens / seconds if tokens and seconds > 0 else None
     best = state.best_metric if state.best_metric is not None else float("nan")
-    final = state.last_metrics.get(metric)
+    final = state.last_metrics.get(main_metric)
     log.info(
         "done: %d steps, final val_%s %s, best val_%s %.4f, wall %.1fs, %s tokens/s, checkpoint %s",
         state.step - start_step,
-        metric,
+        main_metric,
         f"{final:.4f}" if final is not None else "-",
-        metric,
+        main_metric,
         best,
         time.perf_counter() - started,
         f"{tokens_per_s:,.0f}" if tokens_per_s else "-",
         run_dir / "checkpoints" / "latest",
     )
-    return {
-        "metric": f"val_{metric}",
-        f"best_val_{metric}": best,
-        f"final_val_{metric}": final,
+    summary = {
+        "metric": f"val_{main_metric}",
+        f"best_val_{main_metric}": best,
+        f"final_val_{main_metric}": final,
+        "objective": -best if higher_is_better else best,
         "steps": state.step,
         "tokens": state.tokens_seen,
         "tokens_per_s": tokens_per_s,
         "checkpoint": str(checkpoint.resolve(run_dir)),
     }
+    if keep_best:
+        best_dir = run_dir / "checkpoints" / "best"
+        summary["best_checkpoint"] = str(best_dir) if (best_dir / checkpoint.COMPLETE_MARKER).is_file() else None
+    return summary

@@ -194,7 +194,6 @@ class Trainer:
         state = self.state
         world = self.placement.world_size
         window_loss = torch.tensor(state.window_loss / world, device=self.device)  # this process's share
-        window_tokens = 0  # tokens/s counts this process's work only
         validate = (
             (lambda: self._validate(evaluate, main_metric, higher_is_better, write_metrics, bar, save_best))
             if evaluate is not None
@@ -211,14 +210,12 @@ class Trainer:
         try:
             if state.step == 0:  # where the run starts from
                 validate()
-            window_start = time.perf_counter()
+            window_start, window_start_tokens = time.perf_counter(), state.tokens_seen
             while state.step < max_steps:
                 lr = self.scheduler.get_last_lr()[0]
-                batches = next_step()
-                loss, grad_norm = self.train_step(batches)
+                loss, grad_norm = self.train_step(next_step())
                 window_loss += loss
                 state.window_steps += 1
-                window_tokens += sum(_tokens(x).numel() for x, _ in batches)
                 step = state.step
                 record = None
                 if step % log_every == 0 or step == max_steps:
@@ -231,19 +228,19 @@ class Trainer:
                         "loss": mean_loss,
                         "lr": lr,
                         "grad_norm": grad_norm.item(),
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        "tokens_per_s": (state.tokens_seen - window_start_tokens) / max(elapsed, 1e-9),
                         "tokens_seen": state.tokens_seen,
                     }
                     state.train_seconds += elapsed
                     write_metrics(record)
                     window_loss.zero_()
-                    state.window_steps, window_tokens = 0, 0
+                    state.window_steps = 0
                 bar.update(1, record)
                 if step % eval_every == 0 or step == max_steps:
                     validate()
                 if step % checkpoint_every == 0 or step == max_steps:
                     checkpoint()
                 if state.window_steps == 0:  # time spent evaluating and saving between windows is not counted
-                    window_start = time.perf_counter()
+                    window_start, window_start_tokens = time.perf_counter(), state.tokens_seen
         finally:
             bar.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lmtrain import checkpoint, distributed, runs
+from lmtrain import distributed, runs
 from lmtrain.config import FinetuneConfig
 from lmtrain.data.examples import ExampleBatches, read_records, split_off
 from lmtrain.errors import UserError
@@ -120,11 +120,6 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
     }
     if placement.is_main:
         (run_dir / "tokenizer.json").write_text(files["tokenizer.json"])
-    if source is not None:
-        runs.restore(source, trainer, batches, files, run_dir)
-    metrics = runs.open_metrics(run_dir, trainer, source is not None, t.tensorboard, placement.is_main)
-    checkpointer = runs.Checkpointer(run_dir, trainer, batches, files, t.keep_last)
-    start_step, start_tokens = trainer.state.step, trainer.state.tokens_seen
 
     def evaluate() -> dict[str, float]:
         result = task.evaluate(
@@ -137,26 +132,26 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
         )
         return {k: v for k, v in result.items() if isinstance(v, int | float)}
 
-    try:
-        trainer.fit(
-            lambda: batches.next_step(accum_steps, placement.rank, placement.world_size),
-            evaluate,
-            max_steps=max_steps,
-            eval_every=eval_every,
-            log_every=t.log_every,
-            checkpoint_every=t.checkpoint_every,
-            write_metrics=metrics.write,
-            save_checkpoint=checkpointer.save,
-            save_best=checkpointer.save_best,
-            main_metric=task.main_metric,
-            higher_is_better=task.higher_is_better,
-            progress_bar=t.progress_bar,
-        )
-    finally:
-        metrics.close()
-    summary = runs.summarize(trainer, run_dir, task.main_metric, start_step, start_tokens, started)
-    best = summary[f"best_val_{task.main_metric}"]
-    best_dir = run_dir / "checkpoints" / "best"
-    summary["best_checkpoint"] = str(best_dir) if (best_dir / checkpoint.COMPLETE_MARKER).is_file() else None
-    log.info("best checkpoint (val_%s %.4f): %s", task.main_metric, best, summary["best_checkpoint"])
-    return {**summary, "objective": -best if task.higher_is_better else best}
+    summary = runs.train(
+        trainer,
+        batches,
+        lambda: batches.next_step(accum_steps, placement.rank, placement.world_size),
+        evaluate,
+        run_dir=run_dir,
+        files=files,
+        source=source,
+        settings=t,
+        max_steps=max_steps,
+        eval_every=eval_every,
+        started=started,
+        main_metric=task.main_metric,
+        higher_is_better=task.higher_is_better,
+        keep_best=True,
+    )
+    log.info(
+        "best checkpoint (val_%s %.4f): %s",
+        task.main_metric,
+        summary[f"best_val_{task.main_metric}"],
+        summary["best_checkpoint"],
+    )
+    return summary

@@ -61,30 +61,23 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
         "model.json": json.dumps(dataclasses.asdict(model_config), indent=2),
         "tokenizer.json": tokenizer_json,
     }
-    if source is not None:
-        runs.restore(source, trainer, sampler, files, run_dir)
-    metrics = runs.open_metrics(run_dir, trainer, source is not None, t.tensorboard, main)
-    checkpointer = runs.Checkpointer(run_dir, trainer, sampler, files, t.keep_last)
-    start_step, start_tokens = trainer.state.step, trainer.state.tokens_seen
 
     def evaluate() -> dict[str, float]:
         loss = trainer.evaluate_loss(validation)
         return {"loss": loss, "ppl": perplexity(loss)}
 
-    try:
-        trainer.fit(
-            lambda: sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size),
-            evaluate,
-            max_steps=t.max_steps,
-            eval_every=t.eval_every,
-            log_every=t.log_every,
-            checkpoint_every=t.checkpoint_every,
-            write_metrics=metrics.write,
-            save_checkpoint=checkpointer.save,
-            progress_bar=t.progress_bar,
-        )
-    finally:
-        metrics.close()
-    summary = runs.summarize(trainer, run_dir, "loss", start_step, start_tokens, started)
+    summary = runs.train(
+        trainer,
+        sampler,
+        lambda: sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size),
+        evaluate,
+        run_dir=run_dir,
+        files=files,
+        source=source,
+        settings=t,
+        max_steps=t.max_steps,
+        eval_every=t.eval_every,
+        started=started,
+    )
     log.info('try: lmtrain generate ckpt=%s prompt="def "', run_dir / "checkpoints" / "latest")
-    return {**summary, "objective": summary["best_val_loss"]}
+    return summary

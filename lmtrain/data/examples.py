@@ -110,19 +110,21 @@ class ExampleBatches:
     def batches_per_epoch(self) -> int:
         return len(self._order)
 
-    def next_batch(self):
+    def _next_indices(self) -> list[int]:
         if self.position >= len(self._order):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._epoch_order(self.epoch)
-        indices = self._order[self.position]
         self.position += 1
-        return collate([self.examples[i] for i in indices], self.pad_id, self.ignore_index, self.classify)
+        return self._order[self.position - 1]
 
     def next_step(self, num_micro_batches: int, rank: int = 0, world_size: int = 1) -> list:
         """This process's micro-batches of one step: every process walks the same batch order and keeps
-        its own consecutive share, as one process accumulating them all would see them."""
-        batches = [self.next_batch() for _ in range(num_micro_batches * world_size)]
-        return batches[rank * num_micro_batches : (rank + 1) * num_micro_batches]
+        (and pads) only its own consecutive share, as one process accumulating them all would see them."""
+        step = [self._next_indices() for _ in range(num_micro_batches * world_size)]
+        return [
+            collate([self.examples[i] for i in indices], self.pad_id, self.ignore_index, self.classify)
+            for indices in step[rank * num_micro_batches : (rank + 1) * num_micro_batches]
+        ]
 
     def steps_per_epoch(self, num_micro_batches: int, world_size: int = 1) -> int:
         return max(1, math.ceil(self.batches_per_epoch / (num_micro_batches * world_size)))
