@@ -112,18 +112,26 @@ def _check_choices(cfg: DictConfig, errors: list[str]) -> None:
             errors.append(f"{key}: '{value}' is not one of {', '.join(options)}{suggestion}")
 
 
+def _positive(obj: Any, prefix: str, errors: list[str], *keys: str, nullable: bool = False) -> None:
+    """Each `obj.key` must be > 0 (or, with nullable, null)."""
+    for key in keys:
+        value = getattr(obj, key)
+        if not (value is None and nullable) and (value is None or value <= 0):
+            errors.append(f"{prefix}{key}: must be > 0{' or null' if nullable else ''}, got {value}")
+
+
+def _need_ckpt(cfg: Any, errors: list[str], example: str = "outputs/<run>/checkpoints/latest") -> None:
+    if not cfg.ckpt:
+        errors.append(f"ckpt: missing; pass ckpt={example}")
+
+
 def _check_model(m: ModelConfig, errors: list[str]) -> None:
-    for key in ("d_model", "num_heads", "num_layers", "max_seq_len"):
-        if getattr(m, key) <= 0:
-            errors.append(f"model.{key}: must be > 0, got {getattr(m, key)}")
+    _positive(m, "model.", errors, "d_model", "num_heads", "num_layers", "max_seq_len", "rope_theta", "init_std")
+    _positive(m, "model.", errors, "d_ff", nullable=True)
     if m.num_heads > 0 and m.d_model % m.num_heads:
         errors.append(f"model.num_heads: {m.num_heads} does not divide model.d_model={m.d_model}")
     elif m.position == "rope" and m.num_heads > 0 and (m.d_model // m.num_heads) % 2:
         errors.append(f"model.position=rope needs an even head size, got d_model/num_heads={m.d_model // m.num_heads}")
-    if m.rope_theta <= 0 or m.init_std <= 0:
-        errors.append("model.rope_theta and model.init_std: must be > 0")
-    if m.d_ff is not None and m.d_ff <= 0:
-        errors.append(f"model.d_ff: must be > 0 or null, got {m.d_ff}")
     if not 0.0 <= m.dropout < 1.0:
         errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
 
@@ -131,21 +139,20 @@ def _check_model(m: ModelConfig, errors: list[str]) -> None:
 def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str], max_steps_known: bool) -> None:
     """Optimizer, scheduler, accumulation, loss and trainer: the groups pretrain and finetune share."""
     o, s, g, t, lo = cfg.optimizer, cfg.scheduler, cfg.grad_accum, cfg.trainer, cfg.loss
-    positive = {
-        "trainer.max_steps": t.max_steps,
-        "trainer.micro_batch_size": t.micro_batch_size,
-        "trainer.eval_every": t.eval_every,
-        "trainer.eval_batches": t.eval_batches,
-        "trainer.log_every": t.log_every,
-        "trainer.checkpoint_every": t.checkpoint_every,
-        "grad_accum.steps": g.steps,
-        "optimizer.lr": o.lr,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            errors.append(f"{key}: must be > 0, got {value}")
-    if o.eps <= 0:
-        errors.append(f"optimizer.eps: must be > 0, got {o.eps}")
+    _positive(
+        t,
+        "trainer.",
+        errors,
+        "max_steps",
+        "micro_batch_size",
+        "eval_every",
+        "eval_batches",
+        "log_every",
+        "checkpoint_every",
+        "dist_timeout_s",
+    )
+    _positive(g, "grad_accum.", errors, "steps")
+    _positive(o, "optimizer.", errors, "lr", "eps")
     if not 0.0 <= o.momentum < 1.0:
         errors.append(f"optimizer.momentum: must be in [0, 1), got {o.momentum}")
     if o.weight_decay < 0:
@@ -172,14 +179,11 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str], max
         errors.append(f"loss.z_loss: must be >= 0, got {lo.z_loss}")
     if lo.name == "distill" and not lo.teacher:
         errors.append("loss.teacher: missing; loss=distill needs loss.teacher=outputs/<run>/checkpoints/latest")
-    if lo.temperature <= 0:
-        errors.append(f"loss.temperature: must be > 0, got {lo.temperature}")
+    _positive(lo, "loss.", errors, "temperature")
     if not 0.0 <= lo.alpha <= 1.0:
         errors.append(f"loss.alpha: must be in [0, 1], got {lo.alpha}")
     if t.nproc < 1:
         errors.append(f"trainer.nproc: must be >= 1, got {t.nproc}")
-    if t.dist_timeout_s <= 0:
-        errors.append(f"trainer.dist_timeout_s: must be > 0, got {t.dist_timeout_s}")
     if t.keep_last < 0:
         errors.append(f"trainer.keep_last: must be >= 0 (0 keeps all), got {t.keep_last}")
     if not isinstance(t.resume, bool | str):
@@ -190,8 +194,7 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     _check_model(cfg.model, errors)
     _check_training(cfg, errors, max_steps_known=True)
     d = cfg.data
-    if d.max_chars is not None and d.max_chars <= 0:
-        errors.append(f"data.max_chars: must be > 0 or null (all), got {d.max_chars}")
+    _positive(d, "data.", errors, "max_chars", nullable=True)
     if not 0.0 < d.val_fraction < 1.0:
         errors.append(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     if d.tokenizer == "bpe" and d.vocab_size < 257:
@@ -209,10 +212,8 @@ def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
         errors.append("init_from: missing; pass init_from=outputs/<pretrain-run>/checkpoints/latest")
     if not cfg.data.train:
         errors.append("data.train: missing; pass data.train=path/to/train.jsonl")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        errors.append(f"epochs: must be > 0 or null, got {cfg.epochs}")
-    if cfg.evals_per_epoch <= 0:
-        errors.append(f"evals_per_epoch: must be > 0, got {cfg.evals_per_epoch}")
+    _positive(cfg, "", errors, "epochs", nullable=True)
+    _positive(cfg, "", errors, "evals_per_epoch")
     if cfg.freeze_blocks < 0:
         errors.append(f"freeze_blocks: must be >= 0, got {cfg.freeze_blocks}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
@@ -223,24 +224,14 @@ def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
 
 
 def _check_task(task: TaskConfig, prefix: str, errors: list[str]) -> None:
-    for key in ("num_beams", "max_new_tokens"):
-        if getattr(task, key) <= 0:
-            errors.append(f"{prefix}{key}: must be > 0, got {getattr(task, key)}")
-    if task.top_k is not None and task.top_k <= 0:
-        errors.append(f"{prefix}top_k: must be > 0 or null, got {task.top_k}")
-    if task.temperature <= 0:
-        errors.append(f"{prefix}temperature: must be > 0, got {task.temperature}")
+    _positive(task, prefix, errors, "num_beams", "max_new_tokens", "temperature")
+    _positive(task, prefix, errors, "top_k", "max_eval_examples", nullable=True)
 
 
 def _check_generate(cfg: GenerateConfig, errors: list[str]) -> None:
-    if not cfg.ckpt:
-        errors.append("ckpt: missing; pass ckpt=outputs/<run>/checkpoints/latest")
-    if cfg.num_samples <= 0:
-        errors.append(f"num_samples: must be > 0, got {cfg.num_samples}")
-    if cfg.top_k is not None and cfg.top_k <= 0:
-        errors.append(f"top_k: must be > 0 or null (all tokens), got {cfg.top_k}")
-    if cfg.max_new_tokens <= 0:
-        errors.append(f"max_new_tokens: must be > 0, got {cfg.max_new_tokens}")
+    _need_ckpt(cfg, errors)
+    _positive(cfg, "", errors, "num_samples", "max_new_tokens")
+    _positive(cfg, "", errors, "top_k", nullable=True)
     if cfg.temperature < 0:
         errors.append(f"temperature: must be >= 0, got {cfg.temperature}")
     if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
@@ -248,30 +239,21 @@ def _check_generate(cfg: GenerateConfig, errors: list[str]) -> None:
 
 
 def _check_evaluate(cfg: EvaluateConfig, errors: list[str]) -> None:
-    if not cfg.ckpt:
-        errors.append("ckpt: missing; pass ckpt=outputs/<run>/checkpoints/latest")
-    if cfg.batch_size <= 0:
-        errors.append(f"batch_size: must be > 0, got {cfg.batch_size}")
-    for key in ("num_beams", "max_new_tokens", "max_examples"):
-        value = getattr(cfg, key)
-        if value is not None and value <= 0:
-            errors.append(f"{key}: must be > 0 or null, got {value}")
+    _need_ckpt(cfg, errors)
+    _positive(cfg, "", errors, "batch_size")
+    _positive(cfg, "", errors, "num_beams", "max_new_tokens", "max_examples", nullable=True)
 
 
 def _check_predict(cfg: PredictConfig, errors: list[str]) -> None:
-    if not cfg.ckpt:
-        errors.append("ckpt: missing; pass ckpt=outputs/<finetune-run>/checkpoints/best")
+    _need_ckpt(cfg, errors, "outputs/<finetune-run>/checkpoints/best")
     if (cfg.text is None) == (cfg.input is None):
         errors.append('text / input: give exactly one: text="a line to classify" or input=path/to/file')
-    if cfg.batch_size <= 0:
-        errors.append(f"batch_size: must be > 0, got {cfg.batch_size}")
+    _positive(cfg, "", errors, "batch_size")
 
 
 def _check_export(cfg: ExportConfig, errors: list[str]) -> None:
-    if not cfg.ckpt:
-        errors.append("ckpt: missing; pass ckpt=outputs/<run>/checkpoints/latest")
-    if cfg.eval_batches <= 0:
-        errors.append(f"eval_batches: must be > 0, got {cfg.eval_batches}")
+    _need_ckpt(cfg, errors)
+    _positive(cfg, "", errors, "eval_batches")
 
 
 CHECKS = {
