@@ -95,7 +95,7 @@ class Task:
         if name == "classification":
             index = {label: i for i, label in enumerate(self.info.labels)}
             texts = self._column(records, "text")
-            examples = self.encode_texts(texts)
+            examples, truncated = self.encode_texts(texts)
             for example, label in zip(examples, self._column(records, "label"), strict=True):
                 if label not in index:
                     known = ", ".join(map(str, self.info.labels))
@@ -103,7 +103,6 @@ class Task:
                         f"data.label_field: label {label!r} in {key} was not seen in data.train (known: {known})"
                     )
                 example.label = index[label]
-            truncated = sum(len(e.ids) == self.max_seq_len for e in examples)
         elif name == "lm" and not self.info.instruction:
             for ids in self._encode(self._column(records, "text")):
                 ids = ids + [self.eot]  # windows overlap by one token so each token is predicted once
@@ -130,9 +129,11 @@ class Task:
             raise UserError(f"{key}: no examples")
         return examples
 
-    def encode_texts(self, texts: list) -> list[Example]:
-        """Classification inputs: the text, cut to fit, then EOT (where the head reads)."""
-        return [Example(ids[: self.max_seq_len - 1] + [self.eot]) for ids in self._encode(texts)]
+    def encode_texts(self, texts: list) -> tuple[list[Example], int]:
+        """Classification inputs (the text, cut to fit, then EOT where the head reads) and how many were cut."""
+        encoded = self._encode(texts)
+        truncated = sum(len(ids) + 1 > self.max_seq_len for ids in encoded)
+        return [Example(ids[: self.max_seq_len - 1] + [self.eot]) for ids in encoded], truncated
 
     # ---- scoring --------------------------------------------------------------------------------
     @torch.no_grad()

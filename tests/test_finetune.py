@@ -144,6 +144,19 @@ def test_classification_learns_a_rule_in_the_text(tmp_path, data, base):
     )
     assert student["best_val_accuracy"] >= 0.9
 
+    out = lmtrain(
+        "evaluate",
+        f"ckpt={tmp_path}/checkpoints/best",
+        "split=validation",
+        f"data.validation={data['classification'][1]}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["accuracy"] == pytest.approx(summary["best_val_accuracy"])
+    assert set(report["per_class"]) == {"neg", "pos"}
+    assert {"precision", "recall", "f1", "support"} <= set(report["per_class"]["pos"])
+
     out = lmtrain("predict", f"ckpt={tmp_path}/checkpoints/best", "text=the red cat sat")
     assert out.returncode == 0, out.stderr
     prediction = json.loads(out.stdout.strip().splitlines()[-1])
@@ -274,3 +287,24 @@ def test_vocabulary_mismatch_is_refused(tmp_path, base):
 
     with pytest.raises(UserError, match="init_from: the tokenizer in .* has 257 entries but the model's vocabulary"):
         load_model(str(broken), torch.device("cpu"), key="init_from")
+
+
+@pytest.mark.parametrize("name", ["classification", "seq2seq"])
+def test_overlong_examples_are_truncated_and_counted(base, caplog, name):
+    from lmtrain.config import TaskConfig
+    from lmtrain.pretrained import load_model
+    from lmtrain.tasks import Task, build_task_info
+
+    fields = {"text": "text", "label": "label", "source": "en", "target": "fr"}
+    fits = {"text": "a" * 10, "label": 0, "en": "a" * 10, "fr": "b"}
+    exact = {"text": "a" * 63, "label": 1, "en": "a" * 62, "fr": ""}  # text + EOT fill the 64-token context
+    long = {"text": "a" * 500, "label": 1, "en": "a" * 500, "fr": "b" * 3}
+    records = [fits, exact, long]
+    model, tokenizer = load_model(str(base), torch.device("cpu"))
+    task = Task(build_task_info(TaskConfig(name=name), fields, records), tokenizer, model.config.max_seq_len)
+    with caplog.at_level("WARNING", logger="lmtrain"):
+        examples = task.encode(records, "data.train")
+    assert "data.train: 1 of 3 examples exceed model.max_seq_len=64" in caplog.text
+    assert max(len(e.ids) for e in examples) <= model.config.max_seq_len + (0 if name == "classification" else 1)
+    if name == "seq2seq":  # the target survives; the prompt loses its start
+        assert examples[2].ids[examples[2].loss_start :] == tokenizer.encode("bbb").ids + [task.eot]

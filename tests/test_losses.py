@@ -68,3 +68,13 @@ def test_distillation_on_class_logits():
     )
     torch.testing.assert_close(loss, 4.0 * expected)
     assert count == 8
+
+
+def test_class_weights_scale_each_target_and_keep_the_plain_count():
+    torch.manual_seed(3)
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 2, -100])
+    weights = torch.tensor([2.0, 1.0, 0.5])
+    total, count = cross_entropy(logits, labels, class_weights=weights)
+    expected = F.cross_entropy(logits, labels, weight=weights, reduction="sum")
+    torch.testing.assert_close(total, expected)
+    assert count == 5  # normalised by examples, not by the sum of weights

@@ -19,19 +19,20 @@ from lmtrain.tasks import Task, TaskInfo, field_roles, text_unit
 log = logging.getLogger("lmtrain")
 
 
-def split_examples(trained: dict, task: Task, split: str, path: str | None = None) -> list:
-    """A split's examples: from `path`, else the file the checkpoint was trained with; a validation split
-    held out of train is held out again the same way finetune did (`trained`: the checkpoint's config)."""
+def split_examples(trained: dict, task: Task, split: str, path: str | None = None) -> tuple[list, str]:
+    """A split's examples and the file they came from: `path`, else the file the checkpoint was trained with;
+    a validation split held out of train is held out again the same way finetune did (`trained`: the
+    checkpoint's config)."""
     info = task.info
     fields = [info.fields[role] for role in field_roles(info.name, info.instruction)]
     txt_by = text_unit(info.name)
     data = trained.get("data", {})
     path = path or data.get(split)
     if path:
-        return task.encode(read_records(path, f"data.{split}", fields, txt_by), f"data.{split}")
+        return task.encode(read_records(path, f"data.{split}", fields, txt_by), f"data.{split}"), path
     if split == "validation" and data.get("train") and "val_fraction" in data:
         examples = task.encode(read_records(data["train"], "data.train", fields, txt_by), "data.train")
-        return split_off(examples, data["val_fraction"], trained["trainer"]["seed"])[1]
+        return split_off(examples, data["val_fraction"], trained["trainer"]["seed"])[1], data["train"]
     raise UserError(f"data.{split}: missing; pass data.{split}=path/to/{split}.jsonl")
 
 
@@ -50,10 +51,9 @@ def run(cfg: EvaluateConfig, run_dir: str) -> None:
     for key in ("decoding", "num_beams", "max_new_tokens"):
         if getattr(cfg, key) is not None:
             info.decoding[key] = getattr(cfg, key)
-    data = trained.get("data", {})
-    path = getattr(cfg.data, cfg.split) or data.get(cfg.split) or data.get("train")
     task = Task(info, tokenizer, model.config.max_seq_len)
-    examples = split_examples(trained, task, cfg.split, getattr(cfg.data, cfg.split))[: cfg.max_examples]
+    examples, path = split_examples(trained, task, cfg.split, getattr(cfg.data, cfg.split))
+    examples = examples[: cfg.max_examples]
     result = task.evaluate(model, examples, batch_size=cfg.batch_size, device=device, seed=cfg.seed)
     report = {
         "task": info.name,

@@ -37,7 +37,7 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
             from lmtrain.tasks import Task
 
             task = Task(info, tokenizer, model.config.max_seq_len)
-            result = task.evaluate(model, split_examples(trained, task, "validation"), batch_size=32, device=device)
+            result = task.evaluate(model, split_examples(trained, task, "validation")[0], batch_size=32, device=device)
             return {k: v for k, v in result.items() if isinstance(v, float)}
         d = trained["data"]
         data = tokens.prepare(

@@ -30,7 +30,7 @@ def run(cfg: PredictConfig, run_dir: str) -> None:
         is_txt = Path(cfg.input).suffix in (".txt", ".md")
         texts = [r["text" if is_txt else field] for r in read_records(cfg.input, "input", None if is_txt else [field])]
     task = Task(info, tokenizer, model.config.max_seq_len)
-    examples = task.encode_texts(texts)
+    examples, _ = task.encode_texts(texts)
     for i, example in enumerate(examples):
         example.label = i  # carries the position through the length-sorted batches
     results: list[dict] = [{} for _ in texts]
