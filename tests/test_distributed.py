@@ -131,3 +131,36 @@ def test_distributed_finetune_of_an_untied_model(tmp_path, corpus):
 def test_strategy_without_torchrun_is_one_process(tmp_path, corpus):
     train(tmp_path, corpus, "trainer.strategy=fsdp", "trainer.max_steps=2")
     assert (tmp_path / "checkpoints" / "latest" / "model.safetensors").is_file()
+
+
+def test_a_rank_stuck_outside_the_collectives_times_out(tmp_path, corpus):
+    """Rank 1 stops taking part without dying: rank 0's all-reduce gives up after trainer.dist_timeout_s."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from lmtrain import trainer\n"
+        "    real = trainer.Trainer.train_step\n"
+        "    def stuck(self, batches):\n"
+        "        if self.state.step == 2:\n"
+        "            time.sleep(600)\n"
+        "        return real(self, batches)\n"
+        "    trainer.Trainer.train_step = stuck\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    started = time.monotonic()
+    result = lmtrain(
+        "pretrain",
+        *TINY,
+        "trainer.max_steps=50",
+        "trainer.nproc=2",
+        "trainer.dist_timeout_s=10",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"data.train={corpus}",
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    assert "lmtrain pretrain (rank 0): error:" in result.stderr
