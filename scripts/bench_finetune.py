@@ -12,18 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-
-def lmtrain(*args: str) -> None:
-    started = time.time()
-    result = subprocess.run([sys.executable, "-m", "lmtrain", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"lmtrain {args[0]} failed:\n{result.stderr[-3000:]}")
-    print(f"  lmtrain {args[0]}: {time.time() - started:.0f} s", flush=True)
+from cli_runner import lmtrain  # scripts/ is on sys.path when a script runs
 
 
 def main() -> None:

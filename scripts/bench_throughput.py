@@ -22,33 +22,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmtrain import runs
 from lmtrain.cli import check
 from lmtrain.config import PretrainConfig
 from lmtrain.data import tokens
-from lmtrain.distributed import resolve_device
-from lmtrain.losses import cross_entropy
+from lmtrain.distributed import Placement, resolve_device
 from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.optim import build_optimizer, build_scheduler, lr_at
-from lmtrain.trainer import AMP_DTYPES, Trainer
+from lmtrain.optim import lr_at, parameter_groups
+from lmtrain.trainer import AMP_DTYPES
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per device
 
 
-def build(cfg: PretrainConfig, vocab_size: int, device: torch.device):
+def new_model(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> TransformerLM:
     torch.manual_seed(cfg.trainer.seed)
-    model = TransformerLM(TransformerConfig(vocab_size=vocab_size, **dataclasses.asdict(cfg.model))).to(device)
-    o = cfg.optimizer
-    optimizer = build_optimizer(
-        model,
-        name="adamw",
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        betas=tuple(o.betas),
-        eps=o.eps,
-        momentum=o.momentum,
-        device=device,
-    )
-    return model, optimizer
+    return TransformerLM(TransformerConfig(vocab_size=vocab_size, **dataclasses.asdict(cfg.model))).to(device)
 
 
 def schedule(cfg: PretrainConfig, steps: int) -> dict:
@@ -56,15 +44,20 @@ def schedule(cfg: PretrainConfig, steps: int) -> dict:
     return dict(
         name=s.name,
         lr=cfg.optimizer.lr,
-        warmup_steps=min(s.warmup_steps, steps),
+        warmup_steps=s.warmup_steps,
         max_steps=steps,
-        min_lr=min(s.min_lr, cfg.optimizer.lr),
+        min_lr=s.min_lr,
+        decay_fraction=s.decay_fraction,
     )
 
 
 def bare_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> float:
     """Tokens/s of a hand-written loop (timed after `warmup` steps)."""
-    model, optimizer = build(cfg, vocab_size, device)
+    model = new_model(cfg, vocab_size, device)
+    o = cfg.optimizer  # written by hand, as a bare loop would: AdamW, no decay on norms/biases/embeddings
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda"
+    )
     seq, batch = cfg.model.max_seq_len, cfg.trainer.micro_batch_size
     amp = AMP_DTYPES[cfg.trainer.precision]
     train = data.train
@@ -95,18 +88,9 @@ def bare_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> float:
 
 def lmtrain_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> float:
     """Tokens/s of lmtrain's Trainer.fit (logging every trainer.log_every steps; no eval or checkpoint)."""
-    model, optimizer = build(cfg, vocab_size, device)
-    scheduler = build_scheduler(optimizer, **schedule(cfg, warmup + steps))
-    loss_fn = partial(cross_entropy, label_smoothing=cfg.loss.label_smoothing, z_loss=cfg.loss.z_loss)
-    trainer = Trainer(
-        model,
-        optimizer,
-        scheduler,
-        loss_fn,
-        device=device,
-        precision=cfg.trainer.precision,
-        grad_clip=cfg.optimizer.grad_clip,
-        compile=cfg.trainer.compile,
+    model = new_model(cfg, vocab_size, device)
+    trainer = runs.build_trainer(
+        model, cfg, Placement(device=device), warmup + steps, tokenizer_json=data.tokenizer.to_str()
     )
     sampler = tokens.WindowSampler(data.train, cfg.model.max_seq_len, cfg.trainer.seed)
     run = partial(
