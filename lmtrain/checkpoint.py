@@ -159,9 +159,10 @@ def prune(checkpoint_root: Path, keep_last: int) -> None:
 
 
 def resolve(path: str | Path, key: str = "ckpt") -> Path:
-    """A complete checkpoint from the path of a checkpoint, a run dir, its `checkpoints/` or `latest`."""
+    """A complete checkpoint from the path of a checkpoint, a run dir, its `checkpoints/` or `latest`; an
+    export or a Hugging Face model folder (config.json) stands for itself."""
     path = Path(path).expanduser()
-    if (path / COMPLETE_MARKER).is_file() or (path / "export.json").is_file():  # a checkpoint or an export
+    if any((path / marker).is_file() for marker in (COMPLETE_MARKER, "export.json", "config.json")):
         return path.resolve()
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if root.name == "latest":

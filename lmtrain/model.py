@@ -19,14 +19,25 @@ class TransformerConfig:
     num_heads: int = 4
     num_layers: int = 4
     max_seq_len: int = 128
+    num_kv_heads: int | None = None  # None: num_heads (multi-head); fewer: grouped-query; 1: multi-query
+    head_dim: int | None = None  # None: d_model // num_heads
     d_ff: int | None = None  # None: 4*d_model, or 8/3*d_model rounded to 64 for swiglu
     dropout: float = 0.0
-    activation: str = "gelu"  # relu | gelu | swiglu
+    activation: str = "gelu"  # relu | gelu | gelu_tanh | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
     norm_position: str = "pre"  # pre | post
     position: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | llama3
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     tie_embeddings: bool = True
-    bias: bool = False
+    bias: bool = False  # biases in every linear layer and LayerNorm
+    qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     init_std: float = 0.02
     num_classes: int = 0  # > 0: a classification head over the hidden state of a chosen position
 
@@ -38,21 +49,55 @@ class TransformerConfig:
             return 64 * math.ceil(8 * self.d_model / 3 / 64)
         return 4 * self.d_model
 
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: [batch, heads, max_seq_len, head_dim]."""
+    """Keys and values of every layer for incremental decoding: [batch, kv_heads, length, head_size]."""
 
-    def __init__(self, config: TransformerConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, config.num_heads, config.max_seq_len, config.d_model // config.num_heads)
+    def __init__(
+        self,
+        config: TransformerConfig,
+        batch_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        length: int | None = None,
+    ):
+        length = min(length or config.max_seq_len, config.max_seq_len)
+        shape = (batch_size, config.kv_heads, length, config.head_size)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.length = 0  # positions filled so far
+        self.capacity = length
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each [max_seq_len, head_dim // 2]."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+def rope_frequencies(config: TransformerConfig) -> torch.Tensor:
+    """Inverse frequencies [head_size // 2] of RoPE (Su et al. 2021), with Llama 3's scaling when asked:
+    long wavelengths are divided by the factor, short ones kept, and those between interpolated
+    (Meta's Llama 3.1 reference, `apply_scaling`)."""
+    dim = config.head_size
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    if config.rope_scaling == "none":
+        return inv_freq
+    factor, low, high = config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    old_len = config.rope_original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(medium, interpolated, scaled)
+
+
+def rope_tables(inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each [length, head_size // 2], for positions 0..length-1."""
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=inv_freq.device), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -63,12 +108,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.type_as(x)
 
 
+def make_norm(config: TransformerConfig, width: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=config.norm_eps)
+    return nn.LayerNorm(width, eps=config.norm_eps, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
+    """Multi-head, grouped-query (num_kv_heads < num_heads) or multi-query attention with SDPA.
+
+    The q/k/v projections are one matrix `qkv` [(heads + 2 * kv_heads) * head_size, d_model]."""
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        self.num_heads = config.num_heads
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.num_heads, self.num_kv_heads, self.head_size = config.num_heads, config.kv_heads, config.head_size
+        width = (self.num_heads + 2 * self.num_kv_heads) * self.head_size
+        self.qkv = nn.Linear(config.d_model, width, bias=config.bias or config.qkv_bias)
+        self.proj = nn.Linear(self.num_heads * self.head_size, config.d_model, bias=config.bias)
+        self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -78,9 +136,13 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: tuple[torch.Tensor, torch.Tensor, int] | None,
     ) -> torch.Tensor:
-        batch, seq, width = x.shape
-        # [B, T, 3C] -> 3 × [B, H, T, C/H]
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, width // self.num_heads).permute(2, 0, 3, 1, 4)
+        batch, seq, _ = x.shape
+        heads, kv_heads, size = self.num_heads, self.num_kv_heads, self.head_size
+        # [B, T, (H + 2 KV) D] -> q [B, H, T, D], k and v [B, KV, T, D]
+        q, k, v = self.qkv(x).view(batch, seq, heads + 2 * kv_heads, size).split([heads, kv_heads, kv_heads], 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         is_causal, mask = True, None
@@ -94,9 +156,15 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
                 mask = torch.ones(seq, start + seq, dtype=torch.bool, device=x.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=kv_heads != heads,
         )
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, seq, width)))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, seq, heads * size)))
 
 
 class FeedForward(nn.Module):
@@ -114,6 +182,8 @@ class FeedForward(nn.Module):
             hidden = F.silu(self.gate(x)) * self.up(x)
         elif self.activation == "relu":
             hidden = F.relu(self.up(x))
+        elif self.activation == "gelu_tanh":  # GPT-2's approximation
+            hidden = F.gelu(self.up(x), approximate="tanh")
         else:
             hidden = F.gelu(self.up(x))
         return self.dropout(self.down(hidden))
@@ -123,9 +193,9 @@ class Block(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
-        self.norm1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.norm1 = make_norm(config, config.d_model)
         self.attn = CausalSelfAttention(config)
-        self.norm2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.norm2 = make_norm(config, config.d_model)
         self.ffn = FeedForward(config)
 
     def forward(self, x: torch.Tensor, rope=None, cache=None) -> torch.Tensor:
@@ -145,14 +215,11 @@ class TransformerLM(nn.Module):
             nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
         )
         if config.position == "rope":
-            cos, sin = rope_tables(config.d_model // config.num_heads, config.max_seq_len, config.rope_theta)
-            # Derived from the config, so not saved in checkpoints.
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.init_rope()
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         # Post-norm blocks end in a norm already; pre-norm needs one before the head.
-        self.final_norm = nn.LayerNorm(config.d_model, bias=config.bias) if config.norm_position == "pre" else None
+        self.final_norm = make_norm(config, config.d_model) if config.norm_position == "pre" else None
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
@@ -163,6 +230,17 @@ class TransformerLM(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith(("attn.proj.weight", "ffn.down.weight")):
                 nn.init.normal_(param, mean=0.0, std=config.init_std / math.sqrt(2 * config.num_layers))
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE tables from the config, e.g. after `to_empty`, which leaves buffers unset.
+        They are derived, so not saved in checkpoints; past 8192 positions they grow on demand (an imported
+        model's max_seq_len can be 128k positions)."""
+        device = self.token_embedding.weight.device
+        inv_freq = rope_frequencies(self.config).to(device)
+        cos, sin = rope_tables(inv_freq, min(self.config.max_seq_len, 8192))
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -183,6 +261,9 @@ class TransformerLM(nn.Module):
             x = x + self.position_embedding(torch.arange(start, start + seq, device=tokens.device))
         rope = None
         if self.config.position == "rope":
+            if self.rope_cos.shape[0] < start + seq:
+                length = min(self.config.max_seq_len, max(start + seq, 2 * self.rope_cos.shape[0]))
+                self.rope_cos, self.rope_sin = rope_tables(self.rope_inv_freq, length)
             rope = (self.rope_cos[start : start + seq], self.rope_sin[start : start + seq])
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
@@ -244,7 +325,9 @@ class TransformerLM(nn.Module):
                 total -= self.position_embedding.weight.numel()
         return total
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 per matmul parameter plus attention scores (PaLM, appendix B)."""
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token at context `seq_len` (default max_seq_len): 6 per matmul parameter plus
+        attention scores (PaLM, appendix B)."""
         c = self.config
-        return 6 * self.num_parameters(exclude_embeddings=True) + 12 * c.num_layers * c.d_model * c.max_seq_len
+        attention = 12 * c.num_layers * c.num_heads * c.head_size * (seq_len or c.max_seq_len)
+        return 6 * self.num_parameters(exclude_embeddings=True) + attention

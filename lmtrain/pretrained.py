@@ -1,4 +1,5 @@
-"""Loading a trained model for use: from a checkpoint, a run dir, or an export (see lmtrain.export)."""
+"""Loading a trained model for use: from a checkpoint, a run dir, an export (see lmtrain.export) or a Hugging
+Face model folder (see lmtrain.hf)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,24 @@ import torch
 from tokenizers import Tokenizer
 
 from lmtrain import checkpoint
+from lmtrain.data.tokenizer import SpecialTokens, side_files, special_tokens
 from lmtrain.errors import UserError
 from lmtrain.export import EXPORT_MARKER, load_export_weights
+from lmtrain.hf.load import is_hf_folder, load_hf, side_files_from_hf
 from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.tasks import TaskInfo
 
 
 def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[TransformerLM, Tokenizer]:
-    """A model and tokenizer from a checkpoint (or run dir, or `latest`); `key` names the config key."""
+    """A model and tokenizer from a checkpoint (or run dir, or `latest`), an export or a Hugging Face folder;
+    `key` names the config key in errors."""
     source = checkpoint.resolve(path, key)
+    if is_hf_folder(source):
+        return load_hf(source, device, key)
     with checkpoint.readable(source, key):
         config = TransformerConfig(**json.loads((source / "model.json").read_text()))
         tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
-        if tokenizer.get_vocab_size() != config.vocab_size:
+        if tokenizer.get_vocab_size() > config.vocab_size:
             raise UserError(
                 f"{key}: the tokenizer in '{source}' has {tokenizer.get_vocab_size()} entries but the model's "
                 f"vocabulary has {config.vocab_size}"
@@ -31,6 +37,17 @@ def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[Tran
         else:
             checkpoint.load_weights(model, source)
     return model.to(device), tokenizer
+
+
+def load_special_tokens(path: str, tokenizer: Tokenizer, key: str = "ckpt") -> SpecialTokens:
+    """End-of-text, stop and BOS tokens and generation defaults of the model at `path`."""
+    return special_tokens(tokenizer, checkpoint.resolve(path, key), key)
+
+
+def load_side_files(path: str, key: str = "ckpt") -> dict[str, str]:
+    """The tokenizer/generation files a checkpoint made from this model must carry (none for lmtrain's own)."""
+    source = checkpoint.resolve(path, key)
+    return side_files_from_hf(source, key) if is_hf_folder(source) else side_files(source)
 
 
 def load_task_info(path: str, key: str = "ckpt") -> TaskInfo | None:

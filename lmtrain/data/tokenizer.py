@@ -3,9 +3,15 @@ All three save as one `tokenizer.json` and decode losslessly."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmtrain.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
 UNKNOWN = "<|unk|>"
@@ -76,3 +82,82 @@ def build_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokeniz
 
 def end_of_text_id(tokenizer: Tokenizer) -> int:
     return tokenizer.token_to_id(END_OF_TEXT)
+
+
+# Files beside tokenizer.json that say how a model's text is framed: read from a Hugging Face folder, carried
+# into every checkpoint and export made from it.
+SIDE_FILES = ("tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
+@dataclass
+class SpecialTokens:
+    """How a model's sequences begin and end, and its generation defaults.
+
+    end_of_text separates documents and ends each task sequence (lmtrain's own tokenizers: <|endoftext|>;
+    a Hugging Face model: its tokenizer's eos_token); generation stops at any id in `stop` (Llama 3 has
+    several); `generation` holds generation_config.json's sampling defaults."""
+
+    end_of_text: int
+    stop: list[int]
+    bos: int | None = None
+    generation: dict = field(default_factory=dict)
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _token_name(value: Any) -> str | None:
+    """A tokenizer_config.json special token: a string or an AddedToken-style {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; UserError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{what}: cannot read '{path}': {str(err).splitlines()[0]}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what}: '{path}' does not hold a JSON object")
+    return value
+
+
+def special_tokens(tokenizer: Tokenizer, folder: Path, key: str = "ckpt") -> SpecialTokens:
+    """The special tokens of the model in `folder` (a checkpoint, export or Hugging Face folder), from its
+    generation_config.json, config.json and tokenizer_config.json where present, else lmtrain's own."""
+    found = {name: read_json(folder / name, key) for name in (*SIDE_FILES[:2], "config.json") if (folder / name).is_file()}
+    generation = found.get("generation_config.json", {})
+    model_config = found.get("config.json", {})
+    tokenizer_config = found.get("tokenizer_config.json", {})
+    stop = _ids(generation.get("eos_token_id")) or _ids(model_config.get("eos_token_id"))
+    name = _token_name(tokenizer_config.get("eos_token"))
+    end_of_text = tokenizer.token_to_id(name) if name else None
+    if end_of_text is None:
+        end_of_text = stop[0] if stop else tokenizer.token_to_id(END_OF_TEXT)
+    if end_of_text is None:
+        raise UserError(
+            f"{key}: the tokenizer in '{folder}' has no end-of-sequence token (set eos_token in tokenizer_config.json)"
+        )
+    bos_name = _token_name(tokenizer_config.get("bos_token"))
+    bos = tokenizer.token_to_id(bos_name) if bos_name else None
+    if bos is None:
+        bos = next(iter(_ids(generation.get("bos_token_id")) or _ids(model_config.get("bos_token_id"))), None)
+    # a BOS counts only where the tokenizer's own post-processor puts it in front of a text (Llama)
+    adds_bos = bos is not None and tokenizer.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    return SpecialTokens(
+        end_of_text=end_of_text,
+        stop=list(dict.fromkeys([*stop, end_of_text])),
+        bos=bos if adds_bos else None,
+        generation={k: generation[k] for k in GENERATION_KEYS if generation.get(k) is not None},
+    )
+
+
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens")
+
+
+def side_files(folder: Path) -> dict[str, str]:
+    """The SIDE_FILES present in `folder`, by name, to carry into a checkpoint or export."""
+    return {name: (folder / name).read_text() for name in SIDE_FILES if (folder / name).is_file()}
