@@ -4,10 +4,12 @@ tokenizer.json (and task.json, config.yaml when the checkpoint has them) and exp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,6 +67,23 @@ def _state(model: TransformerLM) -> dict[str, torch.Tensor]:
     return state
 
 
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed to `out` when the block succeeds (an earlier export there is
+    replaced only then) and removed when it fails, so `out` never holds half an export."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private
+    try:
+        yield staging
+        if out.exists():  # only an earlier export is replaced (checked by the command)
+            shutil.rmtree(out)
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_export(model: TransformerLM, out: Path, dtype: str, quantize: str, files: dict[str, str]) -> int:
     """Write the export folder atomically; returns the size of model.safetensors in bytes."""
     state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in _state(model).items()}
@@ -72,21 +91,13 @@ def write_export(model: TransformerLM, out: Path, dtype: str, quantize: str, fil
     for name in quantized:
         state[f"{name}.weight"], scale = quantize_int8(model.get_submodule(name).weight.detach())
         state[f"{name}.weight_scale"] = scale
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged(out) as staging:
         save_file({k: v.cpu() for k, v in state.items()}, str(staging / "model.safetensors"))
         for name, text in files.items():
             (staging / name).write_text(text)
         size = (staging / "model.safetensors").stat().st_size
         meta = {"dtype": dtype, "quantize": quantize, "int8_layers": quantized, "bytes": size}
         (staging / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
-        if out.exists():  # only an earlier export is replaced (checked by the command)
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return size
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from lmtrain.model import KVCache, TransformerLM
@@ -31,9 +33,10 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    stop_token: int | None = None,
+    stop_tokens: Collection[int] = (),
 ) -> torch.Tensor:
-    """prompt [B, T] int64 -> [B, T + n] with n <= max_new_tokens new tokens.
+    """prompt [B, T] int64 -> [B, T + n] with n <= max_new_tokens new tokens; generation ends early once every
+    sequence has produced one of `stop_tokens` (what follows it in a sequence is filler: cut it off).
 
     When the context fills up, the cache is rebuilt from the last half of the context, so generation can
     run past max_seq_len at the cost of one re-encoding every max_seq_len/2 tokens.
@@ -42,8 +45,11 @@ def generate(
     max_len = model.config.max_seq_len
     dtype = next(model.parameters()).dtype
     tokens = prompt
-    cache = KVCache(model.config, prompt.shape[0], prompt.device, dtype)
+    length = min(prompt.shape[1], max_len) + max_new_tokens
+    cache = KVCache(model.config, prompt.shape[0], prompt.device, dtype, length)
     logits = model(tokens[:, -max_len:], cache)[:, -1]
+    stops = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=prompt.device)
+    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
         if temperature == 0:
             next_token = logits.argmax(dim=-1, keepdim=True)
@@ -51,10 +57,12 @@ def generate(
             probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
             next_token = torch.multinomial(probs, 1, generator=generator)
         tokens = torch.cat([tokens, next_token], dim=1)
-        if stop_token is not None and bool((next_token == stop_token).all()):
-            break
-        if cache.length >= max_len:
-            cache = KVCache(model.config, prompt.shape[0], prompt.device, dtype)
+        if len(stops):
+            finished |= torch.isin(next_token[:, 0], stops)
+            if bool(finished.all()):
+                break
+        if cache.length >= cache.capacity:
+            cache = KVCache(model.config, prompt.shape[0], prompt.device, dtype, length)
             logits = model(tokens[:, -(max_len // 2) :], cache)[:, -1]
         else:
             logits = model(next_token, cache)[:, -1]
@@ -78,7 +86,8 @@ def beam_search(
     model.eval()
     device = next(model.parameters()).device
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(prompt))
-    cache = KVCache(model.config, num_beams, device, next(model.parameters()).dtype)
+    cache_len = len(prompt) + max(max_new_tokens, 0)
+    cache = KVCache(model.config, num_beams, device, next(model.parameters()).dtype, cache_len)
     tokens = torch.tensor([prompt] * num_beams, device=device)
     log_probs = model(tokens, cache)[:, -1].float().log_softmax(-1)
     scores = torch.full((num_beams,), float("-inf"), device=device)

@@ -1,6 +1,7 @@
 """Finetuning tasks: how records become examples, and how a model is scored on them.
 
-Sequence formats (EOT is the tokenizer's <|endoftext|>, which every lmtrain tokenizer has):
+Sequence formats (EOT is the model's end-of-text token: <|endoftext|> in every lmtrain tokenizer, the
+tokenizer's eos_token in a model from Hugging Face):
   lm, plain text   text EOT, cut into windows of max_seq_len + 1 tokens; loss on every token
   lm, instruction  prompt EOT response EOT; loss on the response and its EOT only
   classification   text EOT; a head reads the hidden state at that last EOT
@@ -66,9 +67,10 @@ def field_roles(name: str, instruction: bool) -> list[str]:
 
 
 class Task:
-    def __init__(self, info: TaskInfo, tokenizer: Tokenizer, max_seq_len: int):
+    def __init__(self, info: TaskInfo, tokenizer: Tokenizer, max_seq_len: int, eot: int | None = None):
+        """`eot`: the model's end-of-text id (`SpecialTokens.end_of_text`); default lmtrain's <|endoftext|>."""
         self.info, self.tokenizer, self.max_seq_len = info, tokenizer, max_seq_len
-        self.eot = end_of_text_id(tokenizer)
+        self.eot = eot if eot is not None else end_of_text_id(tokenizer)
         self.main_metric, self.higher_is_better = MAIN_METRIC[info.name]
         self.classify = info.name == "classification"
 
@@ -217,7 +219,7 @@ class Task:
                     temperature=0.0 if greedy else settings["temperature"],
                     top_k=settings["top_k"],
                     generator=generator,
-                    stop_token=self.eot,
+                    stop_tokens=[self.eot],
                 )
                 for i, row in zip(chunk, out[:, length:].tolist(), strict=True):
                     outputs[i] = row[: row.index(self.eot)] if self.eot in row else row

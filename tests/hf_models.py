@@ -19,7 +19,9 @@ SPECIALS = {
 
 def tokenizer_for(family: str) -> tuple[Tokenizer, dict]:
     special = SPECIALS[family]
-    names = list(dict.fromkeys([special["eos"], *( [special["bos"]] if "bos" in special else []), *special.get("extra", [])]))
+    names = list(
+        dict.fromkeys([special["eos"], *([special["bos"]] if "bos" in special else []), *special.get("extra", [])])
+    )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

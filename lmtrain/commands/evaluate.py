@@ -13,7 +13,7 @@ from lmtrain.config import EvaluateConfig
 from lmtrain.data.examples import read_records, split_off
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model, load_task_info
+from lmtrain.pretrained import load_model, load_special_tokens, load_task_info
 from lmtrain.tasks import Task, TaskInfo, field_roles, text_unit
 
 log = logging.getLogger("lmtrain")
@@ -51,7 +51,7 @@ def run(cfg: EvaluateConfig, run_dir: str) -> None:
     for key in ("decoding", "num_beams", "max_new_tokens"):
         if getattr(cfg, key) is not None:
             info.decoding[key] = getattr(cfg, key)
-    task = Task(info, tokenizer, model.config.max_seq_len)
+    task = Task(info, tokenizer, model.config.max_seq_len, load_special_tokens(cfg.ckpt, tokenizer).end_of_text)
     examples, path = split_examples(trained, task, cfg.split, getattr(cfg.data, cfg.split))
     examples = examples[: cfg.max_examples]
     result = task.evaluate(model, examples, batch_size=cfg.batch_size, device=device, seed=cfg.seed)

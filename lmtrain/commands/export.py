@@ -3,6 +3,7 @@ on disk and the validation score before and after. `generate`, `evaluate` and `p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -16,8 +17,10 @@ from lmtrain.config import ExportConfig
 from lmtrain.data import tokens
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
-from lmtrain.export import EXPORT_MARKER, write_export
-from lmtrain.pretrained import load_model, load_task_info
+from lmtrain.export import DTYPES, EXPORT_MARKER, staged, write_export
+from lmtrain.hf.families import family_of
+from lmtrain.hf.save import write_hf
+from lmtrain.pretrained import load_model, load_side_files, load_special_tokens, load_task_info
 
 log = logging.getLogger("lmtrain")
 
@@ -36,7 +39,8 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
             from lmtrain.commands.evaluate import split_examples
             from lmtrain.tasks import Task
 
-            task = Task(info, tokenizer, model.config.max_seq_len)
+            eot = load_special_tokens(str(source), tokenizer).end_of_text
+            task = Task(info, tokenizer, model.config.max_seq_len, eot)
             result = task.evaluate(model, split_examples(trained, task, "validation")[0], batch_size=32, device=device)
             return {k: v for k, v in result.items() if isinstance(v, float)}
         d = trained["data"]
@@ -72,24 +76,44 @@ def run(cfg: ExportConfig, run_dir: str) -> None:
     source = checkpoint.resolve(cfg.ckpt)
     model, tokenizer = load_model(str(source), device)
     label = "int8" if cfg.quantize == "int8" else cfg.dtype
+    if cfg.format == "hf":
+        label = "hf" if cfg.dtype == "fp32" else f"hf-{cfg.dtype}"
+        family_of(model.config)  # a model no family can express fails before any work
     default_out = (source.parent.parent if source.parent.name == "checkpoints" else source.parent) / f"export-{label}"
     out = Path(cfg.out).expanduser() if cfg.out else default_out
     if (source / EXPORT_MARKER).is_file():
         raise UserError(f"ckpt: '{source}' is already an export; export from the training checkpoint")
     if out.exists() and not (out / EXPORT_MARKER).is_file():
         raise UserError(f"out: '{out}' exists and is not an lmtrain export; choose a new folder")
-    files = {
-        name: (source / name).read_text()
-        for name in ("model.json", "tokenizer.json", "task.json", "config.yaml")
-        if (source / name).is_file()
-    }
+    # model.json from the model itself: a Hugging Face folder has none
+    files = {"model.json": json.dumps(dataclasses.asdict(model.config), indent=2), "tokenizer.json": tokenizer.to_str()}
+    files.update(
+        {name: (source / name).read_text() for name in ("task.json", "config.yaml") if (source / name).is_file()}
+    )
+    files.update(load_side_files(str(source)))
     before = validation_score(model, tokenizer, source, cfg.eval_batches, device)
-    size = write_export(model, out, cfg.dtype, cfg.quantize, files)
+    if cfg.format == "hf":
+        special = load_special_tokens(str(source), tokenizer)
+        with staged(out) as staging:
+            size = write_hf(
+                model,
+                tokenizer,
+                special,
+                files,
+                staging,
+                dtype=DTYPES[cfg.dtype],
+                max_shard_bytes=int(cfg.max_shard_mb * 1e6),
+            )
+            meta = {"format": "hf", "dtype": cfg.dtype, "quantize": "none", "int8_layers": [], "bytes": size}
+            (staging / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
+    else:
+        size = write_export(model, out, cfg.dtype, cfg.quantize, files)
     exported, _ = load_model(str(out), device)
     after = validation_score(exported, tokenizer, source, cfg.eval_batches, device)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     report = {
         "export": str(out),
+        "format": cfg.format,
         "dtype": cfg.dtype,
         "quantize": cfg.quantize,
         "bytes": size,

@@ -21,7 +21,7 @@ from lmtrain import distributed, runs
 from lmtrain.config import FinetuneConfig
 from lmtrain.data.examples import ExampleBatches, read_records, split_off
 from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model, load_task_info
+from lmtrain.pretrained import load_model, load_side_files, load_special_tokens, load_task_info
 from lmtrain.tasks import Task, build_task_info, field_roles, text_unit
 from lmtrain.trainer import AMP_DTYPES
 
@@ -59,7 +59,8 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
             f"{', '.join(train_records[0])} (set data.<role>_field to the right name)"
         )
     info = build_task_info(cfg.task, fields, train_records)
-    task = Task(info, tokenizer, model.config.max_seq_len)
+    special = load_special_tokens(cfg.init_from, tokenizer, key="init_from")
+    task = Task(info, tokenizer, model.config.max_seq_len, special.end_of_text)
     train_examples = task.encode(train_records, "data.train")
     if d.validation:
         val_examples = task.encode(read_records(d.validation, "data.validation", required, txt_by), "data.validation")
@@ -117,6 +118,7 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
         "model.json": json.dumps(dataclasses.asdict(model.config), indent=2),
         "tokenizer.json": tokenizer.to_str(),
         "task.json": json.dumps(info.to_dict(), indent=2),
+        **load_side_files(cfg.init_from, "init_from"),
     }
     if placement.is_main:
         (run_dir / "tokenizer.json").write_text(files["tokenizer.json"])

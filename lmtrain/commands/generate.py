@@ -1,4 +1,6 @@
-"""`lmtrain generate`: load a checkpoint and its tokenizer, and sample a continuation of a prompt."""
+"""`lmtrain generate`: load a checkpoint (or a Hugging Face folder) and its tokenizer, and sample a continuation
+of a prompt. Sampling settings left unset come from the model's generation_config.json, else lmtrain's
+defaults; generation stops at any of the model's end tokens."""
 
 from __future__ import annotations
 
@@ -7,24 +9,39 @@ from pathlib import Path
 import torch
 
 from lmtrain.config import GenerateConfig
-from lmtrain.data.tokenizer import end_of_text_id
+from lmtrain.data.tokenizer import SpecialTokens
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.generate import generate
-from lmtrain.pretrained import load_model, load_task_info
+from lmtrain.pretrained import load_model, load_special_tokens, load_task_info
 from lmtrain.tasks import Task
+
+DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 1.0}
+
+
+def sampling(cfg: GenerateConfig, special: SpecialTokens) -> dict:
+    """max_new_tokens, temperature, top_k, top_p: the command line's, else the model's generation_config.json
+    (do_sample=false means greedy), else DEFAULTS. top_k=0 and top_p=1 switch those filters off."""
+    model_defaults = dict(special.generation)
+    if model_defaults.pop("do_sample", True) is False:
+        model_defaults["temperature"] = 0.0
+    chosen = {key: getattr(cfg, key) for key in DEFAULTS}
+    return {
+        key: value if value is not None else model_defaults.get(key, DEFAULTS[key]) for key, value in chosen.items()
+    }
 
 
 def run(cfg: GenerateConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
     model, tokenizer = load_model(cfg.ckpt, device)
+    special = load_special_tokens(cfg.ckpt, tokenizer)
     prompt = cfg.prompt
     if cfg.prompt_file:
         path = Path(cfg.prompt_file).expanduser()
         if not path.is_file():
             raise UserError(f"prompt_file: no such file '{cfg.prompt_file}'")
         prompt = path.read_text()
-    stop = end_of_text_id(tokenizer)
+    stop = special.end_of_text
     info = load_task_info(cfg.ckpt)
     if info is not None and info.name == "classification":
         raise UserError("ckpt: a classification checkpoint does not generate text; use lmtrain predict")
@@ -37,26 +54,27 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
             "qa": {"question": prompt, "context": cfg.context},
             "lm": {"prompt": prompt},
         }[info.name]
-        task = Task(info, tokenizer, model.config.max_seq_len)
+        task = Task(info, tokenizer, model.config.max_seq_len, stop)
         ids = task.prompt_ids({info.fields[role]: text for role, text in roles.items()})
-    else:
-        ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [stop]
+    else:  # with the tokenizer's own framing (a BOS for Llama-style tokenizers)
+        ids = tokenizer.encode(prompt).ids if prompt else [special.bos if special.bos is not None else stop]
+    settings = sampling(cfg, special)
     prompt_tokens = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = generate(
         model,
         prompt_tokens,
-        cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
+        settings["max_new_tokens"],
+        temperature=settings["temperature"],
+        top_k=settings["top_k"] or None,
+        top_p=settings["top_p"],
         generator=generator,
-        stop_token=stop,
+        stop_tokens=special.stop,
     )
     for i, sample in enumerate(out.tolist()):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        if formatted:
-            sample = sample[len(ids) :]
-            sample = sample[: sample.index(stop)] if stop in sample else sample
-        print(tokenizer.decode(sample))  # the end-of-text token is special: decode skips it
+        new = sample[len(ids) :]
+        ends = [j for j, token in enumerate(new) if token in special.stop]
+        new = new[: ends[0]] if ends else new
+        print(tokenizer.decode(new if formatted else sample[: len(ids)] + new))  # decode skips special tokens

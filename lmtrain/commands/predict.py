@@ -12,7 +12,7 @@ from lmtrain.config import PredictConfig
 from lmtrain.data.examples import fixed_batches, read_records
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model, load_task_info
+from lmtrain.pretrained import load_model, load_special_tokens, load_task_info
 from lmtrain.tasks import IGNORE, Task
 
 
@@ -29,7 +29,7 @@ def run(cfg: PredictConfig, run_dir: str) -> None:
     else:
         is_txt = Path(cfg.input).suffix in (".txt", ".md")
         texts = [r["text" if is_txt else field] for r in read_records(cfg.input, "input", None if is_txt else [field])]
-    task = Task(info, tokenizer, model.config.max_seq_len)
+    task = Task(info, tokenizer, model.config.max_seq_len, load_special_tokens(cfg.ckpt, tokenizer).end_of_text)
     examples, _ = task.encode_texts(texts)
     for i, example in enumerate(examples):
         example.label = i  # carries the position through the length-sorted batches

@@ -14,8 +14,10 @@ from omegaconf import OmegaConf
 from lmtrain import distributed, runs
 from lmtrain.config import PretrainConfig, accumulation_steps
 from lmtrain.data import tokens
+from lmtrain.errors import UserError
 from lmtrain.metrics import perplexity
 from lmtrain.model import TransformerConfig, TransformerLM
+from lmtrain.pretrained import load_model, load_side_files, load_special_tokens
 
 log = logging.getLogger("lmtrain")
 
@@ -30,8 +32,13 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     device, main = placement.device, placement.is_main
     source = runs.resume_source(t.resume, run_dir)
 
+    pretrained, existing, end_of_text = None, None, None
+    if cfg.init_from:  # continued pretraining: the model's own shape, weights and tokenizer
+        pretrained, existing = load_model(cfg.init_from, device, key="init_from")
+        end_of_text = load_special_tokens(cfg.init_from, existing, key="init_from").end_of_text
+    corpus_settings = {k: v for k, v in dataclasses.asdict(d).items() if k != "seq_len"}
     with distributed.main_first():  # one process tokenizes; the others read its cache
-        data = tokens.prepare(**dataclasses.asdict(d))
+        data = tokens.prepare(**corpus_settings, existing=existing, end_of_text=end_of_text)
     tokenizer_json = data.tokenizer.to_str()
     if main:
         (run_dir / "tokenizer.json").write_text(tokenizer_json)
@@ -44,22 +51,30 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     )
 
     torch.manual_seed(t.seed)
-    model_config = TransformerConfig(vocab_size=data.tokenizer.get_vocab_size(), **dataclasses.asdict(m))
-    model = TransformerLM(model_config).to(device)
+    if pretrained is not None:
+        model = pretrained
+        log.info("model: from %s (the model group is not used)", cfg.init_from)
+    else:
+        model_config = TransformerConfig(vocab_size=data.tokenizer.get_vocab_size(), **dataclasses.asdict(m))
+        model = TransformerLM(model_config).to(device)
+    seq_len = d.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise UserError(f"data.seq_len: {seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
     log.info(
         "model: %s parameters, %.2f MFLOPs per token (training)",
         f"{model.num_parameters():,}",
-        model.flops_per_token() / 1e6,
+        model.flops_per_token(seq_len) / 1e6,
     )
-    accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, m.max_seq_len, placement.world_size)
+    accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, placement.world_size)
     trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer_json)
-    sampler = tokens.WindowSampler(data.train, m.max_seq_len, t.seed)
-    validation = tokens.validation_batches(data.validation, m.max_seq_len, t.eval_batches, t.micro_batch_size)
+    sampler = tokens.WindowSampler(data.train, seq_len, t.seed)
+    validation = tokens.validation_batches(data.validation, seq_len, t.eval_batches, t.micro_batch_size)
 
     files = {
         "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
-        "model.json": json.dumps(dataclasses.asdict(model_config), indent=2),
+        "model.json": json.dumps(dataclasses.asdict(model.config), indent=2),
         "tokenizer.json": tokenizer_json,
+        **(load_side_files(cfg.init_from, "init_from") if cfg.init_from else {}),
     }
 
     def evaluate() -> dict[str, float]:

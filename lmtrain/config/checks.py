@@ -36,7 +36,9 @@ CHOICES = {
     "task.decoding": ("greedy", "beam", "sample"),
     "decoding": ("greedy", "beam", "sample"),
     "split": ("train", "validation", "test"),
-    "model.activation": ("relu", "gelu", "swiglu"),
+    "model.activation": ("relu", "gelu", "gelu_tanh", "swiglu"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.rope_scaling": ("none", "llama3"),
     "model.norm_position": ("pre", "post"),
     "model.position": ("learned", "rope"),
     "optimizer.name": ("adamw", "adam", "sgd"),
@@ -45,6 +47,7 @@ CHOICES = {
     "loss.name": ("cross_entropy", "distill"),
     "loss.kl": ("forward", "reverse"),
     "quantize": ("none", "int8"),
+    "format": ("lmtrain", "hf"),
     "dtype": ("fp32", "bf16", "fp16"),
     "data.tokenizer": ("char", "byte", "bpe"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -127,11 +130,18 @@ def _need_ckpt(cfg: Any, errors: list[str], example: str = "outputs/<run>/checkp
 
 def _check_model(m: ModelConfig, errors: list[str]) -> None:
     _positive(m, "model.", errors, "d_model", "num_heads", "num_layers", "max_seq_len", "rope_theta", "init_std")
-    _positive(m, "model.", errors, "d_ff", nullable=True)
-    if m.num_heads > 0 and m.d_model % m.num_heads:
-        errors.append(f"model.num_heads: {m.num_heads} does not divide model.d_model={m.d_model}")
-    elif m.position == "rope" and m.num_heads > 0 and (m.d_model // m.num_heads) % 2:
-        errors.append(f"model.position=rope needs an even head size, got d_model/num_heads={m.d_model // m.num_heads}")
+    _positive(m, "model.", errors, "norm_eps", "rope_scaling_factor", "rope_original_max_seq_len")
+    _positive(m, "model.", errors, "d_ff", "num_kv_heads", "head_dim", nullable=True)
+    if m.num_heads > 0 and m.head_dim is None and m.d_model % m.num_heads:
+        errors.append(
+            f"model.num_heads: {m.num_heads} does not divide model.d_model={m.d_model} (or set model.head_dim)"
+        )
+    elif m.position == "rope" and m.num_heads > 0 and (m.head_dim or m.d_model // m.num_heads) % 2:
+        errors.append(f"model.position=rope needs an even head size, got {m.head_dim or m.d_model // m.num_heads}")
+    if m.num_kv_heads and m.num_heads > 0 and m.num_heads % m.num_kv_heads:
+        errors.append(f"model.num_kv_heads: {m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
+    if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+        errors.append("model.rope_low_freq_factor: must be > 0 and below model.rope_high_freq_factor")
     if not 0.0 <= m.dropout < 1.0:
         errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
 
@@ -230,9 +240,11 @@ def _check_task(task: TaskConfig, prefix: str, errors: list[str]) -> None:
 
 def _check_generate(cfg: GenerateConfig, errors: list[str]) -> None:
     _need_ckpt(cfg, errors)
-    _positive(cfg, "", errors, "num_samples", "max_new_tokens")
-    _positive(cfg, "", errors, "top_k", nullable=True)
-    if cfg.temperature < 0:
+    _positive(cfg, "", errors, "num_samples")
+    _positive(cfg, "", errors, "max_new_tokens", nullable=True)
+    if cfg.top_k is not None and cfg.top_k < 0:
+        errors.append(f"top_k: must be >= 0 (0 keeps all tokens), got {cfg.top_k}")
+    if cfg.temperature is not None and cfg.temperature < 0:
         errors.append(f"temperature: must be >= 0, got {cfg.temperature}")
     if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
         errors.append(f"top_p: must be in (0, 1], got {cfg.top_p}")
@@ -253,7 +265,9 @@ def _check_predict(cfg: PredictConfig, errors: list[str]) -> None:
 
 def _check_export(cfg: ExportConfig, errors: list[str]) -> None:
     _need_ckpt(cfg, errors)
-    _positive(cfg, "", errors, "eval_batches")
+    _positive(cfg, "", errors, "eval_batches", "max_shard_mb")
+    if cfg.format == "hf" and cfg.quantize != "none":
+        errors.append("quantize: format=hf writes plain weights; drop quantize=int8 or use format=lmtrain")
 
 
 CHECKS = {

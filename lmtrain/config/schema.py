@@ -16,14 +16,25 @@ class ModelConfig:
     num_heads: int = 4  # attention heads; must divide d_model
     num_layers: int = 4  # Transformer blocks
     max_seq_len: int = 128  # context length in tokens
+    num_kv_heads: int | None = None  # key/value heads (grouped-query attention; 1: multi-query); null: num_heads
+    head_dim: int | None = None  # width of each head; null: d_model / num_heads
     d_ff: int | None = None  # FFN hidden width; null: 4*d_model (8/3*d_model for swiglu)
     dropout: float = 0.0  # embedding, attention and residual dropout
-    activation: str = "gelu"  # relu | gelu | swiglu
+    activation: str = "gelu"  # relu | gelu | gelu_tanh (GPT-2) | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5  # epsilon of every norm
     norm_position: str = "pre"  # pre | post
     position: str = "learned"  # learned | rope
     rope_theta: float = 10000.0  # RoPE base frequency
+    rope_scaling: str = "none"  # none | llama3 (Llama 3.1 long-context scaling of the RoPE frequencies)
+    rope_scaling_factor: float = 8.0  # llama3: factor long wavelengths are stretched by
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original/low are fully scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original/high are kept
+    rope_original_max_seq_len: int = 8192  # llama3: the context the model was first trained with
     tie_embeddings: bool = True  # share the token embedding with the LM head
-    bias: bool = False  # biases in linear layers and LayerNorms
+    bias: bool = False  # biases in every linear layer and LayerNorm
+    qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (Qwen3)
     init_std: float = 0.02  # std of the normal init; residual projections are scaled by 1/sqrt(2*num_layers)
 
 
@@ -74,6 +85,7 @@ class DataConfig:
     tokenizer: str = "bpe"  # char | byte | bpe
     vocab_size: int = 4096  # bpe only: size of the trained vocabulary
     max_chars: int | None = None  # read at most this many characters of train (null: all)
+    seq_len: int | None = None  # training window in tokens (null: model.max_seq_len, or init_from's)
     cache_dir: str = "~/.cache/lmtrain"  # where packed token files are cached
 
 
@@ -101,6 +113,7 @@ class TrainerConfig:
 
 @dataclass
 class PretrainConfig:
+    init_from: str | None = None  # checkpoint or Hugging Face folder to continue from (replaces model, tokenizer)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -201,8 +214,10 @@ class PredictConfig:
 
 @dataclass
 class ExportConfig:
-    ckpt: str | None = None  # checkpoint (or run dir) to export
+    ckpt: str | None = None  # checkpoint (or run dir, or Hugging Face folder) to export
+    format: str = "lmtrain"  # lmtrain (generate/evaluate/predict load it) | hf (a transformers model folder)
     dtype: str = "fp32"  # fp32 | bf16 | fp16: the dtype of the weights that are not int8
+    max_shard_mb: float = 5000.0  # format=hf: weights above this size are split into shards with an index
     quantize: str = "none"  # none | int8: weight-only int8 of the linear layers, one scale per output channel
     out: str | None = None  # export folder (default: <run dir>/export-<dtype or int8>)
     eval_batches: int = 20  # validation batches for the before/after score
@@ -214,10 +229,11 @@ class GenerateConfig:
     ckpt: str | None = None  # checkpoint dir (or run dir) to load
     prompt: str = ""  # text to continue
     prompt_file: str | None = None  # read the prompt from this file instead
-    max_new_tokens: int = 200  # tokens to sample
-    temperature: float = 0.8  # 0 means greedy
-    top_k: int | None = 50  # keep the k most likely tokens (null: all)
-    top_p: float | None = None  # nucleus sampling mass (null: off)
+    # null: the model's generation_config.json, else the default named here
+    max_new_tokens: int | None = None  # tokens to sample (200)
+    temperature: float | None = None  # 0 means greedy (0.8)
+    top_k: int | None = None  # keep the k most likely tokens; 0: all (50)
+    top_p: float | None = None  # nucleus sampling mass; 1: off (1)
     num_samples: int = 1  # independent samples
     seed: int = 1337  # sampling seed
     device: str = "auto"  # auto | cpu | cuda

@@ -81,7 +81,11 @@ def build_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokeniz
 
 
 def end_of_text_id(tokenizer: Tokenizer) -> int:
-    return tokenizer.token_to_id(END_OF_TEXT)
+    """The id of lmtrain's <|endoftext|> (models from elsewhere name theirs: see `special_tokens`)."""
+    token_id = tokenizer.token_to_id(END_OF_TEXT)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no {END_OF_TEXT} token")
+    return token_id
 
 
 # Files beside tokenizer.json that say how a model's text is framed: read from a Hugging Face folder, carried
@@ -128,7 +132,9 @@ def read_json(path: Path, what: str) -> dict:
 def special_tokens(tokenizer: Tokenizer, folder: Path, key: str = "ckpt") -> SpecialTokens:
     """The special tokens of the model in `folder` (a checkpoint, export or Hugging Face folder), from its
     generation_config.json, config.json and tokenizer_config.json where present, else lmtrain's own."""
-    found = {name: read_json(folder / name, key) for name in (*SIDE_FILES[:2], "config.json") if (folder / name).is_file()}
+    found = {
+        name: read_json(folder / name, key) for name in (*SIDE_FILES[:2], "config.json") if (folder / name).is_file()
+    }
     generation = found.get("generation_config.json", {})
     model_config = found.get("config.json", {})
     tokenizer_config = found.get("tokenizer_config.json", {})

@@ -56,10 +56,11 @@ def _capped(documents, max_chars: int | None):
         yield document
 
 
-def _write_tokens(documents, tokenizer: Tokenizer, out, desc: str) -> int:
-    """Encode documents in batches (tokenizers encodes a batch in parallel) and append ids to `out`."""
+def _write_tokens(documents, tokenizer: Tokenizer, end_of_text: int, out, desc: str) -> int:
+    """Encode documents in batches (tokenizers encodes a batch in parallel) and append ids to `out`, with
+    `end_of_text` between documents."""
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
-    separator = np.array([end_of_text_id(tokenizer)], dtype=dtype)
+    separator = np.array([end_of_text], dtype=dtype)
     count, first = 0, True
     documents = iter(documents)
     with tqdm(desc=desc, unit="doc", leave=False, disable=None) as bar:
@@ -91,8 +92,13 @@ def prepare(
     vocab_size: int,
     max_chars: int | None,
     cache_dir: str,
+    existing: Tokenizer | None = None,
+    end_of_text: int | None = None,
 ) -> TokenData:
-    """Tokenize the corpus once into `cache_dir/<key>/` (tokenizer.json, tokens.bin, meta.json) and map it."""
+    """Tokenize the corpus once into `cache_dir/<key>/` (tokenizer.json, tokens.bin, meta.json) and map it.
+
+    With `existing` (a pretrained model's tokenizer, whose document separator is `end_of_text`) no tokenizer
+    is trained: `tokenizer` and `vocab_size` are not used."""
     train_files = corpus.resolve_files(train, "data.train")
     val_files = corpus.resolve_files(validation, "data.validation") if validation else None
     key = _cache_key(
@@ -102,8 +108,9 @@ def prepare(
             "validation": corpus.fingerprint(validation, val_files) if validation else None,
             "val_fraction": None if validation else val_fraction,
             "text_field": text_field,
-            "tokenizer": tokenizer,
-            "vocab_size": vocab_size if tokenizer == "bpe" else None,
+            "tokenizer": tokenizer if existing is None else hashlib.sha256(existing.to_str().encode()).hexdigest(),
+            "vocab_size": vocab_size if tokenizer == "bpe" and existing is None else None,
+            "end_of_text": end_of_text,
             "max_chars": max_chars,
         }
     )
@@ -120,15 +127,31 @@ def prepare(
             tokenizer,
             vocab_size,
             max_chars,
+            existing,
+            end_of_text,
         )
     return _load(folder)
 
 
-def _build(folder, train, train_files, validation, val_files, val_fraction, text_field, kind, vocab_size, max_chars):
+def _build(
+    folder,
+    train,
+    train_files,
+    validation,
+    val_files,
+    val_fraction,
+    text_field,
+    kind,
+    vocab_size,
+    max_chars,
+    existing,
+    end_of_text,
+):
     def train_documents():
         return _capped(corpus.iter_documents(train, train_files, text_field, "data.train"), max_chars)
 
-    tokenizer = build_tokenizer(kind, train_documents(), vocab_size)
+    tokenizer = existing or build_tokenizer(kind, train_documents(), vocab_size)
+    separator = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -137,11 +160,11 @@ def _build(folder, train, train_files, validation, val_files, val_fraction, text
     staging.chmod(0o755)  # mkdtemp makes it private
     try:
         with open(staging / "tokens.bin", "wb") as out:
-            num_train = _write_tokens(train_documents(), tokenizer, out, "tokenizing train")
+            num_train = _write_tokens(train_documents(), tokenizer, separator, out, "tokenizing train")
             num_val = 0
             if validation:
                 documents = corpus.iter_documents(validation, val_files, text_field, "data.validation")
-                num_val = _write_tokens(documents, tokenizer, out, "tokenizing validation")
+                num_val = _write_tokens(documents, tokenizer, separator, out, "tokenizing validation")
         if num_train == 0:
             raise UserError(f"data.train: '{train}' holds no text")
         if validation and num_val == 0:

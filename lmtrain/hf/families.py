@@ -299,4 +299,3 @@ def config_to_hf(config: TransformerConfig, family: str, special: dict[str, int 
 def split_sizes(config: TransformerConfig) -> list[int]:
     """Rows of the fused qkv matrix that belong to q, k and v."""
     return [config.num_heads * config.head_size, config.kv_heads * config.head_size, config.kv_heads * config.head_size]
-

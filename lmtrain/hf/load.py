@@ -50,8 +50,9 @@ def weight_files(folder: Path, key: str) -> dict[str, Path]:
         except (SafetensorError, OSError) as err:
             raise UserError(f"{key}: cannot read '{single}': {err}") from None
     if any(folder.glob("pytorch_model*.bin")) or any(folder.glob("*.pth")):
-        raise UserError(f"{key}: '{folder}' has only pickle weights (pytorch_model.bin), which lmtrain never loads; "
-                        + CONVERT_HINT)
+        raise UserError(
+            f"{key}: '{folder}' has only pickle weights (pytorch_model.bin), which lmtrain never loads; " + CONVERT_HINT
+        )
     raise UserError(f"{key}: '{folder}' has no model.safetensors or model.safetensors.index.json")
 
 
