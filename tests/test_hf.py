@@ -89,7 +89,10 @@ def test_import_then_export_is_bitwise(folders, family, tmp_path):
     model, tokenizer = load_model(str(folders[family]), CPU)
     special = load_special_tokens(str(folders[family]), tokenizer)
     write_hf(model, tokenizer, special, {}, tmp_path)
-    before, after = load_file(str(folders[family] / "model.safetensors")), load_file(str(tmp_path / "model.safetensors"))
+    before, after = (
+        load_file(str(folders[family] / "model.safetensors")),
+        load_file(str(tmp_path / "model.safetensors")),
+    )
     before.pop("lm_head.weight", None) if model.config.tie_embeddings else None
     assert sorted(before) == sorted(after)
     assert all(torch.equal(before[name], after[name]) for name in before)
@@ -141,7 +144,9 @@ def test_a_shape_no_family_expresses_is_one_line(tmp_path):
     from lmtrain.data.tokenizer import byte_tokenizer
 
     tokenizer = byte_tokenizer()
-    model = TransformerLM(TransformerConfig(vocab_size=257, d_model=32, num_heads=4, num_layers=1, norm_position="post"))
+    model = TransformerLM(
+        TransformerConfig(vocab_size=257, d_model=32, num_heads=4, num_layers=1, norm_position="post")
+    )
     with pytest.raises(UserError, match="post-norm"):
         write_hf(model, tokenizer, special_tokens(tokenizer, tmp_path), {}, tmp_path / "out")
 
@@ -232,13 +237,16 @@ def test_cli_generate_prints_what_transformers_generates(folders):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_finetune_from_hf_then_export_loads_in_transformers(folders, tmp_path, family):
-    """A short finetune through the real CLI, then `export format=hf`: transformers loads the result and its
-    logits equal lmtrain's on the finetuned checkpoint."""
+    """A short finetune, then `export format=hf`: transformers loads the result and its logits equal lmtrain's
+    on the finetuned checkpoint. GPT-2 goes through the real CLI; the others run the same commands in-process."""
+    from lmtrain.cli import check
+    from lmtrain.commands import export, finetune
+    from lmtrain.config import ExportConfig, FinetuneConfig
+
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps"}) + "\n" for i in range(24)))
     run = tmp_path / "run"
-    result = lmtrain(
-        "finetune",
+    overrides = [
         f"init_from={folders[family]}",
         "task=lm",
         f"data.train={train}",
@@ -250,15 +258,65 @@ def test_finetune_from_hf_then_export_loads_in_transformers(folders, tmp_path, f
         "optimizer.lr=1e-2",
         "trainer.device=cpu",
         "trainer.progress_bar=false",
-        f"hydra.run.dir={run}",
-    )
-    assert result.returncode == 0, result.stderr
-    ckpt = run / "checkpoints" / "latest"
+    ]
+    ckpt, out = run / "checkpoints" / "latest", tmp_path / "hf"
+    if family == "gpt2":
+        result = lmtrain("finetune", *overrides, f"hydra.run.dir={run}")
+        assert result.returncode == 0, result.stderr
+        result = lmtrain("export", f"ckpt={ckpt}", "format=hf", f"out={out}", "device=cpu")
+        assert result.returncode == 0, result.stderr
+    else:
+        finetune.run(check("finetune", FinetuneConfig, overrides), str(run))
+        export.run(ExportConfig(ckpt=str(ckpt), format="hf", out=str(out), device="cpu"), str(tmp_path))
     assert (ckpt / "generation_config.json").is_file()  # the model's end tokens travel with it
-    result = lmtrain("export", f"ckpt={ckpt}", "format=hf", f"out={tmp_path / 'hf'}", "device=cpu")
-    assert result.returncode == 0, result.stderr
     finetuned, tokenizer = load_model(str(ckpt), CPU)
     ids = torch.tensor([tokenizer.encode(TEXT).ids])
-    exported = logits_of(reference(tmp_path / "hf"), ids)
+    exported = logits_of(reference(out), ids)
     assert torch.allclose(exported, logits_of(finetuned.eval(), ids), atol=1e-5, rtol=0)
     assert not torch.allclose(exported, logits_of(reference(folders[family]), ids), atol=1e-3)  # it did train
+
+
+def test_evaluate_an_hf_model_gives_transformers_loss(folders, tmp_path):
+    from lmtrain.commands import evaluate
+    from lmtrain.config import EvalDataConfig, EvaluateConfig
+
+    folder = folders["mistral"]
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
+    cfg = EvaluateConfig(ckpt=str(folder), data=EvalDataConfig(test=str(tmp_path / "test.jsonl")), device="cpu")
+    evaluate.run(cfg, str(tmp_path))
+    report = json.loads((tmp_path / "eval.json").read_text())
+    _, tokenizer = load_model(str(folder), CPU)
+    ids = torch.tensor([tokenizer.encode(TEXT, add_special_tokens=False).ids + [tokenizer.token_to_id("</s>")]])
+    with torch.no_grad():
+        expected = reference(folder)(ids, labels=ids).loss.item()
+    assert report["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_continued_pretraining_from_an_hf_model(folders, tmp_path):
+    from conftest import compose
+
+    from lmtrain.commands import pretrain
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 40)
+    cfg = compose(
+        f"init_from={folders['llama']}",
+        f"data.train={corpus}",
+        "data.seq_len=32",
+        "trainer.max_steps=8",
+        "trainer.eval_every=8",
+        "trainer.eval_batches=2",
+        "trainer.micro_batch_size=4",
+        "trainer.progress_bar=false",
+        "trainer.device=cpu",
+        "scheduler.warmup_steps=1",
+        "optimizer.lr=3e-3",
+    )
+    summary = pretrain.run(cfg, str(tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "latest"
+    model, tokenizer = load_model(str(ckpt), CPU)
+    assert model.config.num_kv_heads == 2 and tokenizer.to_str() == load_model(str(folders["llama"]), CPU)[1].to_str()
+    assert load_special_tokens(str(ckpt), tokenizer).stop == load_special_tokens(str(folders["llama"]), tokenizer).stop
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["val_loss"] for r in records if "val_loss" in r]
+    assert summary["steps"] == 8 and losses[-1] < losses[0]
