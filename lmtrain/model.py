@@ -108,6 +108,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.type_as(x)
 
 
+def document_layout(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed sequences, document_ids [B, T] (each document a contiguous run of one id) ->
+    (positions [B, T] restarting at 0 at each document, attention mask bool [B, 1, T, T] that is causal and
+    block-diagonal: a token sees earlier tokens of its own document only)."""
+    seq = document_ids.shape[1]
+    index = torch.arange(seq, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    return index - first, (same & causal).unsqueeze(1)
+
+
 def make_norm(config: TransformerConfig, width: int) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(width, eps=config.norm_eps)
@@ -135,7 +149,9 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: tuple[torch.Tensor, torch.Tensor, int] | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x [B, T, d_model]; mask: None for plain causal attention, else bool [B, 1, T, T] (True: attend)."""
         batch, seq, _ = x.shape
         heads, kv_heads, size = self.num_heads, self.num_kv_heads, self.head_size
         # [B, T, (H + 2 KV) D] -> q [B, H, T, D], k and v [B, KV, T, D]
@@ -145,7 +161,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        is_causal, mask = True, None
+        is_causal = mask is None
         if cache is not None:
             keys, values, start = cache
             keys[:, :, start : start + seq] = k
@@ -198,11 +214,11 @@ class Block(nn.Module):
         self.norm2 = make_norm(config, config.d_model)
         self.ffn = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, rope=None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask=None) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope, cache)
+            x = x + self.attn(self.norm1(x), rope, cache, mask)
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope, cache))
+        x = self.norm1(x + self.attn(x, rope, cache, mask))
         return self.norm2(x + self.ffn(x))
 
 
@@ -250,39 +266,55 @@ class TransformerLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
-    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] -> final hidden states [B, T, d_model]."""
+    def hidden_states(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens [B, T] -> final hidden states [B, T, d_model].
+
+        document_ids [B, T] (packed sequences: equal ids mark one document, each a contiguous run): attention
+        stays within a document (a block-diagonal causal mask) and positions restart at each document."""
         seq = tokens.shape[1]
         start = cache.length if cache is not None else 0
         if start + seq > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + seq} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        positions, mask = torch.arange(start, start + seq, device=tokens.device), None
+        if document_ids is not None:
+            positions, mask = document_layout(document_ids)
         x = self.token_embedding(tokens)
         if self.position_embedding is not None:
-            x = x + self.position_embedding(torch.arange(start, start + seq, device=tokens.device))
+            x = x + self.position_embedding(positions)
         rope = None
         if self.config.position == "rope":
             if self.rope_cos.shape[0] < start + seq:
                 length = min(self.config.max_seq_len, max(start + seq, 2 * self.rope_cos.shape[0]))
                 self.rope_cos, self.rope_sin = rope_tables(self.rope_inv_freq, length)
-            rope = (self.rope_cos[start : start + seq], self.rope_sin[start : start + seq])
+            if document_ids is None:
+                rope = (self.rope_cos[start : start + seq], self.rope_sin[start : start + seq])
+            else:  # [B, 1, T, head_size // 2]: each sequence its own positions
+                rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             layer_cache = (cache.keys[i], cache.values[i], start) if cache is not None else None
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, layer_cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, layer_cache, mask, use_reentrant=False)
             else:
-                x = block(x, rope, layer_cache)
+                x = block(x, rope, layer_cache, mask)
         if cache is not None:
             cache.length = start + seq
         return self.final_norm(x) if self.final_norm is not None else x
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, last_positions: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        last_positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> next-token logits [B, T, vocab_size]; or, given last_positions [B] (the index of
         each sequence's last real token), class logits [B, num_classes] from the hidden state there.
-        Right padding needs no attention mask: causal attention never looks ahead at it."""
-        hidden = self.hidden_states(tokens, cache)
+        Right padding needs no attention mask: causal attention never looks ahead at it. document_ids [B, T]:
+        see `hidden_states`."""
+        hidden = self.hidden_states(tokens, cache, document_ids)
         if last_positions is None:
             return self.lm_head(hidden)
         if self.classifier is None:

@@ -320,3 +320,10 @@ def test_continued_pretraining_from_an_hf_model(folders, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["val_loss"] for r in records if "val_loss" in r]
     assert summary["steps"] == 8 and losses[-1] < losses[0]
+
+
+def test_a_sliding_window_caps_the_context_where_full_attention_is_exact(tmp_path, caplog):
+    folder = build("mistral", tmp_path / "mistral", sliding_window=48)
+    model, _ = load_model(str(folder), CPU)
+    assert model.config.max_seq_len == 48
+    assert "sliding_window=48 is shorter than max_position_embeddings=96" in caplog.text

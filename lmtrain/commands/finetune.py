@@ -84,7 +84,12 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
         model.set_dropout(cfg.dropout)
     model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
     accum_steps = cfg.grad_accum.steps
-    batches = ExampleBatches(train_examples, t.micro_batch_size, t.seed, task.eot, cfg.loss.ignore_index, task.classify)
+    pack_width = (d.pack_len or model.config.max_seq_len) if d.packing else None
+    if pack_width is not None and pack_width > model.config.max_seq_len:
+        raise UserError(f"data.pack_len: {pack_width} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    batches = ExampleBatches(
+        train_examples, t.micro_batch_size, t.seed, task.eot, cfg.loss.ignore_index, task.classify, pack_width
+    )
     steps_per_epoch = batches.steps_per_epoch(accum_steps, placement.world_size)
     max_steps, eval_every = t.max_steps, t.eval_every
     if cfg.epochs is not None:

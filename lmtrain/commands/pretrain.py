@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from lmtrain import distributed, runs
 from lmtrain.config import PretrainConfig, accumulation_steps
 from lmtrain.data import tokens
+from lmtrain.data.tokenizer import end_of_text_id
 from lmtrain.errors import UserError
 from lmtrain.metrics import perplexity
 from lmtrain.model import TransformerConfig, TransformerLM
@@ -36,7 +37,7 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     if cfg.init_from:  # continued pretraining: the model's own shape, weights and tokenizer
         pretrained, existing = load_model(cfg.init_from, device, key="init_from")
         end_of_text = load_special_tokens(cfg.init_from, existing, key="init_from").end_of_text
-    corpus_settings = {k: v for k, v in dataclasses.asdict(d).items() if k != "seq_len"}
+    corpus_settings = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("seq_len", "document_masking")}
     with distributed.main_first():  # one process tokenizes; the others read its cache
         data = tokens.prepare(**corpus_settings, existing=existing, end_of_text=end_of_text)
     tokenizer_json = data.tokenizer.to_str()
@@ -69,6 +70,14 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer_json)
     sampler = tokens.WindowSampler(data.train, seq_len, t.seed)
     validation = tokens.validation_batches(data.validation, seq_len, t.eval_batches, t.micro_batch_size)
+    separator = None
+    if d.document_masking:
+        separator = end_of_text if end_of_text is not None else end_of_text_id(data.tokenizer)
+        validation = [tokens.with_documents(batch, separator) for batch in validation]
+
+    def next_step() -> list:
+        windows = sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size)
+        return windows if separator is None else [tokens.with_documents(batch, separator) for batch in windows]
 
     files = {
         "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
@@ -84,7 +93,7 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     summary = runs.train(
         trainer,
         sampler,
-        lambda: sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size),
+        next_step,
         evaluate,
         run_dir=run_dir,
         files=files,

@@ -224,6 +224,9 @@ def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
         errors.append("data.train: missing; pass data.train=path/to/train.jsonl")
     _positive(cfg, "", errors, "epochs", nullable=True)
     _positive(cfg, "", errors, "evals_per_epoch")
+    _positive(cfg.data, "data.", errors, "pack_len", nullable=True)
+    if cfg.data.packing and cfg.task.name == "classification":
+        errors.append("data.packing: classification reads one label per sequence; pack lm, seq2seq or qa data")
     if cfg.freeze_blocks < 0:
         errors.append(f"freeze_blocks: must be >= 0, got {cfg.freeze_blocks}")
     if not 0.0 < cfg.data.val_fraction < 1.0:

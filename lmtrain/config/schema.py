@@ -86,6 +86,7 @@ class DataConfig:
     vocab_size: int = 4096  # bpe only: size of the trained vocabulary
     max_chars: int | None = None  # read at most this many characters of train (null: all)
     seq_len: int | None = None  # training window in tokens (null: model.max_seq_len, or init_from's)
+    document_masking: bool = False  # attention never crosses an end-of-text into another document
     cache_dir: str = "~/.cache/lmtrain"  # where packed token files are cached
 
 
@@ -141,6 +142,8 @@ class ExampleDataConfig:
     validation: str | None = None  # null: hold out val_fraction of train
     test: str | None = None  # for `lmtrain evaluate split=test`
     val_fraction: float = 0.1  # share of train records held out when validation is null
+    packing: bool = False  # pack examples into full rows; attention stays within each example (not classification)
+    pack_len: int | None = None  # tokens per packed row (null: the model's max_seq_len)
     text_field: str = "text"  # lm (plain text) and classification input
     label_field: str = "label"  # classification target (ints or strings)
     source_field: str = "source"  # seq2seq input

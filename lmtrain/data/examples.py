@@ -80,24 +80,75 @@ def collate(examples: list[Example], pad_id: int, ignore_index: int, classify: b
     return tokens, targets
 
 
+def pack(lengths: list[int], order: list[int], width: int) -> list[list[int]]:
+    """Example indices (taken in `order`) packed into rows of at most `width` tokens by first fit over the
+    last 32 open rows; an example never splits across rows."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        need = lengths[index]
+        first = len(rows) - len(room[-32:])
+        slot = next((r for r in range(first, len(rows)) if room[r] >= need), None)
+        if slot is None:
+            rows.append([])
+            room.append(width)
+            slot = len(rows) - 1
+        rows[slot].append(index)
+        room[slot] -= need
+    return rows
+
+
+def collate_packed(rows: list[list[Example]], pad_id: int, ignore_index: int):
+    """Packed sequences: ({tokens, document_ids}, targets), each [rows, width]. Each example keeps its own
+    inputs and targets (prompt and padding targets are ignore_index); document_ids number the examples of a
+    row (padding is -1), so the model attends within an example only and restarts its positions."""
+    width = max(sum(len(e.ids) - 1 for e in row) for row in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), ignore_index, dtype=torch.long)
+    documents = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        offset = 0
+        for k, e in enumerate(row):
+            ids, n = torch.tensor(e.ids), len(e.ids) - 1
+            tokens[r, offset : offset + n] = ids[:-1]
+            start = max(e.loss_start - 1, 0)
+            targets[r, offset + start : offset + n] = ids[start + 1 :]
+            documents[r, offset : offset + n] = k
+            offset += n
+    return {"tokens": tokens, "document_ids": documents}, targets
+
+
 class ExampleBatches:
     """Shuffled, length-bucketed batches of examples, epoch after epoch; resumable exactly.
 
     Each epoch shuffles by a generator seeded with (seed, epoch); examples are sorted by length within
-    windows of 32 batches so a batch pads little, and the batch order is shuffled again.
+    windows of 32 batches so a batch pads little, and the batch order is shuffled again. With `pack_width`
+    (not for classification) the shuffled examples are packed into rows of that many tokens instead, and a
+    batch is `batch_size` rows.
     """
 
     def __init__(
-        self, examples: list[Example], batch_size: int, seed: int, pad_id: int, ignore_index: int, classify: bool
+        self,
+        examples: list[Example],
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        ignore_index: int,
+        classify: bool,
+        pack_width: int | None = None,
     ):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
         self.pad_id, self.ignore_index, self.classify = pad_id, ignore_index, classify
+        self.pack_width = pack_width
         self.epoch, self.position = 0, 0
         self._order = self._epoch_order(0)
 
-    def _epoch_order(self, epoch: int) -> list[list[int]]:
+    def _epoch_order(self, epoch: int) -> list[list]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(len(self.examples), generator=generator).tolist()
+        if self.pack_width is not None:
+            rows = pack([len(e.ids) - 1 for e in self.examples], order, self.pack_width)
+            return [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         window = self.batch_size * 32
         batches = []
         for start in range(0, len(order), window):
@@ -110,7 +161,7 @@ class ExampleBatches:
     def batches_per_epoch(self) -> int:
         return len(self._order)
 
-    def _next_indices(self) -> list[int]:
+    def _next_indices(self) -> list:
         if self.position >= len(self._order):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._epoch_order(self.epoch)
@@ -121,9 +172,15 @@ class ExampleBatches:
         """This process's micro-batches of one step: every process walks the same batch order and keeps
         (and pads) only its own consecutive share, as one process accumulating them all would see them."""
         step = [self._next_indices() for _ in range(num_micro_batches * world_size)]
+        mine = step[rank * num_micro_batches : (rank + 1) * num_micro_batches]
+        if self.pack_width is not None:
+            return [
+                collate_packed([[self.examples[i] for i in row] for row in rows], self.pad_id, self.ignore_index)
+                for rows in mine
+            ]
         return [
             collate([self.examples[i] for i in indices], self.pad_id, self.ignore_index, self.classify)
-            for indices in step[rank * num_micro_batches : (rank + 1) * num_micro_batches]
+            for indices in mine
         ]
 
     def steps_per_epoch(self, num_micro_batches: int, world_size: int = 1) -> int:

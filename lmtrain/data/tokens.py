@@ -234,6 +234,13 @@ class WindowSampler:
         self.generator.set_state(state["generator"])
 
 
+def with_documents(batch: tuple[torch.Tensor, torch.Tensor], end_of_text: int) -> tuple[dict, torch.Tensor]:
+    """A window batch with document_ids [B, T] for document masking: an end-of-text token opens the next
+    document, so the first token after it is predicted from it alone."""
+    inputs, targets = batch
+    return {"tokens": inputs, "document_ids": (inputs == end_of_text).cumsum(dim=1)}, targets
+
+
 def validation_batches(
     tokens: np.ndarray, seq_len: int, num_batches: int, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

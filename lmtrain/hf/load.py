@@ -7,7 +7,6 @@ in as it is read from the safetensors files (memory-mapped), so loading never ho
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -71,18 +70,17 @@ def load_weights(model: TransformerLM, folder: Path, key: str) -> None:
     family = _family(folder, key)
     prefix = "transformer." if family == "gpt2" and "transformer.wte.weight" in files else ""
     used: set[str] = set()
-    with ExitStack() as stack, torch.no_grad():
-        handles: dict[Path, object] = {}
 
-        def read(name: str) -> torch.Tensor:
-            path = files.get(name)
-            if path is None:
-                raise UserError(f"{key}: missing weight '{name}' in '{folder}'")
-            if path not in handles:
-                handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            used.add(name)
-            return handles[path].get_tensor(name)  # type: ignore[attr-defined]
+    def read(name: str) -> torch.Tensor:
+        path = files.get(name)
+        if path is None:
+            raise UserError(f"{key}: missing weight '{name}' in '{folder}'")
+        used.add(name)
+        # a file opened per tensor: its memory map (which counts as resident once read) is released at once
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
 
+    with torch.no_grad():
         for name, target in model.state_dict(keep_vars=True).items():
             if name == "lm_head.weight" and model.config.tie_embeddings:
                 continue
