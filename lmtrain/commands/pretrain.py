@@ -37,9 +37,19 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
     if cfg.init_from:  # continued pretraining: the model's own shape, weights and tokenizer
         pretrained, existing = load_model(cfg.init_from, device, key="init_from")
         end_of_text = load_special_tokens(cfg.init_from, existing, key="init_from").end_of_text
-    corpus_settings = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("seq_len", "document_masking")}
     with distributed.main_first():  # one process tokenizes; the others read its cache
-        data = tokens.prepare(**corpus_settings, existing=existing, end_of_text=end_of_text)
+        data = tokens.prepare(
+            train=d.train,
+            validation=d.validation,
+            val_fraction=d.val_fraction,
+            text_field=d.text_field,
+            tokenizer=d.tokenizer,
+            vocab_size=d.vocab_size,
+            max_chars=d.max_chars,
+            cache_dir=d.cache_dir,
+            existing=existing,
+            end_of_text=end_of_text,
+        )
     tokenizer_json = data.tokenizer.to_str()
     if main:
         (run_dir / "tokenizer.json").write_text(tokenizer_json)
