@@ -27,7 +27,7 @@ from lmtrain.config import (
     nearest,
     validate,
 )
-from lmtrain.errors import UserError
+from lmtrain.errors import RunRefused, UserError
 
 log = logging.getLogger("lmtrain")
 CONFIG_PACKAGE = "lmtrain.configs"
@@ -204,9 +204,12 @@ def _task(command: str, schema: type):
             typed = validate(cfg, schema)
             summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))
         except Exception as err:
-            if command in TRAINING_COMMANDS and rank == 0:
+            if command in TRAINING_COMMANDS and rank == 0 and not isinstance(err, RunRefused):
                 reason = _first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
-                write_result(run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides)
+                try:
+                    write_result(run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides)
+                except UserError as unwritten:  # a full disk: say so, then report the failure itself
+                    _fail(name, unwritten)
             if os.environ.get("LMTRAIN_DEBUG") or not (sweeping or isinstance(err, UserError)):
                 if distributed.torchrun_world_size() > 1:  # name the rank before torchrun stops the others
                     print(f"lmtrain {name}: error: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
@@ -222,7 +225,13 @@ def _task(command: str, schema: type):
         if summary is None:
             return None
         if rank == 0:
-            write_result(run_dir, "completed", {**summary, "wall_seconds": time.time() - started}, overrides)
+            try:
+                write_result(run_dir, "completed", {**summary, "wall_seconds": time.time() - started}, overrides)
+            except UserError as err:
+                if sweeping:
+                    _fail(f"{command} (job {hydra_cfg.job.num})", err)
+                    return float("nan")
+                sys.exit(_fail(name, err))
         return summary["objective"]
 
     return run
