@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -210,9 +211,14 @@ def _task(command: str, schema: type):
                     write_result(run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides)
                 except UserError as unwritten:  # a full disk: say so, then report the failure itself
                     _fail(name, unwritten)
+            if distributed.torchrun_world_size() > 1 and not os.environ.get("LMTRAIN_DEBUG"):
+                # one line naming the rank, before torchrun stops the others; the traceback goes to the log file
+                with open(run_dir / f"{command}.log", "a") as log_file:
+                    log_file.write(f"rank {rank}: {traceback.format_exc()}")
+                line = _first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
+                print(f"lmtrain {name}: error: {line} (traceback in {run_dir / f'{command}.log'})", file=sys.stderr)
+                sys.exit(2 if isinstance(err, UserError) else 1)
             if os.environ.get("LMTRAIN_DEBUG") or not (sweeping or isinstance(err, UserError)):
-                if distributed.torchrun_world_size() > 1:  # name the rank before torchrun stops the others
-                    print(f"lmtrain {name}: error: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
                 raise
             if sweeping:
                 if not isinstance(err, UserError):
@@ -237,14 +243,30 @@ def _task(command: str, schema: type):
     return run
 
 
+# torchrun, without its own report of a failed worker (a traceback of its own around the worker's error
+# file): the failing rank has already printed its one line
+TORCHRUN = """
+import os, sys
+level = os.environ.get("LOGLEVEL")
+os.environ["LOGLEVEL"] = "CRITICAL"  # read once, when torch.distributed.elastic's loggers are made
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+os.environ.pop("LOGLEVEL") if level is None else os.environ.update(LOGLEVEL=level)
+try:
+    main(sys.argv[1:])
+except ChildFailedError:
+    sys.exit(1)
+"""
+
+
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     """trainer.nproc=N: run this same command under torchrun with N local processes."""
     import subprocess
 
     command = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "-c",
+        TORCHRUN,
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
