@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from lmtrain import checkpoint_meta
 from lmtrain.errors import UserError
+from lmtrain.safe_io import share, writing
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 COMPLETE_MARKER = "trainer_state.json"
@@ -85,23 +87,30 @@ def save(
     `files` maps extra file names to text content (config.yaml, model.json, tokenizer.json). With `name`
     (such as "best") the checkpoint goes to that folder instead, and `latest` is left alone.
     """
-    checkpoint_root.mkdir(parents=True, exist_ok=True)
-    for stale in checkpoint_root.glob(".*.tmp-*"):  # left by a process killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+    with writing(checkpoint_root):
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(checkpoint_root)
     final = checkpoint_root / (name or step_dir_name(step))
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=checkpoint_root))
-    staging.chmod(0o755)  # mkdtemp makes it private
+    with writing(final):
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=checkpoint_root))
     try:
-        save_model(model, str(staging / "model.safetensors"))
+        share(staging)  # mkdtemp makes it private
+
+        def put(file_name: str, write: Callable[[str], None]) -> None:
+            with writing(final / file_name):  # a full disk names the file, not the staging folder
+                write(str(staging / file_name))
+
+        put("model.safetensors", lambda path: save_model(model, path))
         tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
-        save_file(tensors, str(staging / "optimizer.safetensors"))
-        _write_json(staging / "optimizer.json", optimizer_meta)
-        save_file({k: v.contiguous() for k, v in rng.items()}, str(staging / "rng.safetensors"))
+        put("optimizer.safetensors", lambda path: save_file(tensors, path))
+        put("optimizer.json", lambda path: _write_json(Path(path), optimizer_meta))
+        put("rng.safetensors", lambda path: save_file({k: v.contiguous() for k, v in rng.items()}, path))
         for file_name, text in files.items():
-            (staging / file_name).write_text(text)
-        _write_json(staging / COMPLETE_MARKER, trainer_state)
+            put(file_name, lambda path, text=text: Path(path).write_text(text))
+        put(COMPLETE_MARKER, lambda path: _write_json(Path(path), trainer_state))
         for path in staging.iterdir():
-            with open(path, "rb") as f:
+            share(path)  # safetensors writes its files private
+            with writing(final / path.name), open(path, "rb") as f:
                 os.fsync(f.fileno())
         replaced = None
         if final.exists():  # a rerun of the same step: the old copy stays whole until the new one is in
@@ -114,16 +123,38 @@ def save(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if name is not None:
-        return final
+    if name is None:
+        point_latest(checkpoint_root, final)
+    return final
+
+
+def point_latest(checkpoint_root: Path, target: Path) -> None:
+    """Repoint `latest` at `target` (a folder in `checkpoint_root`) atomically."""
     link = checkpoint_root / "latest"
     tmp_link = checkpoint_root / f".latest.tmp-{os.getpid()}"
     if tmp_link.is_symlink():
         tmp_link.unlink()
-    tmp_link.symlink_to(final.name)
-    os.replace(tmp_link, link)
+    with writing(link):
+        tmp_link.symlink_to(target.name)
+        os.replace(tmp_link, link)
     _fsync_dir(checkpoint_root)
-    return final
+
+
+def clean_leftovers(checkpoint_root: Path) -> list[Path]:
+    """Remove what a killed writer left (staging folders, `.latest.tmp-*` links, half-pruned or half-written
+    `step_*` folders without the completion marker); the caller holds the run dir's lock, so no live process
+    is writing them. Returns what was removed."""
+    removed = []
+    for path in sorted(checkpoint_root.iterdir()) if checkpoint_root.is_dir() else []:
+        staged = path.name.startswith(".") and ".tmp-" in path.name
+        incomplete = STEP_DIR.match(path.name) and path.is_dir() and not (path / COMPLETE_MARKER).is_file()
+        if staged or incomplete:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def complete_steps(checkpoint_root: Path) -> list[Path]:
@@ -151,24 +182,53 @@ def set_aside_after(checkpoint_root: Path, step: int) -> list[Path]:
     return moved
 
 
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def newest_valid(checkpoint_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint whose files are whole and agree with each other, and the damaged
+    (path, why) newer than it, newest first."""
+    damaged = []
+    for path in reversed(complete_steps(checkpoint_root)):
+        why = checkpoint_meta.problem(path)
+        if why is None:
+            return path, damaged
+        damaged.append((path, why))
+    return None, damaged
+
+
 def prune(checkpoint_root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints, never the newest valid one. Each goes out of
+    sight first (renamed to a staging name), so a kill mid-delete never leaves a half folder that looks complete."""
     if keep_last <= 0:
         return
-    for path in complete_steps(checkpoint_root)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+    doomed = complete_steps(checkpoint_root)[:-keep_last]
+    kept_valid, _ = newest_valid(checkpoint_root)
+    for path in doomed:
+        if path == kept_valid:
+            continue
+        hidden = path.with_name(f".{path.name}.tmp-pruned")
+        os.rename(path, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
 
 
 def resolve(path: str | Path, key: str = "ckpt") -> Path:
     """A complete checkpoint from the path of a checkpoint, a run dir, its `checkpoints/` or `latest`; an
-    export or a Hugging Face model folder (config.json) stands for itself."""
+    export or a Hugging Face model folder (config.json) stands for itself. A `latest` that points outside its
+    checkpoints folder is refused."""
     path = Path(path).expanduser()
+    root = path.parent if path.name == "latest" else path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    latest = root / "latest"
+    if latest.is_symlink() and latest.resolve().parent != root.resolve():
+        raise UserError(
+            f"{key}: '{latest}' points outside its checkpoints folder (to '{os.readlink(latest)}'); "
+            "pass the checkpoint you mean as a path"
+        )
     if any((path / marker).is_file() for marker in (COMPLETE_MARKER, "export.json", "config.json")):
         return path.resolve()
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if root.name == "latest":
-        root = root.parent
-    if (root / "latest" / COMPLETE_MARKER).is_file():
-        return (root / "latest").resolve()
+    if (latest / COMPLETE_MARKER).is_file():
+        return latest.resolve()
     complete = complete_steps(root)  # `latest` missing or dangling: the newest complete one
     if complete:
         return complete[-1]
@@ -198,7 +258,3 @@ def load_optimizer_state(checkpoint: Path) -> dict:
 
 def load_rng(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint / "rng.safetensors"))
-
-
-def load_json(checkpoint: Path, name: str) -> Any:
-    return json.loads((checkpoint / name).read_text())

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from lmtrain.config import (
     nearest,
     validate,
 )
-from lmtrain.errors import UserError
+from lmtrain.errors import RunRefused, UserError
 
 log = logging.getLogger("lmtrain")
 CONFIG_PACKAGE = "lmtrain.configs"
@@ -204,12 +205,20 @@ def _task(command: str, schema: type):
             typed = validate(cfg, schema)
             summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))
         except Exception as err:
-            if command in TRAINING_COMMANDS and rank == 0:
+            if command in TRAINING_COMMANDS and rank == 0 and not isinstance(err, RunRefused):
                 reason = _first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
-                write_result(run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides)
+                try:
+                    write_result(run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides)
+                except UserError as unwritten:  # a full disk: say so, then report the failure itself
+                    _fail(name, unwritten)
+            if distributed.torchrun_world_size() > 1 and not os.environ.get("LMTRAIN_DEBUG"):
+                # one line naming the rank, before torchrun stops the others; the traceback goes to the log file
+                with open(run_dir / f"{command}.log", "a") as log_file:
+                    log_file.write(f"rank {rank}: {traceback.format_exc()}")
+                line = _first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
+                print(f"lmtrain {name}: error: {line} (traceback in {run_dir / f'{command}.log'})", file=sys.stderr)
+                sys.exit(2 if isinstance(err, UserError) else 1)
             if os.environ.get("LMTRAIN_DEBUG") or not (sweeping or isinstance(err, UserError)):
-                if distributed.torchrun_world_size() > 1:  # name the rank before torchrun stops the others
-                    print(f"lmtrain {name}: error: {type(err).__name__}: {_first_line(err)}", file=sys.stderr)
                 raise
             if sweeping:
                 if not isinstance(err, UserError):
@@ -222,10 +231,32 @@ def _task(command: str, schema: type):
         if summary is None:
             return None
         if rank == 0:
-            write_result(run_dir, "completed", {**summary, "wall_seconds": time.time() - started}, overrides)
+            try:
+                write_result(run_dir, "completed", {**summary, "wall_seconds": time.time() - started}, overrides)
+            except UserError as err:
+                if sweeping:
+                    _fail(f"{command} (job {hydra_cfg.job.num})", err)
+                    return float("nan")
+                sys.exit(_fail(name, err))
         return summary["objective"]
 
     return run
+
+
+# torchrun, without its own report of a failed worker (a traceback of its own around the worker's error
+# file): the failing rank has already printed its one line
+TORCHRUN = """
+import os, sys
+level = os.environ.get("LOGLEVEL")
+os.environ["LOGLEVEL"] = "CRITICAL"  # read once, when torch.distributed.elastic's loggers are made
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+os.environ.pop("LOGLEVEL") if level is None else os.environ.update(LOGLEVEL=level)
+try:
+    main(sys.argv[1:])
+except ChildFailedError:
+    sys.exit(1)
+"""
 
 
 def _launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -234,8 +265,8 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 
     command = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "-c",
+        TORCHRUN,
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",

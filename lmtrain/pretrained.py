@@ -8,12 +8,12 @@ import json
 import torch
 from tokenizers import Tokenizer
 
-from lmtrain import checkpoint
+from lmtrain import checkpoint, checkpoint_meta
 from lmtrain.data.tokenizer import SpecialTokens, side_files, special_tokens
 from lmtrain.errors import UserError
 from lmtrain.export import EXPORT_MARKER, load_export_weights
 from lmtrain.hf.load import is_hf_folder, load_hf, side_files_from_hf
-from lmtrain.model import TransformerConfig, TransformerLM
+from lmtrain.model import TransformerLM
 from lmtrain.tasks import TaskInfo
 
 
@@ -24,15 +24,16 @@ def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[Tran
     if is_hf_folder(source):
         return load_hf(source, device, key)
     with checkpoint.readable(source, key):
-        config = TransformerConfig(**json.loads((source / "model.json").read_text()))
-        tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+        exported = (source / EXPORT_MARKER).is_file()
+        config = checkpoint_meta.model_config(source, key, exact=not exported)
+        tokenizer = checkpoint_meta.tokenizer(source, key)
         if tokenizer.get_vocab_size() > config.vocab_size:
             raise UserError(
                 f"{key}: the tokenizer in '{source}' has {tokenizer.get_vocab_size()} entries but the model's "
                 f"vocabulary has {config.vocab_size}"
             )
         model = TransformerLM(config)
-        if (source / EXPORT_MARKER).is_file():
+        if exported:
             load_export_weights(model, source)
         else:
             checkpoint.load_weights(model, source)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 
 from tqdm import tqdm
 
 from lmtrain.errors import UserError
+from lmtrain.safe_io import write_text_atomic, writing
+
+log = logging.getLogger("lmtrain")
 
 
 class MetricsFile:
@@ -29,15 +34,18 @@ class MetricsFile:
             purge = resume_step + 1 if resume_step is not None else None
             self.tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=purge)
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_metrics(path) if record["step"] <= resume_step]
+            # the old history stays whole until the new one is in place
+            write_text_atomic(path, "".join(to_json_line(record) for record in kept))
         elif path.exists():
             path.unlink()
-        self.file = open(path, "a")
+        with writing(path):
+            self.file = open(path, "a")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(to_json_line(record))
+            self.file.flush()
         if self.tensorboard is not None:
             prefix = "val" if "val_loss" in record else "train"
             for key, value in record.items():
@@ -45,13 +53,39 @@ class MetricsFile:
                     self.tensorboard.add_scalar(f"{prefix}/{key.removeprefix('val_')}", value, record["step"])
 
     def close(self) -> None:
-        self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        try:
+            with writing(self.path):
+                self.file.close()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+
+def to_json_line(record: dict) -> str:
+    """One record as a line of strict JSON: a non-finite number (a diverged loss) is written as null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    """The records of a `metrics.jsonl`: the one reader of the file. A torn last line (a run killed, or a disk
+    that filled, mid-write) is dropped with a warning; a damaged line before it is a UserError."""
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with a step")
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if any(rest.strip() for rest in lines[number:]):
+                raise UserError(f"'{path}' is damaged at line {number} (not a metrics record)") from None
+            log.warning("%s: dropped a torn last line (line %d, %d bytes)", path, number, len(line))
+            break
+        records.append(record)
+    return records
 
 
 class ProgressBar:

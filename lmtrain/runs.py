@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import torch
+import yaml
 
-from lmtrain import checkpoint, distributed
+from lmtrain import checkpoint, checkpoint_meta, distributed, run_lock
 from lmtrain.config import TrainerConfig
 from lmtrain.distributed import Placement
-from lmtrain.errors import UserError
+from lmtrain.errors import Diverged, RunRefused, UserError
 from lmtrain.losses import cross_entropy, distillation
 from lmtrain.model import TransformerLM
 from lmtrain.optim import build_optimizer, build_scheduler
 from lmtrain.pretrained import load_model
 from lmtrain.run_log import MetricsFile
+from lmtrain.safe_io import read_text_capped, write_text_atomic
 from lmtrain.trainer import Trainer
 
 log = logging.getLogger("lmtrain")
@@ -37,25 +41,82 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise UserError(f"hydra.run.dir: cannot create '{run_dir}': {err.strerror}") from None
 
 
+@contextlib.contextmanager
+def claimed(run_dir: Path) -> Iterator[None]:
+    """The run dir, created if needed and locked for the block by the main process (RunDirBusy if another
+    live process holds it)."""
+    prepare_run_dir(run_dir)
+    if distributed.torchrun_rank() != 0:
+        yield
+        return
+    with run_lock.locked(run_dir):
+        yield
+
+
 def resume_source(resume: bool | str, run_dir: Path) -> Path | None:
-    """The checkpoint trainer.resume names: None (fresh start), this run dir's latest, or a path."""
+    """The checkpoint trainer.resume names: None (fresh start), this run dir's newest valid one, or a path.
+    Every refusal is a RunRefused: nothing has been written into the run dir yet."""
+    root = run_dir / "checkpoints"
     if resume is False or resume == "false":
-        if checkpoint.complete_steps(run_dir / "checkpoints"):
-            raise UserError(
+        if checkpoint.complete_steps(root):
+            raise RunRefused(
                 f"trainer.resume: run dir '{run_dir}' already holds checkpoints; pass trainer.resume=true to "
                 "continue it, or choose a new hydra.run.dir"
             )
         return None
-    if resume is True or resume == "true":
-        if not checkpoint.complete_steps(run_dir / "checkpoints"):
-            log.warning(
-                "trainer.resume=true: no checkpoint in %s, starting from scratch (to continue a run, "
-                "pass its folder as hydra.run.dir)",
-                run_dir,
-            )
-            return None
-        return checkpoint.resolve(run_dir, "trainer.resume")
-    return checkpoint.resolve(resume, "trainer.resume")
+    try:
+        if resume is True or resume == "true":
+            if not checkpoint.complete_steps(root):
+                log.warning(
+                    "trainer.resume=true: no checkpoint in %s, starting from scratch (to continue a run, "
+                    "pass its folder as hydra.run.dir)",
+                    run_dir,
+                )
+                return None
+            checkpoint.resolve(run_dir, "trainer.resume")  # refuses a `latest` that points elsewhere
+            source, damaged = checkpoint.newest_valid(root)
+            if source is None:
+                raise UserError(f"trainer.resume: no checkpoint in '{root}' is whole; the newest: {damaged[0][1]}")
+            for path, why in damaged:
+                log.warning("trainer.resume: skipping damaged checkpoint %s (%s); resuming %s", path, why, source.name)
+            return source
+        source = checkpoint.resolve(resume, "trainer.resume")
+        why = checkpoint_meta.problem(source)
+        if why is not None:
+            raise UserError(f"trainer.resume: {why}")
+        return source
+    except RunRefused:
+        raise
+    except UserError as err:
+        raise RunRefused(str(err)) from None
+
+
+def _data_keys(config_yaml: str) -> dict:
+    try:
+        data = (yaml.safe_load(config_yaml) or {}).get("data") or {}
+    except (yaml.YAMLError, AttributeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_compatible(source: Path, files: dict[str, str]) -> None:
+    """Refuse (RunRefused) a checkpoint whose tokenizer or model shape is not this run's, naming what differs:
+    the data keys behind a different tokenizer, or the model fields."""
+    key = "trainer.resume"
+    saved = checkpoint_meta.read_json(source / "tokenizer.json", key)
+    if saved != json.loads(files["tokenizer.json"]):
+        theirs = _data_keys(read_text_capped(source / "config.yaml", checkpoint_meta.MAX_JSON_BYTES, key))
+        ours = _data_keys(files["config.yaml"])
+        changed = [f"data.{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in ours if theirs.get(k) != ours[k]]
+        raise RunRefused(
+            f"{key}: the tokenizer in '{source}' differs from this run's"
+            + (f" ({'; '.join(changed)})" if changed else "")
+        )
+    saved_model = checkpoint_meta.model_config(source, key).__dict__
+    ours_model = json.loads(files["model.json"])
+    changed = [f"{k} {saved_model.get(k)!r} there, {v!r} here" for k, v in ours_model.items() if saved_model[k] != v]
+    if changed:
+        raise RunRefused(f"{key}: the model shape in '{source}' differs from this run's config: {'; '.join(changed)}")
 
 
 def _fqn_order(optimizer_state: dict) -> list:
@@ -87,10 +148,9 @@ def _full_state_options():
 def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, str], run_dir: Path) -> None:
     """Load every stateful piece from `source` (on every process); model and tokenizer must match this run's.
     A checkpoint holds whole tensors, so any number of processes can resume it."""
+    check_compatible(source, files)
+    state = checkpoint_meta.trainer_state(source, "trainer.resume")
     with checkpoint.readable(source, "trainer.resume"):
-        for name, what in (("model.json", "model"), ("tokenizer.json", "tokenizer")):
-            if (source / name).read_text() != files[name]:
-                raise UserError(f"trainer.resume: the {what} in '{source}' differs from this run's config")
         optimizer_state = checkpoint.load_optimizer_state(source)
         if trainer.placement.strategy == "fsdp":
             from safetensors.torch import load_file
@@ -113,7 +173,6 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
         else:
             checkpoint.load_weights(trainer.model, source)
             trainer.optimizer.load_state_dict(optimizer_state)
-        state = checkpoint.load_json(source, checkpoint.COMPLETE_MARKER)
         trainer.scheduler.load_state_dict(state["scheduler"])
         # the LR of the next step under this run's schedule (the same as saved unless max_steps changed)
         scheduler = trainer.scheduler
@@ -130,9 +189,12 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
         torch.cuda.set_rng_state(rng["torch_cuda"], trainer.device)
     sampler.load_state_dict({k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("sampler.")})
     log.info("resumed from %s at step %d", source, trainer.state.step)
+    root = run_dir / "checkpoints"
     if trainer.placement.is_main:
-        for moved in checkpoint.set_aside_after(run_dir / "checkpoints", trainer.state.step):
+        for moved in checkpoint.set_aside_after(root, trainer.state.step):
             log.warning("set aside %s: it continued the run past the checkpoint resumed from", moved)
+        if source.parent.resolve() == root.resolve():
+            checkpoint.point_latest(root, source)  # a kill may have left `latest` one checkpoint behind
     distributed.barrier()
 
 
@@ -248,6 +310,7 @@ def build_trainer(
         teacher=teacher,
         placement=placement,
         parallel=parallel,
+        on_nonfinite=t.on_nonfinite,
     )
 
 
@@ -316,6 +379,10 @@ def train(
     main = trainer.placement.is_main
     if source is not None:
         restore(source, trainer, sampler, files, run_dir)
+    if main:  # from here on the run writes into its dir: everything it could refuse has been checked
+        for path in checkpoint.clean_leftovers(run_dir / "checkpoints"):
+            log.warning("removed %s: left by an interrupted run", path)
+        write_text_atomic(run_dir / "tokenizer.json", files["tokenizer.json"])
     metrics = open_metrics(run_dir, trainer, source is not None, settings.tensorboard, main)
     checkpointer = Checkpointer(run_dir, trainer, sampler, files, settings.keep_last)
     state = trainer.state
@@ -335,6 +402,12 @@ def train(
             higher_is_better=higher_is_better,
             progress_bar=settings.progress_bar,
         )
+    except Diverged as err:
+        last = checkpoint.complete_steps(run_dir / "checkpoints")
+        kept = f"{last[-1]} is the last finite checkpoint and stays latest" if last else "no checkpoint was written"
+        raise Diverged(
+            f"{err}; {kept}. Lower optimizer.lr, set optimizer.grad_clip, or pass trainer.on_nonfinite=skip"
+        ) from None
     finally:
         metrics.close()
     tokens, seconds = state.tokens_seen - start_tokens, state.train_seconds - start_seconds
@@ -360,6 +433,7 @@ def train(
         "steps": state.step,
         "tokens": state.tokens_seen,
         "tokens_per_s": tokens_per_s,
+        "skipped_steps": state.skipped_steps,
         "checkpoint": str(checkpoint.resolve(run_dir)),
     }
     if keep_best:

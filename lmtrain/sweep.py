@@ -14,6 +14,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lmtrain.safe_io import write_text_atomic
+
 RESULT_FILE = "result.json"
 
 
@@ -22,9 +24,7 @@ def write_result(run_dir: Path, status: str, summary: dict[str, Any], overrides:
     result = {"status": status, "overrides": list(overrides), **summary}
     result = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(run_dir / RESULT_FILE)
+    write_text_atomic(run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from lmtrain import distributed
 from lmtrain.distributed import Placement
+from lmtrain.errors import Diverged
 from lmtrain.losses import cross_entropy
 from lmtrain.run_log import ProgressBar
 
@@ -32,6 +33,7 @@ class TrainState:
     # the log window in progress, so a resumed run logs the same averages as one that never stopped
     window_loss: float = 0.0
     window_steps: int = 0
+    skipped_steps: int = 0  # steps without an update (trainer.on_nonfinite=skip met a non-finite gradient)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +63,7 @@ class Trainer:
         teacher: nn.Module | None = None,
         placement: Placement | None = None,
         parallel: nn.Module | None = None,
+        on_nonfinite: str = "stop",
     ):
         self.model = model  # the plain module: its parameters, its state
         self.placement = placement or Placement(device=device)
@@ -76,6 +79,10 @@ class Trainer:
         self.ignore_index = ignore_index
         # distillation: a frozen model whose logits on the same inputs go to loss_fn as teacher_logits
         self.teacher = teacher
+        # "stop": fit raises Diverged at the first non-finite loss or grad norm; "skip": such a step makes no
+        # update (one host sync per optimizer step to know it)
+        self.on_nonfinite = on_nonfinite
+        self.last_step_skipped = False
         self.state = TrainState()
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -130,7 +137,12 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
-        self.scaler.step(self.optimizer)
+        # the grad norm is the same on every process, so all of them skip the same steps
+        self.last_step_skipped = self.on_nonfinite == "skip" and not bool(torch.isfinite(grad_norm))
+        if self.last_step_skipped:
+            self.state.skipped_steps += 1
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -194,6 +206,20 @@ class Trainer:
         state = self.state
         world = self.placement.world_size
         window_loss = torch.tensor(state.window_loss / world, device=self.device)  # this process's share
+        # the first step with a non-finite loss or grad norm (max_steps + 1: none), kept on the device and read
+        # only where the loop syncs anyway: at the log interval, before validating and before checkpointing
+        never = max_steps + 1
+        first_nonfinite = torch.full((), never, dtype=torch.int64, device=self.device)
+
+        def stop_if_diverged() -> None:
+            if self.on_nonfinite != "stop":
+                return
+            if world > 1:
+                torch.distributed.all_reduce(first_nonfinite, op=torch.distributed.ReduceOp.MIN)
+            step = int(first_nonfinite.item())
+            if step != never:
+                raise Diverged(f"training diverged: non-finite loss or gradient norm at step {step}")
+
         validate = (
             (lambda: self._validate(evaluate, main_metric, higher_is_better, write_metrics, bar, save_best))
             if evaluate is not None
@@ -201,6 +227,7 @@ class Trainer:
         )
 
         def checkpoint() -> None:
+            stop_if_diverged()
             total = window_loss.clone()
             if world > 1:
                 torch.distributed.all_reduce(total)
@@ -214,14 +241,19 @@ class Trainer:
             while state.step < max_steps:
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(next_step())
-                window_loss += loss
-                state.window_steps += 1
                 step = state.step
+                if not self.last_step_skipped:
+                    window_loss += loss
+                    state.window_steps += 1
+                nonfinite = ~torch.isfinite(loss)
+                if not self.scaler.is_enabled():  # with fp16 an overflowing gradient is routine: the scaler skips it
+                    nonfinite |= ~torch.isfinite(grad_norm)
+                first_nonfinite = torch.minimum(first_nonfinite, torch.where(nonfinite, step, never))
                 record = None
                 if step % log_every == 0 or step == max_steps:
                     if world > 1:  # each process holds its share of the mean
                         torch.distributed.all_reduce(window_loss)
-                    mean_loss = (window_loss / state.window_steps).item()  # waits for the device
+                    mean_loss = (window_loss / state.window_steps).item() if state.window_steps else float("nan")
                     elapsed = time.perf_counter() - window_start
                     record = {
                         "step": step,
@@ -231,16 +263,20 @@ class Trainer:
                         "tokens_per_s": (state.tokens_seen - window_start_tokens) / max(elapsed, 1e-9),
                         "tokens_seen": state.tokens_seen,
                     }
+                    if self.on_nonfinite == "skip":
+                        record["skipped_steps"] = state.skipped_steps
                     state.train_seconds += elapsed
                     write_metrics(record)
+                    stop_if_diverged()
                     window_loss.zero_()
                     state.window_steps = 0
                 bar.update(1, record)
                 if step % eval_every == 0 or step == max_steps:
+                    stop_if_diverged()
                     validate()
                 if step % checkpoint_every == 0 or step == max_steps:
                     checkpoint()
-                if state.window_steps == 0:  # time spent evaluating and saving between windows is not counted
+                if record is not None:  # time spent evaluating and saving between windows is not counted
                     window_start, window_start_tokens = time.perf_counter(), state.tokens_seen
         finally:
             bar.close()

@@ -100,6 +100,9 @@ def test_a_failing_rank_stops_the_run_and_is_named(tmp_path, corpus):
     assert result.returncode != 0
     assert time.monotonic() - started < 90
     assert "lmtrain pretrain (rank 1): error: RuntimeError: injected failure" in result.stderr
+    # the one line stands alone: the tracebacks go to the run's log file
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "rank 1: Traceback" in (tmp_path / "run" / "pretrain.log").read_text()
 
 
 def test_distributed_finetune_of_an_untied_model(tmp_path, corpus):

@@ -38,9 +38,12 @@ def data_fields(cfg: FinetuneConfig) -> dict[str, str]:
 
 def run(cfg: FinetuneConfig, run_dir: str) -> dict:
     """Finetune; returns the run's summary, with the objective Hydra sweepers minimise."""
+    with runs.claimed(Path(run_dir)):
+        return _run(cfg, Path(run_dir))
+
+
+def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    runs.prepare_run_dir(run_dir)
     t, d = cfg.trainer, cfg.data
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s)
     device = placement.device
@@ -125,8 +128,6 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
         "task.json": json.dumps(info.to_dict(), indent=2),
         **load_side_files(cfg.init_from, "init_from"),
     }
-    if placement.is_main:
-        (run_dir / "tokenizer.json").write_text(files["tokenizer.json"])
 
     def evaluate() -> dict[str, float]:
         result = task.evaluate(

@@ -25,12 +25,15 @@ log = logging.getLogger("lmtrain")
 
 def run(cfg: PretrainConfig, run_dir: str) -> dict:
     """Train; returns the run's summary, whose `objective` (best validation loss) Hydra sweepers minimise."""
+    with runs.claimed(Path(run_dir)):
+        return _run(cfg, Path(run_dir))
+
+
+def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    runs.prepare_run_dir(run_dir)
     t, m, d = cfg.trainer, cfg.model, cfg.data
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s)
-    device, main = placement.device, placement.is_main
+    device = placement.device
     source = runs.resume_source(t.resume, run_dir)
 
     pretrained, existing, end_of_text = None, None, None
@@ -51,8 +54,6 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
             end_of_text=end_of_text,
         )
     tokenizer_json = data.tokenizer.to_str()
-    if main:
-        (run_dir / "tokenizer.json").write_text(tokenizer_json)
     log.info(
         "data: %s train / %s validation tokens, vocabulary %d (cache %s)",
         f"{len(data.train):,}",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmtrain.errors import UserError
+from lmtrain.run_log import read_metrics
 from lmtrain.sweep import RESULT_FILE
 
 
@@ -67,13 +68,7 @@ def find_runs(paths: list[str]) -> list[Run]:
 
 
 def load_run(path: Path, name: str) -> Run:
-    metrics = []
-    if (path / "metrics.jsonl").is_file():
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a run killed mid-write: keep what is whole
+    metrics = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
     result = json.loads((path / RESULT_FILE).read_text()) if (path / RESULT_FILE).is_file() else {}
     if not result:  # still running, or killed: summarise from its metrics
         val = [r["val_loss"] for r in metrics if "val_loss" in r and r["step"] > 0]

@@ -53,6 +53,7 @@ CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
+    "trainer.on_nonfinite": ("stop", "skip"),
     "device": ("auto", "cpu", "cuda"),
 }
 

@@ -110,6 +110,9 @@ class TrainerConfig:
     nproc: int = 1  # > 1: lmtrain starts torchrun with this many local processes itself
     dist_timeout_s: float = 600.0  # a collective waiting longer on a peer fails the run instead of hanging
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    # a non-finite loss or grad norm: stop (exit non-zero, the last finite checkpoint stays latest) or skip
+    # the step (no update; counted in metrics.jsonl as skipped_steps)
+    on_nonfinite: str = "stop"
 
 
 @dataclass

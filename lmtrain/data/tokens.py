@@ -20,6 +20,7 @@ from tqdm import tqdm
 from lmtrain.data import corpus
 from lmtrain.data.tokenizer import build_tokenizer, end_of_text_id
 from lmtrain.errors import UserError
+from lmtrain.safe_io import writing
 
 FORMAT_VERSION = 1
 CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces cut at line ends
@@ -159,7 +160,7 @@ def _build(
         raise UserError(f"data.cache_dir: cannot write to '{folder.parent}': {err.strerror}") from None
     staging.chmod(0o755)  # mkdtemp makes it private
     try:
-        with open(staging / "tokens.bin", "wb") as out:
+        with writing(folder / "tokens.bin"), open(staging / "tokens.bin", "wb") as out:
             num_train = _write_tokens(train_documents(), tokenizer, separator, out, "tokenizing train")
             num_val = 0
             if validation:

@@ -1,0 +1,74 @@
+"""Files that are either whole or absent: atomic text writes, one-line errors for a full disk, capped reads
+of files that came from elsewhere (checkpoint metadata). Imports no torch: the CLI and `report` use it."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from lmtrain.errors import UserError
+
+# Errors that say "this machine cannot take the write", not "lmtrain has a bug": one line, no traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Turn a full disk (or quota, read-only file system, permission) while writing `path` into a one-line
+    UserError naming the file and the cause."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise UserError(f"cannot write '{path}': {err.strerror or os.strerror(err.errno)}") from err
+
+
+def umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def share(path: Path) -> None:
+    """Give `path` the mode the user's umask gives any new file or folder (mkdtemp and some writers make
+    them private)."""
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` through a temporary file renamed over it: readers see the old content or the new one,
+    never a torn mix. A full disk is a one-line UserError and leaves the old file as it was."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with writing(path):
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_text_capped(path: Path, max_bytes: int, key: str) -> str:
+    """The text of a file that came from elsewhere: no symlinks, no devices or pipes, at most `max_bytes`.
+    Each refusal is a UserError naming `key` and the file."""
+    if path.is_symlink():
+        raise UserError(f"{key}: '{path}' is a symlink; a checkpoint's files must be plain files")
+    if not path.exists():
+        raise UserError(f"{key}: '{path}' is missing")
+    if not path.is_file():
+        raise UserError(f"{key}: '{path}' is not a plain file")
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UserError(f"{key}: '{path}' is larger than {max_bytes:,} bytes; it is not lmtrain metadata")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise UserError(f"{key}: '{path}' is damaged (not UTF-8 text)") from None
