@@ -8,6 +8,8 @@ Layout of `checkpoints/step_NNNNNNN/`:
   config.yaml            the run's resolved config
   tokenizer.json         the tokenizer, so a checkpoint stands alone
   trainer_state.json     step, counters, scheduler; written last: its presence marks a complete checkpoint
+  adapter.json           adapter runs only: the base model (path and content hash) and the LoRA settings;
+                         model.safetensors then holds only the trained tensors
 `checkpoints/latest` is a symlink to the newest complete one.
 """
 
@@ -34,6 +36,7 @@ from lmtrain.safe_io import share, writing
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 COMPLETE_MARKER = "trainer_state.json"
+ADAPTER_FILE = "adapter.json"  # an adapter run's checkpoint: its base model and the adapter settings
 
 
 def step_dir_name(step: int) -> str:
@@ -81,11 +84,13 @@ def save(
     trainer_state: dict,
     files: dict[str, str],
     name: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `step` into a temporary folder, then rename it into place and repoint `latest`.
 
     `files` maps extra file names to text content (config.yaml, model.json, tokenizer.json). With `name`
-    (such as "best") the checkpoint goes to that folder instead, and `latest` is left alone.
+    (such as "best") the checkpoint goes to that folder instead, and `latest` is left alone. With `weights`
+    (an adapter run's trained tensors) model.safetensors holds those instead of the whole model.
     """
     with writing(checkpoint_root):
         checkpoint_root.mkdir(parents=True, exist_ok=True)
@@ -100,7 +105,10 @@ def save(
             with writing(final / file_name):  # a full disk names the file, not the staging folder
                 write(str(staging / file_name))
 
-        put("model.safetensors", lambda path: save_model(model, path))
+        if weights is None:
+            put("model.safetensors", lambda path: save_model(model, path))
+        else:
+            put("model.safetensors", lambda path: save_file({k: v.contiguous() for k, v in weights.items()}, path))
         tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
         put("optimizer.safetensors", lambda path: save_file(tensors, path))
         put("optimizer.json", lambda path: _write_json(Path(path), optimizer_meta))
@@ -245,8 +253,15 @@ def readable(checkpoint: Path, key: str) -> Iterator[None]:
         raise UserError(f"{key}: '{checkpoint}' is not a readable lmtrain checkpoint ({detail})") from err
 
 
-def load_weights(model: nn.Module, checkpoint: Path) -> None:
-    load_model(model, str(checkpoint / "model.safetensors"), strict=True)
+def load_weights(model: nn.Module, checkpoint: Path, partial: bool = False) -> None:
+    """The checkpoint's weights into `model`: all of them, or with `partial` (an adapter checkpoint) the
+    tensors it holds, each of which the model must have (ValueError otherwise)."""
+    if not partial:
+        load_model(model, str(checkpoint / "model.safetensors"), strict=True)
+        return
+    _, unexpected = model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
+    if unexpected:
+        raise ValueError(f"weights the model does not have, e.g. {unexpected[0]}")
 
 
 def load_optimizer_state(checkpoint: Path) -> dict:

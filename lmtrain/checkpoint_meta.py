@@ -137,6 +137,8 @@ def model_config(checkpoint: Path, key: str, exact: bool = True) -> TransformerC
     if config.num_heads % config.kv_heads:
         raise UserError(f"{key}: '{path}': num_kv_heads={config.kv_heads} does not divide num_heads={config.num_heads}")
     shapes = safetensors_shapes(checkpoint / weights, key)
+    if (checkpoint / "adapter.json").is_file():  # the trained tensors only; loading checks their names
+        return config
     if config.tie_embeddings:  # stored once, under either name
         shared = shapes.pop("lm_head.weight", None)
         shapes.setdefault("token_embedding.weight", shared)

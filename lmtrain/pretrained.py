@@ -3,7 +3,9 @@ Face model folder (see lmtrain.hf)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
@@ -13,6 +15,7 @@ from lmtrain.data.tokenizer import SpecialTokens, side_files, special_tokens
 from lmtrain.errors import UserError
 from lmtrain.export import EXPORT_MARKER, load_export_weights
 from lmtrain.hf.load import is_hf_folder, load_hf, side_files_from_hf
+from lmtrain.lora import add_lora
 from lmtrain.model import TransformerLM
 from lmtrain.tasks import TaskInfo
 
@@ -23,6 +26,8 @@ def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[Tran
     source = checkpoint.resolve(path, key)
     if is_hf_folder(source):
         return load_hf(source, device, key)
+    if (source / checkpoint.ADAPTER_FILE).is_file():
+        return load_adapter(source, device, key)
     with checkpoint.readable(source, key):
         exported = (source / EXPORT_MARKER).is_file()
         config = checkpoint_meta.model_config(source, key, exact=not exported)
@@ -38,6 +43,57 @@ def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[Tran
         else:
             checkpoint.load_weights(model, source)
     return model.to(device), tokenizer
+
+
+def weights_digest(path: str | Path, key: str = "ckpt") -> str:
+    """sha256 over the names and bytes of a model's weight files: what an adapter checks its base by."""
+    source = checkpoint.resolve(path, key)
+    digest = hashlib.sha256()
+    for file in sorted(source.glob("*.safetensors")):
+        if file.name in ("optimizer.safetensors", "rng.safetensors"):
+            continue
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def adapter_record(base: str, digest: str, settings: dict, layers: list[str], key: str = "init_from") -> str:
+    """adapter.json of an adapter run: its base (resolved path and `weights_digest`), the LoRA settings
+    (rank, alpha, dropout) and the wrapped layers."""
+    record = {"base": str(checkpoint.resolve(base, key)), "base_sha256": digest, **settings, "layers": layers}
+    return json.dumps(record, indent=2)
+
+
+def load_adapter(source: Path, device: torch.device, key: str) -> tuple[TransformerLM, Tokenizer]:
+    """An adapter checkpoint: its base model (checked by content hash), wrapped in the recorded adapters,
+    with the checkpoint's trained tensors loaded. A base that changed or moved is a one-line error."""
+    with checkpoint.readable(source, key):
+        record = json.loads((source / checkpoint.ADAPTER_FILE).read_text())
+        config = checkpoint_meta.model_config(source, key)
+        tokenizer = checkpoint_meta.tokenizer(source, key)
+        base_path = Path(record["base"])
+    if not base_path.exists():
+        raise UserError(f"{key}: the adapter in '{source}' needs its base model '{base_path}', which is gone")
+    if weights_digest(base_path, key) != record["base_sha256"]:
+        raise UserError(
+            f"{key}: the base model '{base_path}' changed since the adapter in '{source}' was trained "
+            "(its weights' sha256 differs)"
+        )
+    model, _ = load_model(str(base_path), torch.device("cpu"), key)
+    if config.num_classes and model.config.num_classes != config.num_classes:
+        model.add_classifier(config.num_classes)
+    wrapped = add_lora(model, sorted({n.rsplit(".", 1)[-1] for n in record["layers"]}), **_lora_settings(record))
+    if sorted(wrapped) != sorted(record["layers"]):
+        raise UserError(f"{key}: '{source / checkpoint.ADAPTER_FILE}' names layers its base model does not have")
+    with checkpoint.readable(source, key):
+        checkpoint.load_weights(model, source, partial=True)
+    return model.to(device), tokenizer
+
+
+def _lora_settings(record: dict) -> dict:
+    return {"rank": int(record["rank"]), "alpha": float(record["alpha"]), "dropout": float(record["dropout"])}
 
 
 def load_special_tokens(path: str, tokenizer: Tokenizer, key: str = "ckpt") -> SpecialTokens:

@@ -139,10 +139,10 @@ def _named(numbered: dict, names: list[str]) -> dict:
     return {"state": {names[int(k)]: v for k, v in numbered["state"].items()}, "param_groups": groups}
 
 
-def _full_state_options():
+def _full_state_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)
 
 
 def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, str], run_dir: Path) -> None:
@@ -150,6 +150,7 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
     A checkpoint holds whole tensors, so any number of processes can resume it."""
     check_compatible(source, files)
     state = checkpoint_meta.trainer_state(source, "trainer.resume")
+    adapter = (source / checkpoint.ADAPTER_FILE).is_file()  # holds the trained tensors only; the base is loaded already
     with checkpoint.readable(source, "trainer.resume"):
         optimizer_state = checkpoint.load_optimizer_state(source)
         if trainer.placement.strategy == "fsdp":
@@ -161,17 +162,17 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
             )
 
             weights = load_file(str(source / "model.safetensors"))
-            if trainer.model.config.tie_embeddings:  # stored once; the sharded model names both
+            if trainer.model.config.tie_embeddings and not adapter:  # stored once; the sharded model names both
                 shared = weights.get("token_embedding.weight", weights.get("lm_head.weight"))
                 weights.update({"token_embedding.weight": shared, "lm_head.weight": shared})
-            set_model_state_dict(trainer.model, weights, options=_full_state_options())
+            set_model_state_dict(trainer.model, weights, options=_full_state_options(strict=not adapter))
             current = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=_full_state_options())
             names = _fqn_order(current)
             set_optimizer_state_dict(
                 trainer.model, trainer.optimizer, _named(optimizer_state, names), options=_full_state_options()
             )
         else:
-            checkpoint.load_weights(trainer.model, source)
+            checkpoint.load_weights(trainer.model, source, partial=adapter)
             trainer.optimizer.load_state_dict(optimizer_state)
         trainer.scheduler.load_state_dict(state["scheduler"])
         # the LR of the next step under this run's schedule (the same as saved unless max_steps changed)
@@ -205,24 +206,32 @@ class Checkpointer:
     def __init__(self, run_dir: Path, trainer: Trainer, sampler: Sampler, files: dict[str, str], keep_last: int):
         self.root = run_dir / "checkpoints"
         self.trainer, self.sampler, self.files, self.keep_last = trainer, sampler, files, keep_last
+        # an adapter run saves only what it trains (the adapters, a task head); its base stays where it is
+        adapter = checkpoint.ADAPTER_FILE in files
+        self.trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad} if adapter else None
 
-    def _gathered(self) -> tuple[torch.nn.Module, dict]:
+    def _gathered(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None, dict]:
+        """The model to save (or, for an adapter run, the trained tensors) and the optimizer state."""
         trainer = self.trainer
+        trained = self.trained
         if trainer.placement.strategy != "fsdp":
-            return trainer.model, trainer.optimizer.state_dict()
+            weights = None if trained is None else {k: v for k, v in trainer.model.state_dict().items() if k in trained}
+            return trainer.model, weights, trainer.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        weights = get_model_state_dict(trainer.model, options=_full_state_options())
+        full = get_model_state_dict(trainer.model, options=_full_state_options())
         optimizer_state = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=_full_state_options())
         if not trainer.placement.is_main:
-            return trainer.model, {}
+            return trainer.model, None, {}
+        if trained is not None:
+            return trainer.model, {k: v for k, v in full.items() if k in trained}, _numbered(optimizer_state)
         whole = TransformerLM(trainer.model.config)
-        whole.load_state_dict(weights)
-        return whole, _numbered(optimizer_state)
+        whole.load_state_dict(full)
+        return whole, None, _numbered(optimizer_state)
 
     def _save(self, name: str | None) -> None:
         trainer = self.trainer
-        model, optimizer_state = self._gathered()
+        model, weights, optimizer_state = self._gathered()
         if trainer.placement.is_main:
             rng = {"torch_cpu": torch.get_rng_state()}
             rng.update({f"sampler.{k}": v for k, v in self.sampler.state_dict().items()})
@@ -243,6 +252,7 @@ class Checkpointer:
                 trainer_state=state,
                 files=self.files,
                 name=name,
+                weights=weights,
             )
             if name is None:
                 checkpoint.prune(self.root, self.keep_last)

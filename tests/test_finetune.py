@@ -6,11 +6,13 @@ import random
 import pytest
 import torch
 from conftest import lmtrain
+from safetensors.torch import load_file
 
 from lmtrain.cli import check
 from lmtrain.commands import finetune, pretrain
 from lmtrain.config import FinetuneConfig, PretrainConfig
 from lmtrain.errors import UserError
+from lmtrain.pretrained import load_model
 from lmtrain.run_log import read_metrics
 
 NOUNS = "cat dog mat log sun moon tree bird fish".split()
@@ -308,3 +310,57 @@ def test_overlong_examples_are_truncated_and_counted(base, caplog, name):
     assert max(len(e.ids) for e in examples) <= model.config.max_seq_len + (0 if name == "classification" else 1)
     if name == "seq2seq":  # the target survives; the prompt loses its start
         assert examples[2].ids[examples[2].loss_start :] == tokenizer.encode("bbb").ids + [task.eot]
+
+
+def test_lora_learns_the_classification_rule_and_saves_only_what_it_trains(tmp_path, data, base):
+    summary = finetune_run(
+        tmp_path,
+        base,
+        "classification",
+        *data["classification"],
+        "epochs=3",
+        "adapter=lora",
+        "adapter.rank=8",
+        "optimizer.lr=1e-2",
+    )
+    assert summary["best_val_accuracy"] >= 0.9
+    best = tmp_path / "checkpoints" / "best"
+    saved = load_file(str(best / "model.safetensors"))
+    assert set(saved) == {k for k in saved if ".lora_" in k or k.startswith("classifier.")} and saved
+    assert (best / "model.safetensors").stat().st_size < 0.2 * (base / "model.safetensors").stat().st_size
+    optimizer = json.loads((best / "optimizer.json").read_text())
+    assert sum(len(g["params"]) for g in optimizer["param_groups"]) == len(saved)  # state only for trained tensors
+    model, _ = load_model(str(best), torch.device("cpu"))
+    base_model, _ = load_model(str(base), torch.device("cpu"))
+    base_state = base_model.state_dict()
+    assert all(torch.equal(v, base_state[k]) for k, v in model.state_dict().items() if k in base_state)
+
+
+def test_lora_resume_is_bitwise(tmp_path, data, base):
+    common = ["epochs=null", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.checkpoint_every=3"]
+    lora = ["adapter=lora", "adapter.rank=4", "adapter.target_modules=[attention]", "adapter.dropout=0.1"]
+    finetune_run(tmp_path / "full", base, "seq2seq", *data["seq2seq"], *common, *lora, "task.max_eval_examples=4")
+    finetune_run(
+        tmp_path / "part",
+        base,
+        "seq2seq",
+        *data["seq2seq"],
+        *common[:1],
+        "trainer.max_steps=3",
+        *common[2:],
+        *lora,
+        "task.max_eval_examples=4",
+    )
+    finetune_run(
+        tmp_path / "part",
+        base,
+        "seq2seq",
+        *data["seq2seq"],
+        *common,
+        *lora,
+        "task.max_eval_examples=4",
+        "trainer.resume=true",
+    )
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "latest" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoints" / "latest" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

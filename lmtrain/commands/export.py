@@ -19,7 +19,8 @@ from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.export import DTYPES, EXPORT_MARKER, staged, write_export
 from lmtrain.hf.families import family_of
-from lmtrain.hf.save import write_hf
+from lmtrain.hf.save import write_hf, write_peft
+from lmtrain.lora import merge_lora
 from lmtrain.pretrained import load_model, load_side_files, load_special_tokens, load_task_info
 
 log = logging.getLogger("lmtrain")
@@ -75,6 +76,16 @@ def run(cfg: ExportConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
     source = checkpoint.resolve(cfg.ckpt)
     model, tokenizer = load_model(str(source), device)
+    adapter = (source / checkpoint.ADAPTER_FILE).is_file()
+    if cfg.merge_adapter and not adapter:
+        raise UserError(f"merge_adapter: '{source}' holds no adapter; drop merge_adapter=true")
+    if adapter and not cfg.merge_adapter and cfg.format == "lmtrain":
+        raise UserError(
+            "merge_adapter: an adapter checkpoint exports merged (merge_adapter=true) or, with format=hf, as a "
+            "PEFT adapter"
+        )
+    if cfg.merge_adapter:
+        merge_lora(model)
     label = "int8" if cfg.quantize == "int8" else cfg.dtype
     if cfg.format == "hf":
         label = "hf" if cfg.dtype == "fp32" else f"hf-{cfg.dtype}"
@@ -92,7 +103,13 @@ def run(cfg: ExportConfig, run_dir: str) -> None:
     )
     files.update(load_side_files(str(source)))
     before = validation_score(model, tokenizer, source, cfg.eval_batches, device)
-    if cfg.format == "hf":
+    if adapter and not cfg.merge_adapter:  # the adapters alone, for peft on top of the base model
+        with staged(out) as staging:
+            size = write_peft(model, json.loads((source / checkpoint.ADAPTER_FILE).read_text()), staging)
+            (staging / "tokenizer.json").write_text(tokenizer.to_str())
+            meta = {"format": "peft", "dtype": "fp32", "quantize": "none", "int8_layers": [], "bytes": size}
+            (staging / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
+    elif cfg.format == "hf":
         special = load_special_tokens(str(source), tokenizer)
         with staged(out) as staging:
             size = write_hf(
@@ -108,8 +125,10 @@ def run(cfg: ExportConfig, run_dir: str) -> None:
             (staging / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
     else:
         size = write_export(model, out, cfg.dtype, cfg.quantize, files)
-    exported, _ = load_model(str(out), device)
-    after = validation_score(exported, tokenizer, source, cfg.eval_batches, device)
+    after = None
+    if not adapter or cfg.merge_adapter:  # a PEFT adapter alone is no model to score
+        exported, _ = load_model(str(out), device)
+        after = validation_score(exported, tokenizer, source, cfg.eval_batches, device)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     report = {
         "export": str(out),

@@ -17,11 +17,19 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lmtrain import distributed, runs
+from lmtrain import checkpoint, distributed, runs
 from lmtrain.config import FinetuneConfig
 from lmtrain.data.examples import ExampleBatches, read_records, split_off
 from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model, load_side_files, load_special_tokens, load_task_info
+from lmtrain.lora import add_lora
+from lmtrain.pretrained import (
+    adapter_record,
+    load_model,
+    load_side_files,
+    load_special_tokens,
+    load_task_info,
+    weights_digest,
+)
 from lmtrain.tasks import Task, build_task_info, field_roles, text_unit
 from lmtrain.trainer import AMP_DTYPES
 
@@ -86,6 +94,15 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
     model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
+    adapter_json = None
+    if cfg.adapter.name == "lora":  # the base is frozen; only the adapters (and a fresh task head) train
+        a = cfg.adapter
+        digest = weights_digest(cfg.init_from, "init_from")
+        layers = add_lora(model, list(a.target_modules), a.rank, a.alpha, a.dropout)
+        if model.classifier is not None:
+            model.classifier.requires_grad_(True)
+        settings = {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout}
+        adapter_json = adapter_record(cfg.init_from, digest, settings, layers)
     accum_steps = cfg.grad_accum.steps
     pack_width = (d.pack_len or model.config.max_seq_len) if d.packing else None
     if pack_width is not None and pack_width > model.config.max_seq_len:
@@ -127,6 +144,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
         "tokenizer.json": tokenizer.to_str(),
         "task.json": json.dumps(info.to_dict(), indent=2),
         **load_side_files(cfg.init_from, "init_from"),
+        **({checkpoint.ADAPTER_FILE: adapter_json} if adapter_json else {}),
     }
 
     def evaluate() -> dict[str, float]:

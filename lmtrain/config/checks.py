@@ -31,6 +31,7 @@ class ConfigError(UserError):
 
 
 CHOICES = {
+    "adapter.name": ("none", "lora"),
     "task.name": ("lm", "classification", "seq2seq", "qa"),
     "task.class_weights": ("none", "balanced"),
     "task.decoding": ("greedy", "beam", "sample"),
@@ -226,6 +227,18 @@ def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
     _positive(cfg, "", errors, "epochs", nullable=True)
     _positive(cfg, "", errors, "evals_per_epoch")
     _positive(cfg.data, "data.", errors, "pack_len", nullable=True)
+    a = cfg.adapter
+    _positive(a, "adapter.", errors, "rank", "alpha")
+    if not 0.0 <= a.dropout < 1.0:
+        errors.append(f"adapter.dropout: must be in [0, 1), got {a.dropout}")
+    known = ("qkv", "proj", "up", "gate", "down", "attention", "mlp", "all_linear")
+    for target in a.target_modules:
+        if target not in known:
+            hint = nearest(str(target), list(known))
+            errors.append(
+                f"adapter.target_modules: '{target}' is not one of {', '.join(known)}"
+                + (f" (did you mean '{hint}'?)" if hint else "")
+            )
     if cfg.data.packing and cfg.task.name == "classification":
         errors.append("data.packing: classification reads one label per sequence; pack lm, seq2seq or qa data")
     if cfg.freeze_blocks < 0:

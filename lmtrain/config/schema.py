@@ -159,6 +159,16 @@ class ExampleDataConfig:
 
 
 @dataclass
+class AdapterConfig:
+    name: str = "none"  # none (train every weight) | lora
+    rank: int = 16  # lora: rank r of the update B A
+    alpha: float = 32.0  # lora: the update is scaled by alpha / rank
+    dropout: float = 0.0  # lora: dropout on the adapter's input
+    # lora: layers to adapt by lmtrain's names (qkv, proj, up, gate, down) or attention | mlp | all_linear
+    target_modules: list[str] = field(default_factory=lambda: ["all_linear"])
+
+
+@dataclass
 class FinetuneConfig:
     init_from: str | None = None  # checkpoint (or run dir) whose weights and tokenizer start the run
     freeze_embeddings: bool = False  # keep token/position embeddings (and a tied LM head) fixed
@@ -167,6 +177,7 @@ class FinetuneConfig:
     epochs: float | None = 3.0  # passes over train; sets trainer.max_steps (null: trainer.max_steps decides)
     evals_per_epoch: int = 2  # validations per epoch when epochs is set (else trainer.eval_every)
     task: TaskConfig = field(default_factory=TaskConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     grad_accum: GradAccumConfig = field(default_factory=GradAccumConfig)
@@ -224,6 +235,8 @@ class ExportConfig:
     format: str = "lmtrain"  # lmtrain (generate/evaluate/predict load it) | hf (a transformers model folder)
     dtype: str = "fp32"  # fp32 | bf16 | fp16: the dtype of the weights that are not int8
     max_shard_mb: float = 5000.0  # format=hf: weights above this size are split into shards with an index
+    merge_adapter: bool = False  # an adapter checkpoint: fold the adapters into the weights (else format=hf writes
+    # the adapters alone in PEFT's layout)
     quantize: str = "none"  # none | int8: weight-only int8 of the linear layers, one scale per output channel
     out: str | None = None  # export folder (default: <run dir>/export-<dtype or int8>)
     eval_batches: int = 20  # validation batches for the before/after score

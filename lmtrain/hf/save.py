@@ -103,3 +103,43 @@ def write_hf(
     if "chat_template.jinja" in side_files:
         (folder / "chat_template.jinja").write_text(side_files["chat_template.jinja"])
     return sum(t.numel() * t.element_size() for _, t in tensors)
+
+
+def write_peft(model: TransformerLM, record: dict, folder: Path) -> int:
+    """A LoRA-wrapped `model`'s adapters in PEFT's layout (adapter_config.json, adapter_model.safetensors),
+    named for the Hugging Face model of its family; `record` is the run's adapter.json. A fused q/k/v adapter
+    becomes three that share A (B split by rows), which computes the same update. Returns bytes written."""
+    from lmtrain.lora import LoRALinear
+
+    family = family_of(model.config)
+    prefix = "transformer." if family == "gpt2" else ""
+    tensors: dict[str, torch.Tensor] = {}
+    targets: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        where = source(family, f"{name}.weight")
+        modules = [prefix + n.removesuffix(".weight") for n in where.names]
+        parts = module.lora_B.split(split_sizes(model.config), dim=0) if len(modules) > 1 else (module.lora_B,)
+        for hf_module, part in zip(modules, parts, strict=True):
+            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = module.lora_A.detach().cpu().clone()
+            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = part.detach().contiguous().cpu()
+            targets.append(hf_module)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": record["base"],
+        "r": record["rank"],
+        "lora_alpha": record["alpha"],
+        "lora_dropout": record["dropout"],
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": family == "gpt2",  # GPT-2's Conv1D stores its weight [in, out]
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
