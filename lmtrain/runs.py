@@ -219,11 +219,15 @@ def build_trainer(
         momentum=o.momentum,
         device=device,
     )
+    warmup = s.warmup_steps
+    if warmup > max_steps:  # a quick try (`trainer.max_steps=5`) warms up for the whole run
+        log.warning("scheduler.warmup_steps: %d is longer than the run; cut to its %d steps", warmup, max_steps)
+        warmup = max_steps
     scheduler = build_scheduler(
         optimizer,
         name=s.name,
         lr=o.lr,
-        warmup_steps=s.warmup_steps,
+        warmup_steps=warmup,
         max_steps=max_steps,
         min_lr=s.min_lr,
         decay_fraction=s.decay_fraction,

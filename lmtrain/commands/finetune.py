@@ -89,11 +89,6 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
     if cfg.epochs is not None:
         max_steps = math.ceil(cfg.epochs * steps_per_epoch)
         eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
-    if cfg.scheduler.warmup_steps > max_steps:
-        raise UserError(
-            f"scheduler.warmup_steps: {cfg.scheduler.warmup_steps} exceeds the {max_steps} steps "
-            "of this run; lower it or train longer"
-        )
     class_weights = None
     if task.classify and cfg.task.class_weights == "balanced":  # inverse class frequency, mean weight 1
         counts = torch.bincount(torch.tensor([e.label for e in train_examples]), minlength=len(info.labels))
