@@ -192,7 +192,8 @@ def literal_strings(schema: type, overrides: list[str], multirun: bool) -> list[
             or value[:1] in ("'", '"')
             or value == "null"
             or "${" in value
-            or multirun and ("," in value or re.match(r"^\w+\(", value))
+            or multirun
+            and ("," in value or re.match(r"^\w+\(", value))
         )
         quoted.append(override if untouched else f"{key}={_hydra_quote(value)}")
     return quoted

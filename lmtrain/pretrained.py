@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmtrain import checkpoint
+from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.errors import UserError
 from lmtrain.export import EXPORT_MARKER, load_export_weights
 from lmtrain.model import TransformerConfig, TransformerLM
@@ -19,7 +20,7 @@ def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[Tran
     source = checkpoint.resolve(path, key)
     with checkpoint.readable(source, key):
         config = TransformerConfig(**json.loads((source / "model.json").read_text()))
-        tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+        tokenizer = load_tokenizer(str(source / "tokenizer.json"))
         if tokenizer.get_vocab_size() != config.vocab_size:
             raise UserError(
                 f"{key}: the tokenizer in '{source}' has {tokenizer.get_vocab_size()} entries but the model's "

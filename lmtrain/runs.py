@@ -91,6 +91,7 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
         for name, what in (("model.json", "model"), ("tokenizer.json", "tokenizer")):
             if (source / name).read_text() != files[name]:
                 raise UserError(f"trainer.resume: the {what} in '{source}' differs from this run's config")
+        _same_optimizer(source, files["config.yaml"])
         optimizer_state = checkpoint.load_optimizer_state(source)
         if trainer.placement.strategy == "fsdp":
             from safetensors.torch import load_file
@@ -134,6 +135,21 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
         for moved in checkpoint.set_aside_after(run_dir / "checkpoints", trainer.state.step):
             log.warning("set aside %s: it continued the run past the checkpoint resumed from", moved)
     distributed.barrier()
+
+
+def _same_optimizer(source: Path, config_yaml: str) -> None:
+    """An optimizer's state only loads into the same kind of optimizer."""
+    import yaml
+
+    if not (source / "config.yaml").is_file():
+        return
+    saved = (yaml.safe_load((source / "config.yaml").read_text()) or {}).get("optimizer", {}).get("name")
+    wanted = (yaml.safe_load(config_yaml) or {}).get("optimizer", {}).get("name")
+    if saved and wanted and saved != wanted:
+        raise UserError(
+            f"trainer.resume: '{source}' was trained with optimizer={saved}; resume it with optimizer={saved}, "
+            "or start a new run from its weights (lmtrain finetune init_from=...)"
+        )
 
 
 class Checkpointer:
@@ -314,13 +330,17 @@ def train(
     main_metric: str = "loss",
     higher_is_better: bool = False,
     keep_best: bool = False,
+    data_counts: dict[str, int] | None = None,
 ) -> dict:
     """Resume if asked, run `trainer.fit` with metrics and checkpoints in `run_dir`, and return the run's
-    summary (the `result.json` body) with the `objective` Hydra sweepers minimise."""
+    summary (the `result.json` body) with the `objective` Hydra sweepers minimise. `data_counts` (records
+    skipped, ...) open a fresh run's metrics.jsonl as a step-0 record."""
     main = trainer.placement.is_main
     if source is not None:
         restore(source, trainer, sampler, files, run_dir)
     metrics = open_metrics(run_dir, trainer, source is not None, settings.tensorboard, main)
+    if data_counts and source is None:
+        metrics.write({"step": 0, **data_counts})
     checkpointer = Checkpointer(run_dir, trainer, sampler, files, settings.keep_last)
     state = trainer.state
     start_step, start_tokens, start_seconds = state.step, state.tokens_seen, state.train_seconds

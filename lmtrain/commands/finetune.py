@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 
 from lmtrain import distributed, runs
 from lmtrain.config import FinetuneConfig
-from lmtrain.data.examples import ExampleBatches, read_records, split_off
+from lmtrain.data.examples import ExampleBatches, read_records, split_off, usable_records
 from lmtrain.errors import UserError
 from lmtrain.pretrained import load_model, load_task_info
-from lmtrain.tasks import Task, build_task_info, field_roles, text_unit
+from lmtrain.tasks import Task, TaskInfo, build_task_info, field_roles, field_types, text_unit
 from lmtrain.trainer import AMP_DTYPES
 
 log = logging.getLogger("lmtrain")
@@ -58,11 +58,18 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
             f"data.train: '{d.train}' has no field '{missing[0]}'; its fields are "
             f"{', '.join(train_records[0])} (set data.<role>_field to the right name)"
         )
+    types = field_types(TaskInfo(cfg.task.name, fields, instruction=instruction))
+    train_records, skipped = usable_records(train_records, types, "data.train", d.train, d.on_bad_record)
+    counts = {"skipped_train_records": skipped}
     info = build_task_info(cfg.task, fields, train_records)
     task = Task(info, tokenizer, model.config.max_seq_len)
     train_examples = task.encode(train_records, "data.train")
     if d.validation:
-        val_examples = task.encode(read_records(d.validation, "data.validation", required, txt_by), "data.validation")
+        records = read_records(d.validation, "data.validation", required, txt_by)
+        records, counts["skipped_validation_records"] = usable_records(
+            records, types, "data.validation", d.validation, d.on_bad_record
+        )
+        val_examples = task.encode(records, "data.validation")
     else:  # held out after encoding, so evaluate/export can hold out the same examples again
         train_examples, val_examples = split_off(train_examples, d.val_fraction, t.seed)
     if cfg.task.max_eval_examples:
@@ -81,6 +88,8 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
         model.remove_classifier()
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
+    if cfg.freeze_blocks > model.config.num_layers:
+        raise UserError(f"freeze_blocks: {cfg.freeze_blocks} exceeds the {model.config.num_layers} blocks of init_from")
     model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
     accum_steps = cfg.grad_accum.steps
     batches = ExampleBatches(train_examples, t.micro_batch_size, t.seed, task.eot, cfg.loss.ignore_index, task.classify)
@@ -142,6 +151,7 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
         main_metric=task.main_metric,
         higher_is_better=task.higher_is_better,
         keep_best=True,
+        data_counts=counts,
     )
     log.info(
         "best checkpoint (val_%s %.4f): %s",

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.config import GenerateConfig
-from lmtrain.data.tokenizer import end_of_text_id
+from lmtrain.data.tokenizer import end_of_text_id, warn_unknown
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.generate import generate
@@ -19,11 +19,8 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
     model, tokenizer = load_model(cfg.ckpt, device)
     prompt = cfg.prompt
-    if cfg.prompt_file:
-        path = Path(cfg.prompt_file).expanduser()
-        if not path.is_file():
-            raise UserError(f"prompt_file: no such file '{cfg.prompt_file}'")
-        prompt = path.read_text()
+    if cfg.prompt_file:  # checked before any compute: a UTF-8 text file (lmtrain.config.paths)
+        prompt = Path(cfg.prompt_file).expanduser().read_text(encoding="utf-8")
     stop = end_of_text_id(tokenizer)
     info = load_task_info(cfg.ckpt)
     if info is not None and info.name == "classification":
@@ -40,6 +37,7 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
         task = Task(info, tokenizer, model.config.max_seq_len)
         ids = task.prompt_ids({info.fields[role]: text for role, text in roles.items()})
     else:
+        warn_unknown(tokenizer, [prompt], "prompt")
         ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [stop]
     prompt_tokens = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

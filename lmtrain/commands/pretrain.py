@@ -78,6 +78,7 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
         max_steps=t.max_steps,
         eval_every=t.eval_every,
         started=started,
+        data_counts={f"skipped_{k.split('.')[1]}_records": n for k, n in data.skipped.items()},
     )
     log.info('try: lmtrain generate ckpt=%s prompt="def "', run_dir / "checkpoints" / "latest")
     return summary

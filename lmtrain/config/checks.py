@@ -52,6 +52,8 @@ CHOICES = {
     "trainer.precision": ("fp32", "bf16", "fp16"),
     "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
     "device": ("auto", "cpu", "cuda"),
+    "data.on_bad_record": ("skip", "error"),
+    "on_bad_record": ("skip", "error"),
 }
 
 

@@ -75,6 +75,7 @@ class DataConfig:
     vocab_size: int = 4096  # bpe only: size of the trained vocabulary
     max_chars: int | None = None  # read at most this many characters of train (null: all)
     cache_dir: str = "~/.cache/lmtrain"  # where packed token files are cached
+    on_bad_record: str = "skip"  # skip | error: a record whose text is missing, null or not text
 
 
 @dataclass
@@ -137,6 +138,7 @@ class ExampleDataConfig:
     question_field: str = "question"  # qa
     context_field: str = "context"
     answer_field: str = "answer"
+    on_bad_record: str = "skip"  # skip (counted in the log and metrics.jsonl) | error: a missing/null/mistyped field
 
 
 @dataclass
@@ -172,6 +174,7 @@ class EvalDataConfig:
     question_field: str | None = None
     context_field: str | None = None
     answer_field: str | None = None
+    on_bad_record: str = "skip"  # skip (counted in eval.json) | error: a record with a missing/null/mistyped field
 
 
 @dataclass
@@ -195,6 +198,7 @@ class PredictConfig:
     input: str | None = None  # or a .txt (one text per line) / jsonl / csv / parquet file
     output: str | None = None  # write predictions as jsonl here (default: print them)
     text_field: str | None = None  # field of `input` holding the text (null: the checkpoint's)
+    on_bad_record: str = "skip"  # skip (with a warning) | error: an input record whose text is missing or null
     batch_size: int = 64
     device: str = "auto"
 
