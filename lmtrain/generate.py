@@ -23,6 +23,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         probs = sorted_logits.double().softmax(dim=-1)
         # drop a token when the mass before it already reaches top_p
         drop = probs.cumsum(dim=-1) - probs >= top_p - TOP_P_TOLERANCE
+        drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 

@@ -73,11 +73,9 @@ def field_types(info: TaskInfo) -> dict[str, tuple[type, ...]]:
     }
 
 
-def label_index(labels: list) -> dict:
-    """Label value -> class id. A label also matches by its text, so 1 in one file is "1" in another."""
-    index = {str(label): i for i, label in enumerate(labels)}
-    index.update({label: i for i, label in enumerate(labels)})
-    return index
+def label_index(labels: list) -> dict[str, int]:
+    """Label text -> class id. Labels match by their text, so 1 in one file is "1" in another."""
+    return {str(label): i for i, label in enumerate(labels)}
 
 
 class Task:
@@ -113,12 +111,12 @@ class Task:
             texts = self._column(records, "text")
             examples, truncated = self.encode_texts(texts, key)
             for example, label in zip(examples, self._column(records, "label"), strict=True):
-                if label not in index:
+                if str(label) not in index:
                     known = ", ".join(repr(v) for v in self.info.labels)
                     raise UserError(
                         f"data.label_field: label {label!r} in {key} was not seen in data.train (known: {known})"
                     )
-                example.label = index[label]
+                example.label = index[str(label)]
         elif name == "lm" and not self.info.instruction:
             for ids in self._encode(self._column(records, "text"), key):
                 if not ids:  # an empty text has nothing to predict
