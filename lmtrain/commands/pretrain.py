@@ -18,6 +18,7 @@ from lmtrain.metrics import perplexity
 from lmtrain.model import TransformerConfig, TransformerLM
 
 log = logging.getLogger("lmtrain")
+HINT = 'lmtrain generate ckpt=%s prompt="def "'  # printed at the end of a run; a test runs it as printed
 
 
 def run(cfg: PretrainConfig, run_dir: str) -> dict:
@@ -80,5 +81,5 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
         started=started,
         data_counts={f"skipped_{k.split('.')[1]}_records": n for k, n in data.skipped.items()},
     )
-    log.info('try: lmtrain generate ckpt=%s prompt="def "', run_dir / "checkpoints" / "latest")
+    log.info("try: " + HINT, run_dir / "checkpoints" / "latest")
     return summary
