@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from lmtrain.data.tokenizer import plain_text
 from lmtrain.errors import UserError
 from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.safe_io import read_text_capped
@@ -167,7 +168,7 @@ def tokenizer(checkpoint: Path, key: str) -> Tokenizer:
     path = checkpoint / "tokenizer.json"
     text = read_text_capped(path, MAX_JSON_BYTES, key)
     try:
-        return Tokenizer.from_str(text)
+        return plain_text(Tokenizer.from_str(text))
     except Exception as err:  # the tokenizers library raises plain Exceptions
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"{key}: '{path}' is damaged (not a tokenizer: {detail})") from None

@@ -10,6 +10,7 @@ import importlib
 import importlib.resources
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.config import (
+    CHOICES,
     ConfigError,
     EvaluateConfig,
     ExportConfig,
@@ -26,8 +28,10 @@ from lmtrain.config import (
     PretrainConfig,
     all_keys,
     nearest,
+    string_keys,
     validate,
 )
+from lmtrain.config.paths import check_out_folder, check_paths
 from lmtrain.errors import RunRefused, UserError
 
 log = logging.getLogger("lmtrain")
@@ -75,9 +79,19 @@ def _group_options(group: str) -> list[str] | None:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def _no_such_option(key: str, value: str, options: list[str]) -> ConfigError:
+    hint = nearest(value, options)
+    return ConfigError(
+        f"{key}={value}: no such option; choose from {', '.join(options)}"
+        + (f" (did you mean '{hint}'?)" if hint else "")
+    )
+
+
 def _first_values(overrides: list[str]) -> list[str]:
-    """Replace each sweep (`a=1,2`) by its first value so one job of a multirun can be checked."""
+    """Replace each sweep (`a=1,2`, `glob(*)`, `range(1,4)`, `interval(0,1)`, `tag(...)`) by its first value so
+    one job of a multirun can be checked; every option a group sweep names must exist."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
     from hydra.errors import OverrideParseException
 
     try:
@@ -87,21 +101,31 @@ def _first_values(overrides: list[str]) -> list[str]:
     checked = []
     for override in parsed:
         key = override.get_key_element().lstrip("+~")
+        options = _group_options(key) if "." not in key else None
+        if key == "trainer.nproc" and override.is_sweep_override():
+            raise ConfigError("trainer.nproc: a -m sweep runs its jobs in this process; start them with torchrun")
         if not override.is_sweep_override():
             checked.append(override.input_line)
+            continue
+        if isinstance(override.value(), Glob):
+            if options is None:
+                raise ConfigError(f"{key}: glob(...) sweeps the options of a config group; list values instead")
+            values = override.value().filter(options)
+            if not values:
+                raise ConfigError(f"{key}: {override.input_line.split('=', 1)[1]} matches none of {', '.join(options)}")
         elif override.is_discrete_sweep():
             values = list(override.sweep_string_iterator())
-            options = _group_options(key) if "." not in key else None
-            for value in values if options is not None else []:  # every group option of a sweep must exist
-                if value not in options:
-                    hint = nearest(value, options)
-                    raise ConfigError(
-                        f"{key}={value}: no such option; choose from {', '.join(options)}"
-                        + (f" (did you mean '{hint}'?)" if hint else "")
-                    )
-            checked.append(f"{override.get_key_element()}={values[0]}")
-        if key == "trainer.nproc":
-            raise ConfigError("trainer.nproc: a -m sweep runs its jobs in this process; start them with torchrun")
+        else:  # interval(a, b): its lower end stands for the job
+            if not any(o.lstrip("+").startswith(("hydra/sweeper=", "search=")) for o in overrides):
+                raise ConfigError(
+                    f"{key}: interval(...) is searched by a sweeper such as Optuna: add +search=optuna "
+                    "(make setup-optuna), or list values: a,b,c"
+                )
+            values = [str(override.value().start)]
+        for value in values if options is not None else []:
+            if value not in options:
+                raise _no_such_option(key, value, options)
+        checked.append(f"{override.get_key_element()}={values[0]}")
     return checked
 
 
@@ -125,11 +149,7 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
         key, _, value = override.partition("=")
         options = _group_options(key.lstrip("+~"))
         if value and value not in options:
-            hint = nearest(value, options)
-            raise ConfigError(
-                f"{key.lstrip('+~')}={value}: no such option; choose from {', '.join(options)}"
-                + (f" (did you mean '{hint}'?)" if hint else "")
-            )
+            raise _no_such_option(key.lstrip("+~"), value, options)
     with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
         try:
             base = compose(config_name, overrides=groups)
@@ -150,7 +170,48 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
             cfg = compose(config_name, overrides=groups + values)
         except HydraException as err:
             raise ConfigError(_first_line(err)) from None
-    return validate(cfg, schema) if check_values else cfg
+    return validate(cfg, schema, explicit=_keys(values)) if check_values else cfg
+
+
+def _keys(overrides: list[str]) -> set[str]:
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def literal_strings(schema: type, overrides: list[str], multirun: bool) -> list[str]:
+    """Quote the value of each string-typed key for Hydra, so it arrives as typed: `prompt=def ` keeps its
+    space, `text=1_000` stays the text 1_000. Left alone: values already quoted, null, interpolations `${..}`,
+    keys with a fixed set of choices, and in a multirun anything that may be a sweep (`a,b`, `glob(...)`)."""
+    keys = string_keys(schema)
+    quoted = []
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        bare = key.lstrip("+")
+        untouched = (
+            not eq
+            or bare not in keys
+            or bare in CHOICES
+            or value[:1] in ("'", '"')
+            or value == "null"
+            or "${" in value
+            or multirun
+            and ("," in value or re.match(r"^\w+\(", value))
+        )
+        quoted.append(override if untouched else f"{key}={_hydra_quote(value)}")
+    return quoted
+
+
+def _hydra_quote(value: str) -> str:
+    """A Hydra single-quoted string: backslashes before a quote or at the end doubled, quotes escaped."""
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def check_run_dir(overrides: list[str]) -> None:
+    """hydra.run.dir must be a folder lmtrain can create or write in."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "hydra.run.dir" and value and (problem := check_out_folder(key, value)):
+            raise ConfigError(problem)
 
 
 _MISSING = object()
@@ -202,7 +263,8 @@ def _task(command: str, schema: type):
         overrides = list(hydra_cfg.overrides.task)
         started = time.time()
         try:
-            typed = validate(cfg, schema)
+            typed = validate(cfg, schema, explicit=_keys(overrides))
+            check_paths(typed)
             summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))
         except Exception as err:
             if command in TRAINING_COMMANDS and rank == 0 and not isinstance(err, RunRefused):
@@ -316,12 +378,24 @@ def main(argv: list[str] | None = None) -> int:
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(rest)
+    if args.overrides:  # string values as typed, here and in the torchrun relaunch
+        given = set(args.overrides)
+        args.overrides = literal_strings(schema, args.overrides, args.multirun)
+        quoted = iter(args.overrides)
+        rest = [next(quoted) if item in given else item for item in rest]
+        argv = [command, *rest]
     if not (args.help or args.hydra_help or args.info or args.shell_completion):
         try:
             if args.multirun:
-                check(config_name, schema, _first_values(args.overrides), check_values=False)
+                first = check(config_name, schema, _first_values(args.overrides), check_values=False)
+                try:  # paths no job can use fail the sweep here; values are each job's own to check
+                    check_paths(validate(first, schema))
+                except ConfigError:
+                    pass
             else:
                 typed = check(config_name, schema, args.overrides)
+                check_paths(typed)
+                check_run_dir(args.overrides)
                 nproc = getattr(getattr(typed, "trainer", None), "nproc", 1)
                 if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not args.cfg:
                     return _launch_torchrun(nproc, argv)

@@ -8,19 +8,31 @@ import torch
 
 from lmtrain.model import KVCache, TransformerLM
 
+TOP_P_TOLERANCE = 1e-6  # float32 sums of probabilities are off by a few ulps: 0.5 + 0.3 gives 0.79999995
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """logits [B, V] with everything outside the top-k / top-p set to -inf."""
+    """logits [B, V] with everything outside the top-k / top-p set to -inf.
+
+    top-k keeps every token tied with the k-th; top-p keeps the smallest set of most likely tokens whose
+    mass reaches top_p (within TOP_P_TOLERANCE), and always the most likely token.
+    """
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the mass before it already reaches top_p (the most likely one always stays)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        probs = sorted_logits.double().softmax(dim=-1)
+        # drop a token when the mass before it already reaches top_p
+        drop = probs.cumsum(dim=-1) - probs >= top_p - TOP_P_TOLERANCE
+        drop[:, 0] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
+
+
+def scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, shifted so the largest is 0: no overflow to inf at tiny temperatures."""
+    return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
 
 
 @torch.no_grad()
@@ -54,7 +66,7 @@ def generate(
         if temperature == 0:
             next_token = logits.argmax(dim=-1, keepdim=True)
         else:
-            probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+            probs = filter_logits(scale(logits.float(), temperature), top_k, top_p).softmax(dim=-1)
             next_token = torch.multinomial(probs, 1, generator=generator)
         tokens = torch.cat([tokens, next_token], dim=1)
         if len(stops):

@@ -152,6 +152,7 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
     state = checkpoint_meta.trainer_state(source, "trainer.resume")
     adapter = (source / checkpoint.ADAPTER_FILE).is_file()  # holds the trained tensors only; the base is loaded already
     with checkpoint.readable(source, "trainer.resume"):
+        _same_optimizer(source, files["config.yaml"])
         optimizer_state = checkpoint.load_optimizer_state(source)
         if trainer.placement.strategy == "fsdp":
             from safetensors.torch import load_file
@@ -197,6 +198,21 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
         if source.parent.resolve() == root.resolve():
             checkpoint.point_latest(root, source)  # a kill may have left `latest` one checkpoint behind
     distributed.barrier()
+
+
+def _same_optimizer(source: Path, config_yaml: str) -> None:
+    """An optimizer's state only loads into the same kind of optimizer."""
+    import yaml
+
+    if not (source / "config.yaml").is_file():
+        return
+    saved = (yaml.safe_load((source / "config.yaml").read_text()) or {}).get("optimizer", {}).get("name")
+    wanted = (yaml.safe_load(config_yaml) or {}).get("optimizer", {}).get("name")
+    if saved and wanted and saved != wanted:
+        raise UserError(
+            f"trainer.resume: '{source}' was trained with optimizer={saved}; resume it with optimizer={saved}, "
+            "or start a new run from its weights (lmtrain finetune init_from=...)"
+        )
 
 
 class Checkpointer:
@@ -291,11 +307,15 @@ def build_trainer(
         momentum=o.momentum,
         device=device,
     )
+    warmup = s.warmup_steps
+    if warmup > max_steps:  # a quick try (`trainer.max_steps=5`) warms up for the whole run
+        log.warning("scheduler.warmup_steps: %d is longer than the run; cut to its %d steps", warmup, max_steps)
+        warmup = max_steps
     scheduler = build_scheduler(
         optimizer,
         name=s.name,
         lr=o.lr,
-        warmup_steps=s.warmup_steps,
+        warmup_steps=warmup,
         max_steps=max_steps,
         min_lr=s.min_lr,
         decay_fraction=s.decay_fraction,
@@ -383,9 +403,11 @@ def train(
     main_metric: str = "loss",
     higher_is_better: bool = False,
     keep_best: bool = False,
+    data_counts: dict[str, int] | None = None,
 ) -> dict:
     """Resume if asked, run `trainer.fit` with metrics and checkpoints in `run_dir`, and return the run's
-    summary (the `result.json` body) with the `objective` Hydra sweepers minimise."""
+    summary (the `result.json` body) with the `objective` Hydra sweepers minimise. `data_counts` (records
+    skipped, ...) open a fresh run's metrics.jsonl as a step-0 record."""
     main = trainer.placement.is_main
     if source is not None:
         restore(source, trainer, sampler, files, run_dir)
@@ -394,6 +416,8 @@ def train(
             log.warning("removed %s: left by an interrupted run", path)
         write_text_atomic(run_dir / "tokenizer.json", files["tokenizer.json"])
     metrics = open_metrics(run_dir, trainer, source is not None, settings.tensorboard, main)
+    if data_counts and source is None:
+        metrics.write({"step": 0, **data_counts})
     checkpointer = Checkpointer(run_dir, trainer, sampler, files, settings.keep_last)
     state = trainer.state
     start_step, start_tokens, start_seconds = state.step, state.tokens_seen, state.train_seconds

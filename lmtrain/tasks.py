@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from lmtrain import metrics
 from lmtrain.config import TaskConfig
 from lmtrain.data.examples import Example, fixed_batches
-from lmtrain.data.tokenizer import end_of_text_id
+from lmtrain.data.tokenizer import end_of_text_id, warn_unknown
 from lmtrain.errors import UserError
 from lmtrain.generate import beam_search, generate
 from lmtrain.model import TransformerLM
@@ -66,6 +66,19 @@ def field_roles(name: str, instruction: bool) -> list[str]:
     }[name]
 
 
+def field_types(info: TaskInfo) -> dict[str, tuple[type, ...]]:
+    """Record field -> the value types a usable record holds there: text, or a label (int or string)."""
+    return {
+        info.fields[role]: (int, str) if role == "label" else (str,)
+        for role in field_roles(info.name, info.instruction)
+    }
+
+
+def label_index(labels: list) -> dict[str, int]:
+    """Label text -> class id. Labels match by their text, so 1 in one file is "1" in another."""
+    return {str(label): i for i, label in enumerate(labels)}
+
+
 class Task:
     def __init__(self, info: TaskInfo, tokenizer: Tokenizer, max_seq_len: int, eot: int | None = None):
         """`eot`: the model's end-of-text id (`SpecialTokens.end_of_text`); default lmtrain's <|endoftext|>."""
@@ -75,8 +88,9 @@ class Task:
         self.classify = info.name == "classification"
 
     # ---- encoding -------------------------------------------------------------------------------
-    def _encode(self, texts: list) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch([str(t) for t in texts], add_special_tokens=False)]
+    def _encode(self, texts: list[str], where: str = "input") -> list[list[int]]:
+        warn_unknown(self.tokenizer, texts, where)
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def _column(self, records: list[dict], role: str) -> list:
         return [r[self.info.fields[role]] for r in records]
@@ -86,7 +100,7 @@ class Task:
         roles = {"seq2seq": ["source"], "qa": ["context", "question"], "lm": ["prompt"]}[self.info.name]
         ids: list[int] = []
         for role in roles:
-            ids += self._encode([record[self.info.fields[role]]])[0] + [self.eot]
+            ids += self._encode([record[self.info.fields[role]]], role)[0] + [self.eot]
         return ids
 
     def encode(self, records: list[dict], key: str) -> list[Example]:
@@ -95,24 +109,26 @@ class Task:
         truncated = 0
         examples: list[Example] = []
         if name == "classification":
-            index = {label: i for i, label in enumerate(self.info.labels)}
+            index = label_index(self.info.labels)
             texts = self._column(records, "text")
-            examples, truncated = self.encode_texts(texts)
+            examples, truncated = self.encode_texts(texts, key)
             for example, label in zip(examples, self._column(records, "label"), strict=True):
-                if label not in index:
-                    known = ", ".join(map(str, self.info.labels))
+                if str(label) not in index:
+                    known = ", ".join(repr(v) for v in self.info.labels)
                     raise UserError(
                         f"data.label_field: label {label!r} in {key} was not seen in data.train (known: {known})"
                     )
-                example.label = index[label]
+                example.label = index[str(label)]
         elif name == "lm" and not self.info.instruction:
-            for ids in self._encode(self._column(records, "text")):
+            for ids in self._encode(self._column(records, "text"), key):
+                if not ids:  # an empty text has nothing to predict
+                    continue
                 ids = ids + [self.eot]  # windows overlap by one token so each token is predicted once
                 examples += [Example(ids[i : i + limit]) for i in range(0, max(len(ids) - 1, 1), limit - 1)]
         else:
             target_role = {"lm": "response", "seq2seq": "target", "qa": "answer"}[name]
             targets = self._column(records, target_role)
-            for record, target_text, target in zip(records, targets, self._encode(targets), strict=True):
+            for record, target_text, target in zip(records, targets, self._encode(targets, key), strict=True):
                 prompt, target = self.prompt_ids(record), target + [self.eot]
                 if len(prompt) + len(target) > limit:
                     truncated += 1
@@ -128,12 +144,13 @@ class Task:
                 self.max_seq_len,
             )
         if not examples:
-            raise UserError(f"{key}: no examples")
+            purpose = "train on" if key == "data.train" else "score"
+            raise UserError(f"{key}: no tokens to {purpose}: every text is empty")
         return examples
 
-    def encode_texts(self, texts: list) -> tuple[list[Example], int]:
+    def encode_texts(self, texts: list[str], where: str = "input") -> tuple[list[Example], int]:
         """Classification inputs (the text, cut to fit, then EOT where the head reads) and how many were cut."""
-        encoded = self._encode(texts)
+        encoded = self._encode(texts, where)
         truncated = sum(len(ids) + 1 > self.max_seq_len for ids in encoded)
         return [Example(ids[: self.max_seq_len - 1] + [self.eot]) for ids in encoded], truncated
 
@@ -168,7 +185,9 @@ class Task:
             if self.classify:
                 predictions += logits.argmax(-1).tolist()
                 labels += targets.tolist()
-        result = {"loss": total / max(count, 1)}
+        if count == 0:  # a loss of 0 would read as a perfect score
+            raise UserError("no tokens to score: every example is empty")
+        result = {"loss": total / count}
         if self.info.name == "lm":
             result["ppl"] = metrics.perplexity(result["loss"])
         elif self.classify:
@@ -233,16 +252,21 @@ def build_task_info(cfg: TaskConfig, data_fields: dict[str, str], train_records:
     info = TaskInfo(cfg.name, {r: data_fields[r] for r in roles}, instruction=instruction)
     if cfg.name == "classification" and train_records is not None:
         raw = [r[data_fields["label"]] for r in train_records]
-        bad = next((v for v in raw if v is None or not isinstance(v, int | str | bool)), "ok")
-        if bad != "ok":
-            raise UserError(f"data.label_field: '{data_fields['label']}' holds {bad!r}; labels must be ints or strings")
+        kinds = [str if isinstance(v, str) else int for v in raw]
+        common = max(set(kinds), key=kinds.count)
+        odd = next((i for i, kind in enumerate(kinds) if kind is not common), None)
+        if odd is not None:  # one "positive" among 0/1 would silently make a third class
+            raise UserError(
+                f"data.label_field: label {raw[odd]!r} (record {odd + 1} of data.train) is a "
+                f"{kinds[odd].__name__} but most labels are {common.__name__}s; use one type for all labels"
+            )
         values = set(raw)
         if len(values) < 2:
             raise UserError(
                 f"data.label_field: '{data_fields['label']}' has {len(values)} distinct value(s) in "
                 "data.train; classification needs at least 2"
             )
-        info.labels = sorted(values) if len({type(v) for v in values}) == 1 else sorted(values, key=str)
+        info.labels = sorted(values)
     if cfg.name in ("seq2seq", "qa"):
         info.decoding = {
             "decoding": cfg.decoding,

@@ -132,6 +132,7 @@ def main() -> None:
         vocab_size=d.vocab_size,
         max_chars=d.max_chars,
         cache_dir=d.cache_dir,
+        on_bad_record=d.on_bad_record,
     )
     vocab_size = data.tokenizer.get_vocab_size()
     flops_per_token = TransformerLM(TransformerConfig(vocab_size=vocab_size, **dataclasses.asdict(cfg.model)))

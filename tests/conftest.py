@@ -59,3 +59,45 @@ def lmtrain(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
     return subprocess.run(
         [sys.executable, "-m", "lmtrain", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
     )
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, corpus):
+    """A tiny char-level pretrained run and a classifier finetuned from it (in-process, a few seconds):
+    {"lm": run dir, "classifier": run dir, "classification": train file}."""
+    from lmtrain.cli import check
+    from lmtrain.commands import finetune, pretrain
+    from lmtrain.config import FinetuneConfig, PretrainConfig
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    lm = root / "lm"
+    pretrain.run(check("pretrain", PretrainConfig, [*TINY, f"data.train={corpus}"]), str(lm))
+    rng = random.Random(0)
+    records = []
+    for _ in range(40):
+        words = [rng.choice(WORDS) for _ in range(4)]
+        records.append({"text": " ".join(words), "label": int("red" in words)})
+    train = write_jsonl(root / "classification.jsonl", records)
+    classifier = root / "classifier"
+    overrides = [f"init_from={lm}", f"data.train={train}", "epochs=null", "trainer.max_steps=2"]
+    overrides += ["trainer.micro_batch_size=8", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
+    overrides += ["trainer.device=cpu", "trainer.progress_bar=false"]
+    finetune.run(check("finetune", FinetuneConfig, overrides), str(classifier))
+    return {"lm": lm, "classifier": classifier, "classification": train, "root": root}
+
+
+def lmtrain_many(cases: list[list[str]], cwd: Path) -> list[dict]:
+    """Run many command lines through the real CLI (tests/fork_cli.py): [{"rc", "stdout", "stderr"}]."""
+    import json
+
+    runner = Path(__file__).parent / "fork_cli.py"
+    result = subprocess.run(
+        [sys.executable, str(runner)], input=json.dumps(cases), capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

@@ -38,7 +38,7 @@ def test_pretrain_then_generate(tmp_path, corpus):
     assert out.stdout.startswith("the ") and len(out.stdout.strip()) > 20
     assert "mat" in out.stdout  # the corpus's most frequent word
     prompt = tmp_path / "prompt.txt"
-    prompt.write_text("the")  # Hydra strips the trailing space of prompt="the "
+    prompt.write_text("the ")  # prompt=the  keeps its trailing space, as a file does
     from_file = lmtrain("generate", f"ckpt={run_dir}", f"prompt_file={prompt}", "max_new_tokens=30", "temperature=0")
     assert from_file.returncode == 0 and from_file.stdout == out.stdout
 

@@ -10,30 +10,38 @@ from omegaconf import OmegaConf
 
 from lmtrain import checkpoint
 from lmtrain.config import EvaluateConfig
-from lmtrain.data.examples import read_records, split_off
+from lmtrain.data.examples import read_records, split_off, usable_records
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.pretrained import load_model, load_special_tokens, load_task_info
-from lmtrain.tasks import Task, TaskInfo, field_roles, text_unit
+from lmtrain.tasks import Task, TaskInfo, field_roles, field_types, text_unit
 
 log = logging.getLogger("lmtrain")
 
 
-def split_examples(trained: dict, task: Task, split: str, path: str | None = None) -> tuple[list, str]:
-    """A split's examples and the file they came from: `path`, else the file the checkpoint was trained with;
-    a validation split held out of train is held out again the same way finetune did (`trained`: the
-    checkpoint's config)."""
+def split_examples(
+    trained: dict, task: Task, split: str, path: str | None = None, on_bad_record: str = "skip"
+) -> tuple[list, str, int]:
+    """A split's examples, the file they came from and how many of its records were skipped (a missing,
+    null or mistyped field): `path`, else the file the checkpoint was trained with; a validation split held
+    out of train is held out again the same way finetune did (`trained`: the checkpoint's config)."""
     info = task.info
     fields = [info.fields[role] for role in field_roles(info.name, info.instruction)]
     txt_by = text_unit(info.name)
     data = trained.get("data", {})
     path = path or data.get(split)
     if path:
-        return task.encode(read_records(path, f"data.{split}", fields, txt_by), f"data.{split}"), path
-    if split == "validation" and data.get("train") and "val_fraction" in data:
-        examples = task.encode(read_records(data["train"], "data.train", fields, txt_by), "data.train")
-        return split_off(examples, data["val_fraction"], trained["trainer"]["seed"])[1], data["train"]
-    raise UserError(f"data.{split}: missing; pass data.{split}=path/to/{split}.jsonl")
+        key, source = f"data.{split}", path
+    elif split == "validation" and data.get("train") and "val_fraction" in data:
+        key, source = "data.train", data["train"]
+    else:
+        raise UserError(f"data.{split}: missing; pass data.{split}=path/to/{split}.jsonl")
+    records = read_records(source, key, fields, txt_by)
+    records, skipped = usable_records(records, field_types(info), key, source, on_bad_record)
+    examples = task.encode(records, key)
+    if not path:
+        examples = split_off(examples, data["val_fraction"], trained["trainer"]["seed"])[1]
+    return examples, source, skipped
 
 
 def run(cfg: EvaluateConfig, run_dir: str) -> None:
@@ -52,13 +60,16 @@ def run(cfg: EvaluateConfig, run_dir: str) -> None:
         if getattr(cfg, key) is not None:
             info.decoding[key] = getattr(cfg, key)
     task = Task(info, tokenizer, model.config.max_seq_len, load_special_tokens(cfg.ckpt, tokenizer).end_of_text)
-    examples, path = split_examples(trained, task, cfg.split, getattr(cfg.data, cfg.split))
+    examples, path, skipped = split_examples(
+        trained, task, cfg.split, getattr(cfg.data, cfg.split), cfg.data.on_bad_record
+    )
     examples = examples[: cfg.max_examples]
     result = task.evaluate(model, examples, batch_size=cfg.batch_size, device=device, seed=cfg.seed)
     report = {
         "task": info.name,
         "split": cfg.split,
         "num_examples": len(examples),
+        "skipped_records": skipped,
         "data": str(path),
         "checkpoint": str(source),
         **result,

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from lmtrain import checkpoint, distributed, runs
 from lmtrain.config import FinetuneConfig
-from lmtrain.data.examples import ExampleBatches, read_records, split_off
+from lmtrain.data.examples import ExampleBatches, read_records, split_off, usable_records
 from lmtrain.errors import UserError
 from lmtrain.lora import add_lora
 from lmtrain.pretrained import (
@@ -30,7 +30,7 @@ from lmtrain.pretrained import (
     load_task_info,
     weights_digest,
 )
-from lmtrain.tasks import Task, build_task_info, field_roles, text_unit
+from lmtrain.tasks import Task, TaskInfo, build_task_info, field_roles, field_types, text_unit
 from lmtrain.trainer import AMP_DTYPES
 
 log = logging.getLogger("lmtrain")
@@ -69,12 +69,19 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
             f"data.train: '{d.train}' has no field '{missing[0]}'; its fields are "
             f"{', '.join(train_records[0])} (set data.<role>_field to the right name)"
         )
+    types = field_types(TaskInfo(cfg.task.name, fields, instruction=instruction))
+    train_records, skipped = usable_records(train_records, types, "data.train", d.train, d.on_bad_record)
+    counts = {"skipped_train_records": skipped}
     info = build_task_info(cfg.task, fields, train_records)
     special = load_special_tokens(cfg.init_from, tokenizer, key="init_from")
     task = Task(info, tokenizer, model.config.max_seq_len, special.end_of_text)
     train_examples = task.encode(train_records, "data.train")
     if d.validation:
-        val_examples = task.encode(read_records(d.validation, "data.validation", required, txt_by), "data.validation")
+        records = read_records(d.validation, "data.validation", required, txt_by)
+        records, counts["skipped_validation_records"] = usable_records(
+            records, types, "data.validation", d.validation, d.on_bad_record
+        )
+        val_examples = task.encode(records, "data.validation")
     else:  # held out after encoding, so evaluate/export can hold out the same examples again
         train_examples, val_examples = split_off(train_examples, d.val_fraction, t.seed)
     if cfg.task.max_eval_examples:
@@ -93,6 +100,8 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
         model.remove_classifier()
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
+    if cfg.freeze_blocks > model.config.num_layers:
+        raise UserError(f"freeze_blocks: {cfg.freeze_blocks} exceeds the {model.config.num_layers} blocks of init_from")
     model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
     adapter_json = None
     if cfg.adapter.name == "lora":  # the base is frozen; only the adapters (and a fresh task head) train
@@ -115,11 +124,6 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     if cfg.epochs is not None:
         max_steps = math.ceil(cfg.epochs * steps_per_epoch)
         eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
-    if cfg.scheduler.warmup_steps > max_steps:
-        raise UserError(
-            f"scheduler.warmup_steps: {cfg.scheduler.warmup_steps} exceeds the {max_steps} steps "
-            "of this run; lower it or train longer"
-        )
     class_weights = None
     if task.classify and cfg.task.class_weights == "balanced":  # inverse class frequency, mean weight 1
         counts = torch.bincount(torch.tensor([e.label for e in train_examples]), minlength=len(info.labels))
@@ -173,6 +177,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
         main_metric=task.main_metric,
         higher_is_better=task.higher_is_better,
         keep_best=True,
+        data_counts=counts,
     )
     log.info(
         "best checkpoint (val_%s %.4f): %s",

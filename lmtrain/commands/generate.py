@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.config import GenerateConfig
-from lmtrain.data.tokenizer import SpecialTokens
+from lmtrain.data.tokenizer import SpecialTokens, warn_unknown
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.generate import generate
@@ -36,11 +36,8 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
     model, tokenizer = load_model(cfg.ckpt, device)
     special = load_special_tokens(cfg.ckpt, tokenizer)
     prompt = cfg.prompt
-    if cfg.prompt_file:
-        path = Path(cfg.prompt_file).expanduser()
-        if not path.is_file():
-            raise UserError(f"prompt_file: no such file '{cfg.prompt_file}'")
-        prompt = path.read_text()
+    if cfg.prompt_file:  # checked before any compute: a UTF-8 text file (lmtrain.config.paths)
+        prompt = Path(cfg.prompt_file).expanduser().read_text(encoding="utf-8")
     stop = special.end_of_text
     info = load_task_info(cfg.ckpt)
     if info is not None and info.name == "classification":
@@ -57,6 +54,7 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
         task = Task(info, tokenizer, model.config.max_seq_len, stop)
         ids = task.prompt_ids({info.fields[role]: text for role, text in roles.items()})
     else:  # with the tokenizer's own framing (a BOS for Llama-style tokenizers)
+        warn_unknown(tokenizer, [prompt], "prompt")
         ids = tokenizer.encode(prompt).ids if prompt else [special.bos if special.bos is not None else stop]
     settings = sampling(cfg, special)
     prompt_tokens = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.config import PredictConfig
-from lmtrain.data.examples import fixed_batches, read_records
+from lmtrain.data.examples import fixed_batches, read_records, usable_records
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.pretrained import load_model, load_special_tokens, load_task_info
@@ -27,10 +27,11 @@ def run(cfg: PredictConfig, run_dir: str) -> None:
     if cfg.text is not None:
         texts = [cfg.text]
     else:
-        is_txt = Path(cfg.input).suffix in (".txt", ".md")
-        texts = [r["text" if is_txt else field] for r in read_records(cfg.input, "input", None if is_txt else [field])]
+        field = "text" if Path(cfg.input).suffix in (".txt", ".md") else field
+        records = read_records(cfg.input, "input", [field])
+        texts = [r[field] for r in usable_records(records, {field: (str,)}, "input", cfg.input, cfg.on_bad_record)[0]]
     task = Task(info, tokenizer, model.config.max_seq_len, load_special_tokens(cfg.ckpt, tokenizer).end_of_text)
-    examples, _ = task.encode_texts(texts)
+    examples, _ = task.encode_texts(texts, "text" if cfg.text is not None else "input")
     for i, example in enumerate(examples):
         example.label = i  # carries the position through the length-sorted batches
     results: list[dict] = [{} for _ in texts]

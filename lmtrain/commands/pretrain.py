@@ -21,6 +21,7 @@ from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.pretrained import load_model, load_side_files, load_special_tokens
 
 log = logging.getLogger("lmtrain")
+HINT = 'lmtrain generate ckpt=%s prompt="def "'  # printed at the end of a run; a test runs it as printed
 
 
 def run(cfg: PretrainConfig, run_dir: str) -> dict:
@@ -52,6 +53,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
             cache_dir=d.cache_dir,
             existing=existing,
             end_of_text=end_of_text,
+            on_bad_record=d.on_bad_record,
         )
     tokenizer_json = data.tokenizer.to_str()
     log.info(
@@ -113,6 +115,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         max_steps=t.max_steps,
         eval_every=t.eval_every,
         started=started,
+        data_counts={f"skipped_{k.split('.')[1]}_records": n for k, n in data.skipped.items()},
     )
-    log.info('try: lmtrain generate ckpt=%s prompt="def "', run_dir / "checkpoints" / "latest")
+    log.info("try: " + HINT, run_dir / "checkpoints" / "latest")
     return summary

@@ -1,6 +1,6 @@
 """Config schemas and checks; `from lmtrain.config import ...` reaches both."""
 
-from lmtrain.config.checks import CHOICES, ConfigError, accumulation_steps, all_keys, nearest, validate
+from lmtrain.config.checks import CHOICES, ConfigError, accumulation_steps, all_keys, nearest, string_keys, validate
 from lmtrain.config.schema import (
     DataConfig,
     EvalDataConfig,
@@ -42,5 +42,6 @@ __all__ = [
     "accumulation_steps",
     "all_keys",
     "nearest",
+    "string_keys",
     "validate",
 ]

@@ -7,9 +7,10 @@ for a misspelling).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
 from lmtrain.config.schema import (
@@ -56,6 +57,8 @@ CHOICES = {
     "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
     "trainer.on_nonfinite": ("stop", "skip"),
     "device": ("auto", "cpu", "cuda"),
+    "data.on_bad_record": ("skip", "error"),
+    "on_bad_record": ("skip", "error"),
 }
 
 
@@ -77,6 +80,18 @@ def all_keys(cfg: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def string_keys(schema: type) -> set[str]:
+    """Dotted paths of the schema's string-typed leaves (prompt, text, paths, names)."""
+    node = OmegaConf.structured(schema)
+    keys = set()
+    for key in all_keys(schema):
+        parent, _, leaf = key.rpartition(".")
+        owner = OmegaConf.select(node, parent) if parent else node
+        if isinstance(owner._get_node(leaf), StringNode):
+            keys.add(key)
+    return keys
+
+
 def _typed(schema: type, cfg: DictConfig, errors: list[str]) -> Any:
     """Merge `cfg` into `schema` group by group, so each group reports its own first type error."""
     merged = OmegaConf.structured(schema)
@@ -87,6 +102,11 @@ def _typed(schema: type, cfg: DictConfig, errors: list[str]) -> Any:
         if key not in merged:
             hint = nearest(str(key), [k for k in known if "." not in k])
             errors.append(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+            continue
+        given, expected = cfg._get_node(key), merged._get_node(key)
+        if isinstance(given, DictConfig | ListConfig) and not isinstance(expected, DictConfig | ListConfig):
+            kind = "a dict" if isinstance(given, DictConfig) else "a list"
+            errors.append(f"{key}: expected a single value, got {kind} ({OmegaConf.to_container(given)})")
             continue
         try:
             merged[key] = OmegaConf.merge(merged[key], cfg[key]) if isinstance(cfg[key], DictConfig) else cfg[key]
@@ -148,7 +168,7 @@ def _check_model(m: ModelConfig, errors: list[str]) -> None:
         errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
 
 
-def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str], max_steps_known: bool) -> None:
+def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> None:
     """Optimizer, scheduler, accumulation, loss and trainer: the groups pretrain and finetune share."""
     o, s, g, t, lo = cfg.optimizer, cfg.scheduler, cfg.grad_accum, cfg.trainer, cfg.loss
     _positive(
@@ -175,8 +195,6 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str], max
         errors.append(f"optimizer.grad_clip: must be >= 0 (0 disables), got {o.grad_clip}")
     if s.warmup_steps < 0:
         errors.append(f"scheduler.warmup_steps: must be >= 0, got {s.warmup_steps}")
-    if max_steps_known and s.warmup_steps > t.max_steps > 0:
-        errors.append(f"scheduler.warmup_steps: {s.warmup_steps} exceeds trainer.max_steps={t.max_steps}")
     if o.lr > 0 and not 0 <= s.min_lr <= o.lr:
         errors.append(f"scheduler.min_lr: must be in [0, optimizer.lr={o.lr}], got {s.min_lr}")
     if not 0.0 < s.decay_fraction <= 1.0:
@@ -204,7 +222,7 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str], max
 
 def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     _check_model(cfg.model, errors)
-    _check_training(cfg, errors, max_steps_known=True)
+    _check_training(cfg, errors)
     d = cfg.data
     _positive(d, "data.", errors, "max_chars", nullable=True)
     if not 0.0 < d.val_fraction < 1.0:
@@ -219,7 +237,7 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
 
 
 def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
-    _check_training(cfg, errors, max_steps_known=cfg.epochs is None)
+    _check_training(cfg, errors)
     if not cfg.init_from:
         errors.append("init_from: missing; pass init_from=outputs/<pretrain-run>/checkpoints/latest")
     if not cfg.data.train:
@@ -311,8 +329,19 @@ def accumulation_steps(grad_accum: GradAccumConfig, micro_batch_size: int, seq_l
     return steps
 
 
-def validate(cfg: DictConfig, schema: type) -> Any:
+def _check_warmup(cfg: Any, errors: list[str]) -> None:
+    """A warmup given explicitly that outlasts the run is an error; a default one is shortened to fit when
+    the trainer is built (lmtrain.runs.build_trainer), with a warning."""
+    steps_known = isinstance(cfg, PretrainConfig) or isinstance(cfg, FinetuneConfig) and cfg.epochs is None
+    if steps_known and cfg.scheduler.warmup_steps > cfg.trainer.max_steps > 0:
+        errors.append(
+            f"scheduler.warmup_steps: {cfg.scheduler.warmup_steps} exceeds trainer.max_steps={cfg.trainer.max_steps}"
+        )
+
+
+def validate(cfg: DictConfig, schema: type, explicit: Collection[str] = ()) -> Any:
     """Type-check `cfg` against `schema` and run the cross-field checks; returns the dataclass object.
+    `explicit`: the keys the user set on the command line (a few checks apply to those only).
 
     Raises ConfigError listing every problem found, one per line.
     """
@@ -325,6 +354,8 @@ def validate(cfg: DictConfig, schema: type) -> Any:
         except OmegaConfBaseException as err:
             raise ConfigError(_describe(err, "", all_keys(schema))) from None
         CHECKS[schema](obj, errors)
+        if "scheduler.warmup_steps" in explicit:
+            _check_warmup(obj, errors)
     if errors:
         raise ConfigError("\n".join(errors))
     return obj

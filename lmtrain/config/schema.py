@@ -88,6 +88,7 @@ class DataConfig:
     seq_len: int | None = None  # training window in tokens (null: model.max_seq_len, or init_from's)
     document_masking: bool = False  # attention never crosses an end-of-text into another document
     cache_dir: str = "~/.cache/lmtrain"  # where packed token files are cached
+    on_bad_record: str = "skip"  # skip | error: a record whose text is missing, null or not text
 
 
 @dataclass
@@ -156,6 +157,7 @@ class ExampleDataConfig:
     question_field: str = "question"  # qa
     context_field: str = "context"
     answer_field: str = "answer"
+    on_bad_record: str = "skip"  # skip (counted in the log and metrics.jsonl) | error: a missing/null/mistyped field
 
 
 @dataclass
@@ -202,6 +204,7 @@ class EvalDataConfig:
     question_field: str | None = None
     context_field: str | None = None
     answer_field: str | None = None
+    on_bad_record: str = "skip"  # skip (counted in eval.json) | error: a record with a missing/null/mistyped field
 
 
 @dataclass
@@ -225,6 +228,7 @@ class PredictConfig:
     input: str | None = None  # or a .txt (one text per line) / jsonl / csv / parquet file
     output: str | None = None  # write predictions as jsonl here (default: print them)
     text_field: str | None = None  # field of `input` holding the text (null: the checkpoint's)
+    on_bad_record: str = "skip"  # skip (with a warning) | error: an input record whose text is missing or null
     batch_size: int = 64
     device: str = "auto"
 

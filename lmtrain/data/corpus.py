@@ -81,8 +81,18 @@ def fingerprint(source: str, files: list[Path] | None) -> str:
     return digest.hexdigest()
 
 
-def iter_documents(source: str, files: list[Path] | None, text_field: str, key: str) -> Iterator[str]:
-    """Yield documents (strings) in a fixed order. A .txt file is one document, newlines kept."""
+def iter_documents(
+    source: str,
+    files: list[Path] | None,
+    text_field: str,
+    key: str,
+    on_bad_record: str = "skip",
+    skipped: dict[str, int] | None = None,
+) -> Iterator[str]:
+    """Yield documents (strings) in a fixed order. A .txt file is one document, newlines kept.
+
+    A record whose text is missing, null or not a string is skipped (and counted in `skipped[key]`), or with
+    on_bad_record="error" is a UserError naming its line."""
     if source == EMBEDDED:
         for path in files:
             yield path.read_text(encoding="utf-8", errors="replace")
@@ -105,11 +115,16 @@ def iter_documents(source: str, files: list[Path] | None, text_field: str, key: 
         raise UserError(
             f"data.text_field: '{source}' has no field '{field}'; its fields are {', '.join(dataset.column_names)}"
         )
+    number = 0
     for batch in dataset.iter(batch_size=1000):
         for text in batch[field]:
-            if text is None:
-                continue
+            number += 1
             if not isinstance(text, str):
-                raise UserError(f"data.text_field: '{field}' in '{source}' holds {type(text).__name__}, not text")
+                what = "null or missing" if text is None else f"{type(text).__name__}, not text"
+                if on_bad_record == "error":
+                    raise UserError(f"{key}: '{source}' line {number}: field '{field}' is {what}")
+                if skipped is not None:
+                    skipped[key] = skipped.get(key, 0) + 1
+                continue
             if text:
                 yield text

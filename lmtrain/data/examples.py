@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lmtrain.data import corpus
 from lmtrain.errors import UserError
+
+log = logging.getLogger("lmtrain")
 
 
 @dataclass
@@ -48,6 +52,34 @@ def read_records(source: str, key: str, fields: list[str] | None = None, txt_by:
     if len(dataset) == 0:
         raise UserError(f"{key}: '{source}' holds no records")
     return (dataset.select_columns(fields) if fields else dataset).to_list()
+
+
+def usable_records(
+    records: list[dict], types: dict[str, tuple[type, ...]], key: str, source: str, on_bad: str
+) -> tuple[list[dict], int]:
+    """The records whose every field in `types` holds a value of those types, and how many were not.
+
+    A missing, null or mistyped field skips the record with a warning (on_bad="skip"), or is a UserError
+    naming the file, line and field (on_bad="error"). Raises UserError when no record is usable.
+    """
+    kept, skipped, first = [], 0, ""
+    for number, record in enumerate(records, 1):
+        bad = next((f for f, allowed in types.items() if not isinstance(record.get(f), allowed)), None)
+        if bad is None:
+            kept.append(record)
+            continue
+        value = record.get(bad)
+        what = "null or missing" if value is None else f"{type(value).__name__} {value!r}"[:60]
+        unit = "line" if Path(source).suffix in (".jsonl", ".txt", ".md") else "record"
+        problem = f"{key}: '{source}' {unit} {number}: field '{bad}' is {what}"
+        if on_bad == "error":
+            raise UserError(problem)
+        skipped, first = skipped + 1, first or problem
+    if skipped:
+        log.warning("%s: skipped %d of %d records (first: %s)", key, skipped, len(records), first.split(": ", 1)[1])
+    if not kept:
+        raise UserError(f"{first}; no usable record is left (all {len(records)} skipped)")
+    return kept, skipped
 
 
 def split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,9 +19,11 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lmtrain.data import corpus
-from lmtrain.data.tokenizer import build_tokenizer, end_of_text_id
+from lmtrain.data.tokenizer import UNKNOWN, build_tokenizer, end_of_text_id, load_tokenizer, warn_unknown
 from lmtrain.errors import UserError
 from lmtrain.safe_io import writing
+
+log = logging.getLogger("lmtrain")
 
 FORMAT_VERSION = 1
 CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces cut at line ends
@@ -32,6 +35,7 @@ class TokenData:
     validation: np.ndarray
     tokenizer: Tokenizer
     cache_path: Path
+    skipped: dict[str, int]  # data key -> records skipped for a missing, null or non-text field
 
 
 def _pieces(document: str) -> list[str]:
@@ -57,16 +61,19 @@ def _capped(documents, max_chars: int | None):
         yield document
 
 
-def _write_tokens(documents, tokenizer: Tokenizer, end_of_text: int, out, desc: str) -> int:
+def _write_tokens(documents, tokenizer: Tokenizer, end_of_text: int, out, desc: str, key: str) -> int:
     """Encode documents in batches (tokenizers encodes a batch in parallel) and append ids to `out`, with
     `end_of_text` between documents."""
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
     separator = np.array([end_of_text], dtype=dtype)
     count, first = 0, True
     documents = iter(documents)
+    chars: set[str] | None = set() if tokenizer.token_to_id(UNKNOWN) is not None else None
     with tqdm(desc=desc, unit="doc", leave=False, disable=None) as bar:
         while batch := list(islice(documents, 256)):
             for document in batch:
+                if chars is not None:
+                    chars.update(document)
                 if not first:
                     out.write(separator.tobytes())
                     count += 1
@@ -76,6 +83,8 @@ def _write_tokens(documents, tokenizer: Tokenizer, end_of_text: int, out, desc: 
                     out.write(ids.tobytes())
                     count += len(ids)
             bar.update(len(batch))
+    if chars:
+        warn_unknown(tokenizer, ["".join(chars)], key)
     return count
 
 
@@ -95,6 +104,7 @@ def prepare(
     cache_dir: str,
     existing: Tokenizer | None = None,
     end_of_text: int | None = None,
+    on_bad_record: str = "skip",
 ) -> TokenData:
     """Tokenize the corpus once into `cache_dir/<key>/` (tokenizer.json, tokens.bin, meta.json) and map it.
 
@@ -113,6 +123,7 @@ def prepare(
             "vocab_size": vocab_size if tokenizer == "bpe" and existing is None else None,
             "end_of_text": end_of_text,
             "max_chars": max_chars,
+            **({"on_bad_record": on_bad_record} if on_bad_record != "skip" else {}),
         }
     )
     folder = Path(cache_dir).expanduser() / key
@@ -130,8 +141,12 @@ def prepare(
             max_chars,
             existing,
             end_of_text,
+            on_bad_record,
         )
-    return _load(folder)
+    data = _load(folder)
+    for key, count in data.skipped.items():
+        log.warning("%s: skipped %d records whose '%s' is missing, null or not text", key, count, text_field)
+    return data
 
 
 def _build(
@@ -147,9 +162,13 @@ def _build(
     max_chars,
     existing,
     end_of_text,
+    on_bad,
 ):
-    def train_documents():
-        return _capped(corpus.iter_documents(train, train_files, text_field, "data.train"), max_chars)
+    skipped: dict[str, int] = {}
+
+    def train_documents(counts=None):
+        documents = corpus.iter_documents(train, train_files, text_field, "data.train", on_bad, counts)
+        return _capped(documents, max_chars)
 
     tokenizer = existing or build_tokenizer(kind, train_documents(), vocab_size)
     separator = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
@@ -161,11 +180,15 @@ def _build(
     staging.chmod(0o755)  # mkdtemp makes it private
     try:
         with writing(folder / "tokens.bin"), open(staging / "tokens.bin", "wb") as out:
-            num_train = _write_tokens(train_documents(), tokenizer, separator, out, "tokenizing train")
+            num_train = _write_tokens(
+                train_documents(skipped), tokenizer, separator, out, "tokenizing train", "data.train"
+            )
             num_val = 0
             if validation:
-                documents = corpus.iter_documents(validation, val_files, text_field, "data.validation")
-                num_val = _write_tokens(documents, tokenizer, separator, out, "tokenizing validation")
+                documents = corpus.iter_documents(validation, val_files, text_field, "data.validation", on_bad, skipped)
+                num_val = _write_tokens(
+                    documents, tokenizer, separator, out, "tokenizing validation", "data.validation"
+                )
         if num_train == 0:
             raise UserError(f"data.train: '{train}' holds no text")
         if validation and num_val == 0:
@@ -177,7 +200,8 @@ def _build(
             spans = {"train": [0, split], "validation": [split, num_train]}
         dtype = "uint16" if tokenizer.get_vocab_size() <= 1 << 16 else "uint32"
         tokenizer.save(str(staging / "tokenizer.json"))
-        (staging / "meta.json").write_text(json.dumps({"dtype": dtype, **spans, "train_source": train}))
+        meta = {"dtype": dtype, **spans, "train_source": train, "skipped": skipped}
+        (staging / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(staging, folder)
         except OSError:  # another process finished the same cache entry first; theirs is identical
@@ -193,8 +217,9 @@ def _load(folder: Path) -> TokenData:
     return TokenData(
         train=tokens[slice(*meta["train"])],
         validation=tokens[slice(*meta["validation"])],
-        tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
+        tokenizer=load_tokenizer(str(folder / "tokenizer.json")),
         cache_path=folder,
+        skipped=meta.get("skipped", {}),
     )
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
-from lmtrain.data.tokenizer import SIDE_FILES, read_json
+from lmtrain.data.tokenizer import SIDE_FILES, plain_text, read_json
 from lmtrain.errors import UserError
 from lmtrain.hf.families import IGNORED, config_from_hf, source
 from lmtrain.model import TransformerConfig, TransformerLM
@@ -116,7 +116,7 @@ def load_tokenizer(folder: Path, key: str, vocab_size: int) -> Tokenizer:
             "AutoTokenizer.from_pretrained(path).save_pretrained(path) writes one)"
         )
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = plain_text(Tokenizer.from_file(str(path)))
     except Exception as err:  # tokenizers raises a bare Exception for a malformed file
         raise UserError(f"{key}: cannot read '{path}': {str(err).splitlines()[0]}") from None
     if tokenizer.get_vocab_size() > vocab_size:
