@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from lmtrain import metrics
+from lmtrain import chat, metrics
 from lmtrain.config import TaskConfig
 from lmtrain.data.examples import Example, fixed_batches
-from lmtrain.data.tokenizer import end_of_text_id, warn_unknown
+from lmtrain.data.tokenizer import SpecialTokens, end_of_text_id, warn_unknown
 from lmtrain.errors import UserError
 from lmtrain.generate import beam_search, generate
 from lmtrain.model import TransformerLM
@@ -35,6 +35,7 @@ MAIN_METRIC = {
     "classification": ("accuracy", True),
     "seq2seq": ("bleu", True),
     "qa": ("exact_match", True),
+    "chat": ("loss", False),
 }  # task -> (metric, higher is better)
 
 
@@ -63,13 +64,14 @@ def field_roles(name: str, instruction: bool) -> list[str]:
         "classification": ["text", "label"],
         "seq2seq": ["source", "target"],
         "qa": ["context", "question", "answer"],
+        "chat": ["messages"],
     }[name]
 
 
 def field_types(info: TaskInfo) -> dict[str, tuple[type, ...]]:
     """Record field -> the value types a usable record holds there: text, or a label (int or string)."""
     return {
-        info.fields[role]: (int, str) if role == "label" else (str,)
+        info.fields[role]: (int, str) if role == "label" else (list,) if role == "messages" else (str,)
         for role in field_roles(info.name, info.instruction)
     }
 
@@ -80,10 +82,24 @@ def label_index(labels: list) -> dict[str, int]:
 
 
 class Task:
-    def __init__(self, info: TaskInfo, tokenizer: Tokenizer, max_seq_len: int, eot: int | None = None):
-        """`eot`: the model's end-of-text id (`SpecialTokens.end_of_text`); default lmtrain's <|endoftext|>."""
+    def __init__(
+        self,
+        info: TaskInfo,
+        tokenizer: Tokenizer,
+        max_seq_len: int,
+        eot: int | None = None,
+        chat_template: str | None = None,
+        bos: int | None = None,
+    ):
+        """`eot`: the model's end-of-text id (`SpecialTokens.end_of_text`); default lmtrain's <|endoftext|>.
+        chat: `chat_template` (Jinja; None: lmtrain's default) and `bos`, which templates may write."""
         self.info, self.tokenizer, self.max_seq_len = info, tokenizer, max_seq_len
         self.eot = eot if eot is not None else end_of_text_id(tokenizer)
+        self.chat_template = chat_template or chat.DEFAULT_TEMPLATE
+        self.chat_tokens = {
+            "eos_token": tokenizer.id_to_token(self.eot),
+            "bos_token": tokenizer.id_to_token(bos) if bos is not None else "",
+        }
         self.main_metric, self.higher_is_better = MAIN_METRIC[info.name]
         self.classify = info.name == "classification"
 
@@ -119,6 +135,8 @@ class Task:
                         f"data.label_field: label {label!r} in {key} was not seen in data.train (known: {known})"
                     )
                 example.label = index[str(label)]
+        elif name == "chat":
+            examples, truncated = self._encode_chats(records, key)
         elif name == "lm" and not self.info.instruction:
             for ids in self._encode(self._column(records, "text"), key):
                 if not ids:  # an empty text has nothing to predict
@@ -147,6 +165,41 @@ class Task:
             purpose = "train on" if key == "data.train" else "score"
             raise UserError(f"{key}: no tokens to {purpose}: every text is empty")
         return examples
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The tokens generation starts from: `messages` and the template's assistant header."""
+        return chat.tokenize(self.tokenizer, self.chat_template, messages, self.chat_tokens, True)[0]
+
+    def _encode_chats(self, records: list[dict], key: str) -> tuple[list[Example], int]:
+        """Conversations with the loss on their assistant turns. One without an assistant turn, with a bad
+        role or that the template rejects is skipped and counted; one longer than the context is truncated
+        (counted) or, with task overlong=drop, dropped (counted)."""
+        limit, examples, truncated, dropped, bad, first = self.max_seq_len + 1, [], 0, 0, 0, ""
+        for number, record in enumerate(records, 1):
+            try:
+                messages = chat.check_messages(record[self.info.fields["messages"]])
+                if not any(m["role"] == "assistant" for m in messages):
+                    raise chat.ChatError("no assistant turn to train on")
+                warn_unknown(self.tokenizer, [m["content"] for m in messages], key)
+                ids, mask = chat.tokenize(self.tokenizer, self.chat_template, messages, self.chat_tokens)
+            except chat.ChatError as err:
+                bad, first = bad + 1, first or f"record {number}: {err}"
+                continue
+            if len(ids) > limit:
+                if self.info.decoding.get("overlong", "truncate") == "drop":
+                    dropped += 1
+                    continue
+                truncated += 1
+                ids, mask = ids[:limit], mask[:limit]
+            if any(mask[1:]):
+                examples.append(Example(ids, loss_mask=mask))
+            else:  # truncation cut every assistant token
+                dropped += 1
+        if bad:
+            log.warning("%s: skipped %d of %d conversations (first: %s)", key, bad, len(records), first)
+        if dropped:
+            log.warning("%s: dropped %d conversations longer than %d tokens", key, dropped, self.max_seq_len)
+        return examples, truncated
 
     def encode_texts(self, texts: list[str], where: str = "input") -> tuple[list[Example], int]:
         """Classification inputs (the text, cut to fit, then EOT where the head reads) and how many were cut."""
@@ -188,7 +241,7 @@ class Task:
         if count == 0:  # a loss of 0 would read as a perfect score
             raise UserError("no tokens to score: every example is empty")
         result = {"loss": total / count}
-        if self.info.name == "lm":
+        if self.info.name in ("lm", "chat"):
             result["ppl"] = metrics.perplexity(result["loss"])
         elif self.classify:
             result.update(metrics.classification_report(predictions, labels, [str(v) for v in self.info.labels]))
@@ -245,6 +298,11 @@ class Task:
         return [self.tokenizer.decode(ids).strip() for ids in outputs]
 
 
+def task_for(info: TaskInfo, tokenizer: Tokenizer, max_seq_len: int, special: SpecialTokens) -> Task:
+    """The task with the model's own end-of-text token and chat template."""
+    return Task(info, tokenizer, max_seq_len, special.end_of_text, special.chat_template, special.bos)
+
+
 def build_task_info(cfg: TaskConfig, data_fields: dict[str, str], train_records: list[dict] | None) -> TaskInfo:
     """The task's record fields, its labels (from the training records) and its decoding settings."""
     instruction = cfg.name == "lm" and train_records is not None and data_fields["prompt"] in train_records[0]
@@ -275,4 +333,6 @@ def build_task_info(cfg: TaskConfig, data_fields: dict[str, str], train_records:
             "temperature": cfg.temperature,
             "top_k": cfg.top_k,
         }
+    if cfg.name == "chat":  # how over-long conversations were handled travels with the checkpoint
+        info.decoding = {"overlong": cfg.overlong}
     return info

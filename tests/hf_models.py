@@ -10,7 +10,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 TEXT = ("the quick brown fox jumps over the lazy dog. " * 3 + "def f(x):\n    return x + 1\n") * 20
 SPECIALS = {
     "gpt2": {"eos": "<|endoftext|>", "bos": "<|endoftext|>"},
-    "llama": {"eos": "<|end_of_text|>", "bos": "<|begin_of_text|>", "extra": ["<|eot_id|>"]},
+    "llama": {
+        "eos": "<|end_of_text|>",
+        "bos": "<|begin_of_text|>",
+        "extra": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+    },
     "mistral": {"eos": "</s>", "bos": "<s>"},
     "qwen2": {"eos": "<|im_end|>", "extra": ["<|endoftext|>", "<|im_start|>"]},
     "qwen3": {"eos": "<|im_end|>", "extra": ["<|endoftext|>", "<|im_start|>"]},
@@ -39,7 +43,7 @@ def tokenizer_for(family: str) -> tuple[Tokenizer, dict]:
     return tokenizer, special
 
 
-def build(family: str, folder: Path, *, shard: bool = False, **overrides) -> Path:
+def build(family: str, folder: Path, *, shard: bool = False, chat_template: str | None = None, **overrides) -> Path:
     """A random `family` model with a trained byte-level BPE tokenizer, saved in `folder`."""
     import transformers
 
@@ -92,7 +96,7 @@ def build(family: str, folder: Path, *, shard: bool = False, **overrides) -> Pat
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder, max_shard_size="20KB" if shard else "5GB")
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=special["eos"], bos_token=special.get("bos")
+        tokenizer_object=tokenizer, eos_token=special["eos"], bos_token=special.get("bos"), chat_template=chat_template
     )
     fast.save_pretrained(folder)
     if family == "llama":  # several end tokens, as Llama 3 has

@@ -78,10 +78,10 @@ def test_special_tokens_from_the_model_files(folders):
     special = special_tokens(tokenizer, folders["llama"])
     eos, eot = tokenizer.token_to_id("<|end_of_text|>"), tokenizer.token_to_id("<|eot_id|>")
     assert special.end_of_text == eos and set(special.stop) == {eos, eot}  # several end tokens, as Llama 3
-    assert special.bos == tokenizer.token_to_id("<|begin_of_text|>")  # its tokenizer puts BOS in front
+    assert special.bos == tokenizer.token_to_id("<|begin_of_text|>") and special.adds_bos  # BOS in front
     _, qwen_tokenizer = load_model(str(folders["qwen2"]), CPU)
     qwen = special_tokens(qwen_tokenizer, folders["qwen2"])
-    assert qwen.end_of_text == qwen_tokenizer.token_to_id("<|im_end|>") and qwen.bos is None
+    assert qwen.end_of_text == qwen_tokenizer.token_to_id("<|im_end|>") and qwen.bos is None and not qwen.adds_bos
 
 
 @pytest.mark.parametrize("family", FAMILIES)

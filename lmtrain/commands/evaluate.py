@@ -14,7 +14,7 @@ from lmtrain.data.examples import read_records, split_off, usable_records
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.pretrained import load_model, load_special_tokens, load_task_info
-from lmtrain.tasks import Task, TaskInfo, field_roles, field_types, text_unit
+from lmtrain.tasks import Task, TaskInfo, field_roles, field_types, task_for, text_unit
 
 log = logging.getLogger("lmtrain")
 
@@ -59,7 +59,7 @@ def run(cfg: EvaluateConfig, run_dir: str) -> None:
     for key in ("decoding", "num_beams", "max_new_tokens"):
         if getattr(cfg, key) is not None:
             info.decoding[key] = getattr(cfg, key)
-    task = Task(info, tokenizer, model.config.max_seq_len, load_special_tokens(cfg.ckpt, tokenizer).end_of_text)
+    task = task_for(info, tokenizer, model.config.max_seq_len, load_special_tokens(cfg.ckpt, tokenizer))
     examples, path, skipped = split_examples(
         trained, task, cfg.split, getattr(cfg.data, cfg.split), cfg.data.on_bad_record
     )

@@ -38,10 +38,9 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
         info = load_task_info(str(source))
         if info is not None:
             from lmtrain.commands.evaluate import split_examples
-            from lmtrain.tasks import Task
+            from lmtrain.tasks import task_for
 
-            eot = load_special_tokens(str(source), tokenizer).end_of_text
-            task = Task(info, tokenizer, model.config.max_seq_len, eot)
+            task = task_for(info, tokenizer, model.config.max_seq_len, load_special_tokens(str(source), tokenizer))
             result = task.evaluate(model, split_examples(trained, task, "validation")[0], batch_size=32, device=device)
             return {k: v for k, v in result.items() if isinstance(v, float)}
         d = trained["data"]

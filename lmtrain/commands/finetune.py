@@ -30,7 +30,7 @@ from lmtrain.pretrained import (
     load_task_info,
     weights_digest,
 )
-from lmtrain.tasks import Task, TaskInfo, build_task_info, field_roles, field_types, text_unit
+from lmtrain.tasks import TaskInfo, build_task_info, field_roles, field_types, task_for, text_unit
 from lmtrain.trainer import AMP_DTYPES
 
 log = logging.getLogger("lmtrain")
@@ -40,7 +40,18 @@ def data_fields(cfg: FinetuneConfig) -> dict[str, str]:
     d = cfg.data
     return {
         role: getattr(d, f"{role}_field")
-        for role in ("text", "label", "source", "target", "prompt", "response", "question", "context", "answer")
+        for role in (
+            "text",
+            "label",
+            "source",
+            "target",
+            "prompt",
+            "response",
+            "question",
+            "context",
+            "answer",
+            "messages",
+        )
     }
 
 
@@ -74,7 +85,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     counts = {"skipped_train_records": skipped}
     info = build_task_info(cfg.task, fields, train_records)
     special = load_special_tokens(cfg.init_from, tokenizer, key="init_from")
-    task = Task(info, tokenizer, model.config.max_seq_len, special.end_of_text)
+    task = task_for(info, tokenizer, model.config.max_seq_len, special)
     train_examples = task.encode(train_records, "data.train")
     if d.validation:
         records = read_records(d.validation, "data.validation", required, txt_by)

@@ -14,7 +14,7 @@ from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.generate import generate
 from lmtrain.pretrained import load_model, load_special_tokens, load_task_info
-from lmtrain.tasks import Task
+from lmtrain.tasks import TaskInfo, task_for
 
 DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 1.0}
 
@@ -42,8 +42,17 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
     info = load_task_info(cfg.ckpt)
     if info is not None and info.name == "classification":
         raise UserError("ckpt: a classification checkpoint does not generate text; use lmtrain predict")
-    formatted = info is not None and (info.instruction or info.name in ("seq2seq", "qa"))
-    if formatted:  # the prompt as the task trained it; print only the answer
+    if cfg.chat or (info is not None and info.name == "chat"):  # one user turn, in the model's chat template
+        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        task = task_for(
+            info or TaskInfo("chat", {"messages": "messages"}), tokenizer, model.config.max_seq_len, special
+        )
+        warn_unknown(tokenizer, [prompt], "prompt")
+        ids, formatted = task.chat_ids(messages), True
+    elif formatted := info is not None and (info.instruction or info.name in ("seq2seq", "qa")):
+        # the prompt as the task trained it; print only the answer
         if info.name == "qa" and cfg.context is None:
             raise UserError("context: a qa checkpoint answers a question (prompt=...) about a passage (context=...)")
         roles = {
@@ -51,11 +60,11 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
             "qa": {"question": prompt, "context": cfg.context},
             "lm": {"prompt": prompt},
         }[info.name]
-        task = Task(info, tokenizer, model.config.max_seq_len, stop)
+        task = task_for(info, tokenizer, model.config.max_seq_len, special)
         ids = task.prompt_ids({info.fields[role]: text for role, text in roles.items()})
     else:  # with the tokenizer's own framing (a BOS for Llama-style tokenizers)
         warn_unknown(tokenizer, [prompt], "prompt")
-        ids = tokenizer.encode(prompt).ids if prompt else [special.bos if special.bos is not None else stop]
+        ids = tokenizer.encode(prompt).ids if prompt else [special.bos if special.adds_bos else stop]
     settings = sampling(cfg, special)
     prompt_tokens = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

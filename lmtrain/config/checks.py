@@ -33,7 +33,8 @@ class ConfigError(UserError):
 
 CHOICES = {
     "adapter.name": ("none", "lora"),
-    "task.name": ("lm", "classification", "seq2seq", "qa"),
+    "task.name": ("lm", "classification", "seq2seq", "qa", "chat"),
+    "task.overlong": ("truncate", "drop"),
     "task.class_weights": ("none", "balanced"),
     "task.decoding": ("greedy", "beam", "sample"),
     "decoding": ("greedy", "beam", "sample"),

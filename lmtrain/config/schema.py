@@ -130,7 +130,7 @@ class PretrainConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "classification"  # lm | classification | seq2seq | qa
+    name: str = "classification"  # lm | classification | seq2seq | qa | chat
     class_weights: str = "none"  # classification: none | balanced (inverse class frequency)
     decoding: str = "greedy"  # seq2seq/qa evaluation: greedy | beam | sample
     num_beams: int = 4  # decoding=beam
@@ -138,6 +138,7 @@ class TaskConfig:
     top_k: int | None = None  # decoding=sample
     max_new_tokens: int = 64  # longest generated answer or translation
     max_eval_examples: int | None = None  # validate on at most this many examples (null: all)
+    overlong: str = "truncate"  # chat: a conversation longer than the context is truncated (counted) | dropped
 
 
 @dataclass
@@ -157,6 +158,7 @@ class ExampleDataConfig:
     question_field: str = "question"  # qa
     context_field: str = "context"
     answer_field: str = "answer"
+    messages_field: str = "messages"  # chat: a list of {role: system|user|assistant, content}
     on_bad_record: str = "skip"  # skip (counted in the log and metrics.jsonl) | error: a missing/null/mistyped field
 
 
@@ -204,6 +206,7 @@ class EvalDataConfig:
     question_field: str | None = None
     context_field: str | None = None
     answer_field: str | None = None
+    messages_field: str | None = None
     on_bad_record: str = "skip"  # skip (counted in eval.json) | error: a record with a missing/null/mistyped field
 
 
@@ -261,3 +264,5 @@ class GenerateConfig:
     seed: int = 1337  # sampling seed
     device: str = "auto"  # auto | cpu | cuda
     context: str | None = None  # qa checkpoints: the passage the prompt (a question) is about
+    chat: bool = False  # the prompt is a user turn, rendered with the model's chat template (a chat checkpoint: always)
+    system: str | None = None  # chat: a system message before the user turn

@@ -21,6 +21,16 @@ class Example:
     loss_start: int = 0  # ids[loss_start:] are predicted with loss; the prompt before it carries none
     label: int | None = None  # classification
     reference: str | None = None  # the target text, for generation metrics
+    loss_mask: list[bool] | None = None  # chat: ids[i] is predicted with loss where True (overrides loss_start)
+
+    def targets(self, ignore_index: int) -> torch.Tensor:
+        """Next-token targets [len(ids) - 1]: ids[j + 1], or ignore_index where it carries no loss."""
+        ids = torch.tensor(self.ids)
+        if self.loss_mask is not None:
+            keep = torch.tensor(self.loss_mask[1:], dtype=torch.bool)
+        else:
+            keep = torch.arange(1, len(self.ids)) >= max(self.loss_start, 1)
+        return torch.where(keep, ids[1:], torch.full_like(ids[1:], ignore_index))
 
 
 def read_records(source: str, key: str, fields: list[str] | None = None, txt_by: str = "line") -> list[dict]:
@@ -107,8 +117,7 @@ def collate(examples: list[Example], pad_id: int, ignore_index: int, classify: b
     for row, e in enumerate(examples):
         ids = torch.tensor(e.ids)
         tokens[row, : len(ids) - 1] = ids[:-1]
-        start = max(e.loss_start - 1, 0)  # target j predicts ids[j + 1]
-        targets[row, start : len(ids) - 1] = ids[start + 1 :]
+        targets[row, : len(ids) - 1] = e.targets(ignore_index)
     return tokens, targets
 
 
@@ -143,8 +152,7 @@ def collate_packed(rows: list[list[Example]], pad_id: int, ignore_index: int):
         for k, e in enumerate(row):
             ids, n = torch.tensor(e.ids), len(e.ids) - 1
             tokens[r, offset : offset + n] = ids[:-1]
-            start = max(e.loss_start - 1, 0)
-            targets[r, offset + start : offset + n] = ids[start + 1 :]
+            targets[r, offset : offset + n] = e.targets(ignore_index)
             documents[r, offset : offset + n] = k
             offset += n
     return {"tokens": tokens, "document_ids": documents}, targets

@@ -162,8 +162,10 @@ class SpecialTokens:
 
     end_of_text: int
     stop: list[int]
-    bos: int | None = None
+    bos: int | None = None  # the model's declared beginning-of-sequence token
+    adds_bos: bool = False  # its tokenizer puts `bos` in front of every encoded text (Llama)
     generation: dict = field(default_factory=dict)
+    chat_template: str | None = None  # Jinja; None: lmtrain's default (see lmtrain.chat)
 
 
 def _ids(value: Any) -> list[int]:
@@ -212,10 +214,16 @@ def special_tokens(tokenizer: Tokenizer, folder: Path, key: str = "ckpt") -> Spe
         bos = next(iter(_ids(generation.get("bos_token_id")) or _ids(model_config.get("bos_token_id"))), None)
     # a BOS counts only where the tokenizer's own post-processor puts it in front of a text (Llama)
     adds_bos = bos is not None and tokenizer.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    jinja = folder / "chat_template.jinja"
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
     return SpecialTokens(
         end_of_text=end_of_text,
         stop=list(dict.fromkeys([*stop, end_of_text])),
-        bos=bos if adds_bos else None,
+        bos=bos,
+        adds_bos=adds_bos,
+        chat_template=jinja.read_text() if jinja.is_file() else template if isinstance(template, str) else None,
         generation={k: generation[k] for k in GENERATION_KEYS if generation.get(k) is not None},
     )
 

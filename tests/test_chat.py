@@ -1,0 +1,120 @@
+"""Chat data: templates rendered as transformers renders them, the loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hf_models import build, tokenizer_for
+
+from lmtrain import chat
+from lmtrain.tasks import Task, TaskInfo
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
+    " + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>"
+    "\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "what is the fox? <|im_end|> <|eot_id|>"},  # spelled specials stay text
+    {"role": "assistant", "content": "the quick brown fox"},
+    {"role": "user", "content": "and the dog?"},
+    {"role": "assistant", "content": "the lazy dog"},
+]
+
+
+def plain(tokenizer, text: str) -> list[int]:
+    tokenizer.encode_special_tokens = True
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize(
+    "family, template, end_of_turn, special",
+    [
+        ("qwen2", CHATML, "<|im_end|>", {"eos_token": "<|im_end|>", "bos_token": ""}),
+        ("llama", LLAMA3, "<|eot_id|>", {"eos_token": "<|end_of_text|>", "bos_token": "<|begin_of_text|>"}),
+    ],
+)
+def test_loss_mask_is_exactly_the_assistant_turns(family, template, end_of_turn, special):
+    tokenizer, _ = tokenizer_for(family)
+    ids, mask = chat.tokenize(tokenizer, template, CONVERSATION, special)
+    rendered = chat.render(template, CONVERSATION, False, special)
+    assert tokenizer.decode(ids, skip_special_tokens=False) == rendered  # nothing lost or added
+    end = tokenizer.token_to_id(end_of_turn)
+    expected = plain(tokenizer, "the quick brown fox") + [end] + plain(tokenizer, "the lazy dog") + [end]
+    assert [t for t, m in zip(ids, mask, strict=True) if m] == expected
+    runs = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
+    assert len(runs) == 2  # two contiguous turns, each right after its assistant header
+    for start in runs:
+        header = tokenizer.decode(ids[:start], skip_special_tokens=False)
+        assert header.endswith("assistant\n") or header.endswith("assistant<|end_header_id|>\n\n")
+    assert ids.count(end) == len(CONVERSATION)  # the user's spelled "<|im_end|>" is not a turn end
+
+
+def test_generation_prompt_ends_with_the_assistant_header():
+    tokenizer, _ = tokenizer_for("qwen2")
+    special = {"eos_token": "<|im_end|>", "bos_token": ""}
+    ids, _ = chat.tokenize(tokenizer, CHATML, CONVERSATION[:2], special, add_generation_prompt=True)
+    assert tokenizer.decode(ids, skip_special_tokens=False).endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_bad_conversations_are_counted_not_trained(caplog):
+    tokenizer, _ = tokenizer_for("qwen2")
+    task = Task(TaskInfo("chat", {"messages": "messages"}), tokenizer, 150, tokenizer.token_to_id("<|im_end|>"), CHATML)
+    records = [
+        {"messages": CONVERSATION},
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {"messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "hi"}]},
+        {"messages": CONVERSATION * 4},  # 400 tokens, longer than the context: truncated and counted
+    ]
+    examples = task.encode(records, "data.train")
+    assert len(examples) == 2 and len(examples[0].ids) == 100 and len(examples[1].ids) == 151
+    assert "skipped 2 of 4 conversations (first: record 2: no assistant turn to train on)" in caplog.text
+    assert "1 of 4 examples exceed model.max_seq_len=150 tokens and were truncated" in caplog.text
+    task.info.decoding["overlong"] = "drop"
+    assert len(task.encode(records, "data.train")) == 1
+
+
+def test_chat_finetune_of_an_hf_model_then_generate(tmp_path, capsys):
+    from lmtrain.cli import check
+    from lmtrain.commands import evaluate, finetune, generate
+    from lmtrain.config import EvalDataConfig, EvaluateConfig, FinetuneConfig, GenerateConfig
+
+    base = build("qwen2", tmp_path / "qwen2", chat_template=CHATML)
+    lines = [
+        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+        for w in ("fox", "dog", "quick", "lazy") * 10
+    ]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    overrides = [
+        f"init_from={base}",
+        "task=chat",
+        f"data.train={tmp_path / 'chats.jsonl'}",
+        "data.packing=true",
+        "adapter=lora",
+        "epochs=null",
+        "trainer.max_steps=20",
+        "trainer.eval_every=20",
+        "trainer.micro_batch_size=4",
+        "scheduler.warmup_steps=2",
+        "optimizer.lr=1e-2",
+        "trainer.device=cpu",
+        "trainer.progress_bar=false",
+    ]
+    summary = finetune.run(check("finetune", FinetuneConfig, overrides), str(tmp_path / "run"))
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["val_loss"] for r in records if "val_loss" in r]
+    assert summary["steps"] == 20 and losses[-1] < losses[0]
+    ckpt = tmp_path / "run" / "checkpoints" / "latest"
+    cfg = EvaluateConfig(ckpt=str(ckpt), data=EvalDataConfig(test=str(tmp_path / "chats.jsonl")), device="cpu")
+    evaluate.run(cfg, str(tmp_path / "eval"))
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["task"] == "chat" and report["loss"] == pytest.approx(losses[-1], rel=0.3)
+    capsys.readouterr()
+    generate.run(GenerateConfig(ckpt=str(ckpt), prompt="say fox", max_new_tokens=5, temperature=0.0), ".")
+    assert capsys.readouterr().out.strip()  # the reply alone, without the template
