@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,45 @@ def test_a_rank_stuck_outside_the_collectives_times_out(tmp_path, corpus):
     assert result.returncode != 0
     assert time.monotonic() - started < 120
     assert "lmtrain pretrain (rank 0): error:" in result.stderr
+
+
+def lora_finetune(base: Path, data: Path, run_dir: Path, *extra: str) -> dict:
+    result = lmtrain(
+        "finetune",
+        f"init_from={base}",
+        "task=lm",
+        f"data.train={data}",
+        "adapter=lora",
+        "adapter.rank=4",
+        "epochs=null",
+        "trainer.max_steps=3",
+        "trainer.micro_batch_size=4",
+        "scheduler.warmup_steps=1",
+        "optimizer.lr=1e-2",
+        "trainer.device=cpu",
+        "trainer.progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return weights(run_dir / "checkpoints" / "latest")
+
+
+@pytest.fixture(scope="module")
+def lora_single(tmp_path_factory, corpus):
+    """A tiny pretrained base, lm records, and its LoRA finetune on 1 process × accumulation 2."""
+    import json
+
+    root = tmp_path_factory.mktemp("lora")
+    train(root / "pre", corpus, "trainer.max_steps=2")
+    data = root / "lm.jsonl"
+    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus.read_text().splitlines()[:96]))
+    return root / "pre", data, lora_finetune(root / "pre", data, root / "one", "grad_accum.steps=2")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_finetune_on_two_processes_equals_one_with_accumulation(tmp_path, lora_single, strategy):
+    base, data, one = lora_single
+    two = lora_finetune(base, data, tmp_path, "trainer.nproc=2", f"trainer.strategy={strategy}")
+    assert set(one) == set(two) and all(".lora_" in k for k in one)  # the adapters alone
+    assert_close(two, one)

@@ -37,8 +37,15 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 def sandbox(root: Path, runs: dict) -> Path:
     """The README's relative paths, made real: data files and checkpoints (links to tiny runs)."""
     work = root / "work"
-    for folder in ("path/to", "reviews", "en-fr", "outputs", "../shared/data/tiny_shakespeare"):
+    for folder in ("path/to", "reviews", "en-fr", "outputs", "../shared/data/tiny_shakespeare", "models", "corpus"):
         (work / folder).mkdir(parents=True, exist_ok=True)
+    for model in ("Qwen2.5-0.5B", "SmolLM2-135M", "Llama-3.2-1B", "gpt2"):  # open models: stand-ins
+        (work / "models" / model).symlink_to(runs["lm"] / "checkpoints" / "latest")
+    make_corpus(work / "corpus/part-0.txt", 50)
+    make_corpus(work / "wiki.txt", 50)
+    write_jsonl(work / "instructions.jsonl", [{"prompt": "hi", "response": "hello"}])
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    write_jsonl(work / "chats.jsonl", [{"messages": chat}])
     make_corpus(work / "path/to/corpus.txt", 50)
     make_corpus(work / "../shared/data/tiny_shakespeare/input.txt", 50)
     for split in ("train", "validation", "test"):

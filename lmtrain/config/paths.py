@@ -27,7 +27,7 @@ DATA = {
     PredictConfig: ["input"],
 }
 CHECKPOINTS = {
-    PretrainConfig: ["loss.teacher"],
+    PretrainConfig: ["init_from", "loss.teacher"],
     FinetuneConfig: ["init_from", "loss.teacher"],
     EvaluateConfig: ["ckpt"],
     GenerateConfig: ["ckpt"],

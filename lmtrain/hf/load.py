@@ -45,7 +45,7 @@ def weight_files(folder: Path, key: str) -> dict[str, Path]:
     if single.is_file():
         try:
             with safe_open(str(single), framework="pt") as f:
-                return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+                return dict.fromkeys(f.keys(), single)
         except (SafetensorError, OSError) as err:
             raise UserError(f"{key}: cannot read '{single}': {err}") from None
     if any(folder.glob("pytorch_model*.bin")) or any(folder.glob("*.pth")):
