@@ -321,7 +321,8 @@ def test_lora_learns_the_classification_rule_and_saves_only_what_it_trains(tmp_p
         "epochs=3",
         "adapter=lora",
         "adapter.rank=8",
-        "optimizer.lr=1e-2",
+        "adapter.alpha=16",
+        "optimizer.lr=3e-3",
     )
     assert summary["best_val_accuracy"] >= 0.9
     best = tmp_path / "checkpoints" / "best"

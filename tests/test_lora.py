@@ -119,3 +119,27 @@ def test_an_adapter_exports_merged_or_as_peft_only(adapter_run, tmp_path):
     ckpt, _ = adapter_run
     with pytest.raises(UserError, match="merge_adapter=true"):
         export.run(ExportConfig(ckpt=str(ckpt), out=str(tmp_path / "x"), device="cpu"), ".")
+
+
+def test_lora_student_distils_from_a_teacher(adapter_run, tmp_path):
+    ckpt, base = adapter_run
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"the lazy dog {i} sleeps"}) + "\n" for i in range(16)))
+    overrides = [
+        f"init_from={base}",
+        "task=lm",
+        f"data.train={train}",
+        "adapter=lora",
+        "loss=distill",
+        f"loss.teacher={ckpt}",  # the adapter checkpoint itself: a teacher can be an adapter run too
+        "epochs=null",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        "trainer.micro_batch_size=4",
+        "scheduler.warmup_steps=1",
+        "trainer.device=cpu",
+        "trainer.progress_bar=false",
+    ]
+    summary = finetune.run(check("finetune", FinetuneConfig, overrides), str(tmp_path / "run"))
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "latest" / "model.safetensors"))
+    assert summary["steps"] == 2 and saved and all(".lora_" in k for k in saved)
