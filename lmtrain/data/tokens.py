@@ -95,19 +95,9 @@ def prepare(
     """Tokenize the corpus once into `cache_dir/<key>/` (tokenizer.json, tokens.bin, meta.json) and map it."""
     train_files = corpus.resolve_files(train, "data.train")
     val_files = corpus.resolve_files(validation, "data.validation") if validation else None
-    key = _cache_key(
-        {
-            "format": FORMAT_VERSION,
-            "train": corpus.fingerprint(train, train_files),
-            "validation": corpus.fingerprint(validation, val_files) if validation else None,
-            "val_fraction": None if validation else val_fraction,
-            "text_field": text_field,
-            "tokenizer": tokenizer,
-            "vocab_size": vocab_size if tokenizer == "bpe" else None,
-            "max_chars": max_chars,
-        }
+    folder = _cache_folder(
+        train, train_files, validation, val_files, val_fraction, text_field, tokenizer, vocab_size, max_chars, cache_dir
     )
-    folder = Path(cache_dir).expanduser() / key
     if not (folder / "meta.json").exists():
         _build(
             folder,
@@ -122,6 +112,44 @@ def prepare(
             max_chars,
         )
     return _load(folder)
+
+
+def cached_tokenizer(
+    *,
+    train: str,
+    validation: str | None,
+    val_fraction: float,
+    text_field: str,
+    tokenizer: str,
+    vocab_size: int,
+    max_chars: int | None,
+    cache_dir: str,
+) -> Tokenizer | None:
+    """The tokenizer `prepare` would use, if that corpus is already tokenized in the cache (else None)."""
+    train_files = corpus.resolve_files(train, "data.train")
+    val_files = corpus.resolve_files(validation, "data.validation") if validation else None
+    folder = _cache_folder(
+        train, train_files, validation, val_files, val_fraction, text_field, tokenizer, vocab_size, max_chars, cache_dir
+    )
+    return Tokenizer.from_file(str(folder / "tokenizer.json")) if (folder / "meta.json").exists() else None
+
+
+def _cache_folder(
+    train, train_files, validation, val_files, val_fraction, text_field, tokenizer, vocab_size, max_chars, cache_dir
+) -> Path:
+    key = _cache_key(
+        {
+            "format": FORMAT_VERSION,
+            "train": corpus.fingerprint(train, train_files),
+            "validation": corpus.fingerprint(validation, val_files) if validation else None,
+            "val_fraction": None if validation else val_fraction,
+            "text_field": text_field,
+            "tokenizer": tokenizer,
+            "vocab_size": vocab_size if tokenizer == "bpe" else None,
+            "max_chars": max_chars,
+        }
+    )
+    return Path(cache_dir).expanduser() / key
 
 
 def _build(folder, train, train_files, validation, val_files, val_fraction, text_field, kind, vocab_size, max_chars):
