@@ -21,6 +21,7 @@ from lmtrain.config import (
     ExportConfig,
     FinetuneConfig,
     GenerateConfig,
+    InspectConfig,
     PredictConfig,
     PretrainConfig,
     all_keys,
@@ -40,6 +41,7 @@ COMMANDS: dict[str, tuple[str, type]] = {
     "generate": ("generate", GenerateConfig),
     "predict": ("predict", PredictConfig),
     "export": ("export", ExportConfig),
+    "inspect": ("inspect", InspectConfig),
 }
 USAGE = """usage: lmtrain <command> [hydra flags] [key=value ...]
 
