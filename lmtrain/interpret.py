@@ -105,6 +105,7 @@ def contributions(model: TransformerLM, tokens: torch.Tensor) -> tuple[int, torc
             logits[predicted].backward()
     finally:
         handle.remove()
-    embedded = kept[0][0]
+    embedded = kept[0]  # [1, T, d_model]
     model.zero_grad(set_to_none=True)
-    return predicted, logits.detach().float().softmax(-1), (embedded * embedded.grad).sum(-1).detach().float()
+    scores = (embedded * embedded.grad).sum(-1)[0].detach().float()
+    return predicted, logits.detach().float().softmax(-1), scores

@@ -59,3 +59,13 @@ def lmtrain(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
     return subprocess.run(
         [sys.executable, "-m", "lmtrain", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, corpus) -> Path:
+    """A tiny char-level model pretrained for a few steps (in this process): its `checkpoints/latest`."""
+    from lmtrain.commands import pretrain
+
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    pretrain.run(compose(*TINY, f"data.train={corpus}", "trainer.max_steps=20", "trainer.eval_every=20"), str(run_dir))
+    return run_dir / "checkpoints" / "latest"

@@ -111,7 +111,7 @@ def run(cfg: InspectConfig, run_dir: str) -> None:
     heads = _indices(cfg.heads, c.num_heads, "heads", "head")
     eot = end_of_text_id(tokenizer)
     if classify:  # as predict reads it: the text (cut to fit), then EOT where the head reads
-        ids = Task(info, tokenizer, c.max_seq_len).encode_texts([text])[0][0].tokens
+        ids = Task(info, tokenizer, c.max_seq_len).encode_texts([text])[0][0].ids
         inputs = ids
     else:  # as evaluate scores a text: text EOT, each token predicted from the ones before it
         ids = tokenizer.encode(text, add_special_tokens=False).ids + [eot]

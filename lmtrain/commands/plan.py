@@ -108,7 +108,8 @@ def _finetune_model(cfg) -> tuple[Any, list[int]]:
     records = read_records(cfg.data.train, "data.train", txt_by=text_unit(cfg.task.name))
     info = build_task_info(cfg.task, fields, records)
     task = Task(info, tokenizer, config["max_seq_len"])
-    lengths = [len(e.tokens) for e in task.encode(records, "data.train")]
+    shift = 0 if task.classify else 1  # a language-model example's last token is only a target
+    lengths = [len(e.ids) - shift for e in task.encode(records, "data.train")]
     model = _meta_model(**{**config, "num_classes": len(info.labels) if task.classify else 0})
     if task.classify and not model.config.tie_embeddings:
         model.lm_head.requires_grad_(False)  # as finetune does: the LM head is unused by class logits
