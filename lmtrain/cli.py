@@ -63,7 +63,7 @@ Examples:
   lmtrain generate ckpt=outputs/<run>/checkpoints/latest prompt="def "
   lmtrain report multirun/<date>/<time>
   lmtrain plan model=gpt2_124m trainer=gpu --device h100
-  lmtrain inspect ckpt=outputs/<run>/checkpoints/latest text="To be, or not to be"
+  lmtrain inspect ckpt=outputs/<run>/checkpoints/latest 'text="To be, or not to be"'
 """
 
 

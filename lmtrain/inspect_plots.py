@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _fontsize(n: int) -> float:
-    return max(4.0, min(9.0, 300 / max(n, 1)))
+    return max(6.0, min(10.0, 400 / max(n, 1)))
 
 
 def attention_png(probs, labels: list[str], title: str, path: Path) -> Path:

@@ -26,7 +26,13 @@ def attention_probs(attn: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, 
     """
     batch, seq, width = x.shape
     heads = attn.num_heads
-    q, k, _ = attn.qkv(x).view(batch, seq, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    kv_heads = getattr(attn, "num_kv_heads", heads)  # grouped-query attention shares each k among heads
+    size = getattr(attn, "head_size", width // heads)
+    # the qkv matrix's rows: heads q blocks, then kv_heads k blocks, then kv_heads v blocks, each head_size
+    q, k, _ = attn.qkv(x).view(batch, seq, heads + 2 * kv_heads, size).split([heads, kv_heads, kv_heads], 2)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])

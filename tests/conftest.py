@@ -67,5 +67,5 @@ def tiny_checkpoint(tmp_path_factory, corpus) -> Path:
     from lmtrain.commands import pretrain
 
     run_dir = tmp_path_factory.mktemp("tiny-run")
-    pretrain.run(compose(*TINY, f"data.train={corpus}", "trainer.max_steps=20", "trainer.eval_every=20"), str(run_dir))
+    pretrain.run(compose(*TINY, f"data.train={corpus}"), str(run_dir))
     return run_dir / "checkpoints" / "latest"
