@@ -24,6 +24,7 @@ from lmtrain.config import (
     ExportConfig,
     FinetuneConfig,
     GenerateConfig,
+    InspectConfig,
     PredictConfig,
     PretrainConfig,
     all_keys,
@@ -45,6 +46,7 @@ COMMANDS: dict[str, tuple[str, type]] = {
     "generate": ("generate", GenerateConfig),
     "predict": ("predict", PredictConfig),
     "export": ("export", ExportConfig),
+    "inspect": ("inspect", InspectConfig),
 }
 USAGE = """usage: lmtrain <command> [hydra flags] [key=value ...]
 
@@ -56,6 +58,8 @@ commands:
   predict    classify text with a checkpoint           (configs/predict.yaml)
   export     weights for inference: bf16/fp16/int8     (configs/export.yaml)
   report     compare runs or a sweep: table and plots  (lmtrain report --help)
+  plan       a run's parameters, FLOPs, memory and time, before training   (lmtrain plan --help)
+  inspect    per-token loss, attention maps, logit lens of a checkpoint   (configs/inspect.yaml)
 
 Hydra's flags work after the command: --help, --cfg job, --info, -m (multirun), hydra.run.dir=...
 Examples:
@@ -63,6 +67,8 @@ Examples:
   lmtrain pretrain --cfg job
   lmtrain generate ckpt=outputs/<run>/checkpoints/latest prompt="def "
   lmtrain report multirun/<date>/<time>
+  lmtrain plan model=gpt2_124m trainer=gpu --device h100
+  lmtrain inspect ckpt=outputs/<run>/checkpoints/latest 'text="To be, or not to be"'
 """
 
 
@@ -365,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         from lmtrain.commands.report import main as report
 
         return report(rest)
+    if command == "plan":  # composes pretrain's or finetune's config; no run of its own
+        from lmtrain.commands.plan import main as plan
+
+        return plan(rest, check)
     if command not in COMMANDS:
-        hint = nearest(command, [*COMMANDS, "report"])
+        hint = nearest(command, [*COMMANDS, "report", "plan"])
         print(
             f"lmtrain: error: unknown command '{command}'" + (f" (did you mean '{hint}'?)" if hint else ""),
             file=sys.stderr,

@@ -14,9 +14,9 @@ from lmtrain import checkpoint, checkpoint_meta
 from lmtrain.data.tokenizer import SpecialTokens, side_files, special_tokens
 from lmtrain.errors import UserError
 from lmtrain.export import EXPORT_MARKER, load_export_weights
-from lmtrain.hf.load import is_hf_folder, load_hf, side_files_from_hf
+from lmtrain.hf.load import is_hf_folder, load_hf, read_config, side_files_from_hf
 from lmtrain.lora import add_lora
-from lmtrain.model import TransformerLM
+from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.tasks import TaskInfo
 
 
@@ -64,6 +64,14 @@ def adapter_record(base: str, digest: str, settings: dict, layers: list[str], ke
     (rank, alpha, dropout) and the wrapped layers."""
     record = {"base": str(checkpoint.resolve(base, key)), "base_sha256": digest, **settings, "layers": layers}
     return json.dumps(record, indent=2)
+
+
+def model_config(path: str, key: str = "ckpt") -> TransformerConfig:
+    """The TransformerConfig of a checkpoint, export, adapter run or Hugging Face folder, without its weights."""
+    source = checkpoint.resolve(path, key)
+    if is_hf_folder(source):
+        return read_config(source, key)
+    return checkpoint_meta.model_config(source, key, exact=False)
 
 
 def load_adapter(source: Path, device: torch.device, key: str) -> tuple[TransformerLM, Tokenizer]:

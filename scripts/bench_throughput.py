@@ -123,17 +123,7 @@ def main() -> None:
     cfg = check("pretrain", PretrainConfig, args.overrides)
     device = resolve_device(cfg.trainer.device)
     d = cfg.data
-    data = tokens.prepare(
-        train=d.train,
-        validation=d.validation,
-        val_fraction=d.val_fraction,
-        text_field=d.text_field,
-        tokenizer=d.tokenizer,
-        vocab_size=d.vocab_size,
-        max_chars=d.max_chars,
-        cache_dir=d.cache_dir,
-        on_bad_record=d.on_bad_record,
-    )
+    data = tokens.prepare(**tokens.corpus_settings(d))
     vocab_size = data.tokenizer.get_vocab_size()
     flops_per_token = TransformerLM(TransformerConfig(vocab_size=vocab_size, **dataclasses.asdict(cfg.model)))
     flops_per_token = flops_per_token.flops_per_token()

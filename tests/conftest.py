@@ -101,3 +101,9 @@ def lmtrain_many(cases: list[list[str]], cwd: Path) -> list[dict]:
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_runs) -> Path:
+    """A tiny char-level model pretrained for a few steps (in this process): its `checkpoints/latest`."""
+    return tiny_runs["lm"] / "checkpoints" / "latest"

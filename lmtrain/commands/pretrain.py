@@ -42,19 +42,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         pretrained, existing = load_model(cfg.init_from, device, key="init_from")
         end_of_text = load_special_tokens(cfg.init_from, existing, key="init_from").end_of_text
     with distributed.main_first():  # one process tokenizes; the others read its cache
-        data = tokens.prepare(
-            train=d.train,
-            validation=d.validation,
-            val_fraction=d.val_fraction,
-            text_field=d.text_field,
-            tokenizer=d.tokenizer,
-            vocab_size=d.vocab_size,
-            max_chars=d.max_chars,
-            cache_dir=d.cache_dir,
-            existing=existing,
-            end_of_text=end_of_text,
-            on_bad_record=d.on_bad_record,
-        )
+        data = tokens.prepare(**tokens.corpus_settings(d), existing=existing, end_of_text=end_of_text)
     tokenizer_json = data.tokenizer.to_str()
     log.info(
         "data: %s train / %s validation tokens, vocabulary %d (cache %s)",

@@ -19,6 +19,7 @@ from lmtrain.config.schema import (
     FinetuneConfig,
     GenerateConfig,
     GradAccumConfig,
+    InspectConfig,
     ModelConfig,
     PredictConfig,
     PretrainConfig,
@@ -306,7 +307,30 @@ def _check_export(cfg: ExportConfig, errors: list[str]) -> None:
         errors.append("quantize: format=hf writes plain weights; drop quantize=int8 or use format=lmtrain")
 
 
+INSPECT_VIEWS = ("loss", "attention", "logit_lens", "contribution")
+
+
+def _check_inspect(cfg: InspectConfig, errors: list[str]) -> None:
+    _need_ckpt(cfg, errors)
+    if (cfg.text is None) == (cfg.text_file is None):
+        errors.append('text / text_file: give exactly one: text="To be, or not to be" or text_file=path/to/file.txt')
+    for view in cfg.views or []:
+        if view not in INSPECT_VIEWS:
+            hint = nearest(str(view), list(INSPECT_VIEWS))
+            errors.append(
+                f"views: '{view}' is not one of {', '.join(INSPECT_VIEWS)}"
+                + (f" (did you mean '{hint}'?)" if hint else "")
+            )
+    if cfg.views is not None and not cfg.views:
+        errors.append(f"views: empty; choose from {', '.join(INSPECT_VIEWS)} (or null for all)")
+    for key in ("layers", "heads"):
+        negative = [i for i in getattr(cfg, key) or [] if i < 0]
+        if negative:
+            errors.append(f"{key}: indices count from 0, got {negative[0]}")
+
+
 CHECKS = {
+    InspectConfig: _check_inspect,
     ExportConfig: _check_export,
     PretrainConfig: _check_pretrain,
     FinetuneConfig: _check_finetune,

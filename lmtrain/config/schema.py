@@ -266,3 +266,14 @@ class GenerateConfig:
     context: str | None = None  # qa checkpoints: the passage the prompt (a question) is about
     chat: bool = False  # the prompt is a user turn, rendered with the model's chat template (a chat checkpoint: always)
     system: str | None = None  # chat: a system message before the user turn
+
+
+@dataclass
+class InspectConfig:
+    ckpt: str | None = None  # checkpoint, run dir or export to inspect
+    text: str | None = None  # the text to inspect
+    text_file: str | None = None  # or read it from this file
+    views: list[str] | None = None  # loss | attention | logit_lens | contribution (null: all that apply)
+    layers: list[int] | None = None  # layers whose attention maps are drawn (null: all)
+    heads: list[int] | None = None  # heads drawn in each of those layers (null: all)
+    device: str = "auto"  # auto | cpu | cuda

@@ -88,6 +88,25 @@ def _write_tokens(documents, tokenizer: Tokenizer, end_of_text: int, out, desc: 
     return count
 
 
+# the data settings `prepare` reads (the pretraining data config holds more: seq_len, document_masking)
+CORPUS_KEYS = (
+    "train",
+    "validation",
+    "val_fraction",
+    "text_field",
+    "tokenizer",
+    "vocab_size",
+    "max_chars",
+    "cache_dir",
+    "on_bad_record",
+)
+
+
+def corpus_settings(data: object) -> dict:
+    """The CORPUS_KEYS of a data config, as keyword arguments for `prepare` or `cached_tokenizer`."""
+    return {key: getattr(data, key) for key in CORPUS_KEYS}
+
+
 def _cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -112,21 +131,18 @@ def prepare(
     is trained: `tokenizer` and `vocab_size` are not used."""
     train_files = corpus.resolve_files(train, "data.train")
     val_files = corpus.resolve_files(validation, "data.validation") if validation else None
-    key = _cache_key(
-        {
-            "format": FORMAT_VERSION,
-            "train": corpus.fingerprint(train, train_files),
-            "validation": corpus.fingerprint(validation, val_files) if validation else None,
-            "val_fraction": None if validation else val_fraction,
-            "text_field": text_field,
-            "tokenizer": tokenizer if existing is None else hashlib.sha256(existing.to_str().encode()).hexdigest(),
-            "vocab_size": vocab_size if tokenizer == "bpe" and existing is None else None,
-            "end_of_text": end_of_text,
-            "max_chars": max_chars,
-            **({"on_bad_record": on_bad_record} if on_bad_record != "skip" else {}),
-        }
+    folder = _cache_folder(
+        cache_dir,
+        train=corpus.fingerprint(train, train_files),
+        validation=corpus.fingerprint(validation, val_files) if validation else None,
+        val_fraction=None if validation else val_fraction,
+        text_field=text_field,
+        tokenizer=tokenizer if existing is None else hashlib.sha256(existing.to_str().encode()).hexdigest(),
+        vocab_size=vocab_size if tokenizer == "bpe" and existing is None else None,
+        end_of_text=end_of_text,
+        max_chars=max_chars,
+        **({"on_bad_record": on_bad_record} if on_bad_record != "skip" else {}),
     )
-    folder = Path(cache_dir).expanduser() / key
     if not (folder / "meta.json").exists():
         _build(
             folder,
@@ -147,6 +163,41 @@ def prepare(
     for key, count in data.skipped.items():
         log.warning("%s: skipped %d records whose '%s' is missing, null or not text", key, count, text_field)
     return data
+
+
+def cached_tokenizer(
+    *,
+    train: str,
+    validation: str | None,
+    val_fraction: float,
+    text_field: str,
+    tokenizer: str,
+    vocab_size: int,
+    max_chars: int | None,
+    cache_dir: str,
+    on_bad_record: str = "skip",
+) -> Tokenizer | None:
+    """The tokenizer `prepare` would use, if that corpus is already tokenized in the cache (else None)."""
+    train_files = corpus.resolve_files(train, "data.train")
+    val_files = corpus.resolve_files(validation, "data.validation") if validation else None
+    folder = _cache_folder(
+        cache_dir,
+        train=corpus.fingerprint(train, train_files),
+        validation=corpus.fingerprint(validation, val_files) if validation else None,
+        val_fraction=None if validation else val_fraction,
+        text_field=text_field,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size if tokenizer == "bpe" else None,
+        end_of_text=None,
+        max_chars=max_chars,
+        **({"on_bad_record": on_bad_record} if on_bad_record != "skip" else {}),
+    )
+    return load_tokenizer(str(folder / "tokenizer.json")) if (folder / "meta.json").exists() else None
+
+
+def _cache_folder(cache_dir: str, **parts) -> Path:
+    """Where a corpus tokenized with these settings (`parts`: fingerprints and settings) is cached."""
+    return Path(cache_dir).expanduser() / _cache_key({"format": FORMAT_VERSION, **parts})
 
 
 def _build(

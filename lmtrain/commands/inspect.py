@@ -1,0 +1,197 @@
+"""`lmtrain inspect ckpt=... text="..."`: per-token loss (terminal and HTML), attention maps and the logit lens
+(PNG, with the plots extra) of one text; for a classifier, each token's contribution to the predicted class.
+Writes everything in the run dir, listed in `inspect.json`."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from lmtrain import interpret
+from lmtrain.config import InspectConfig
+from lmtrain.data.tokenizer import end_of_text_id
+from lmtrain.distributed import resolve_device
+from lmtrain.errors import UserError
+from lmtrain.pretrained import load_model, load_task_info
+from lmtrain.tasks import Task
+
+log = logging.getLogger("lmtrain")
+LM_VIEWS = ["loss", "attention", "logit_lens"]
+CLASSIFIER_VIEWS = ["contribution", "attention"]
+
+
+def _label(tokenizer, token_id: int) -> str:
+    """A token as readable text: its decoded string with whitespace made visible."""
+    text = tokenizer.id_to_token(token_id) if token_id == end_of_text_id(tokenizer) else tokenizer.decode([token_id])
+    return text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·") or tokenizer.id_to_token(token_id)
+
+
+def _shade(value: float, top: float) -> float:
+    return 0.0 if top <= 0 else max(0.0, min(1.0, value / top))
+
+
+def _terminal(labels: list[str], values: list[float | None], signed: bool = False) -> str:
+    """Tokens with a background from white (0) to red (the largest |value|); blue for negatives when signed."""
+    top = max((abs(v) for v in values if v is not None), default=0.0)
+    if not sys.stdout.isatty():
+        return " ".join(f"{t}[{v:.2f}]" if v is not None else t for t, v in zip(labels, values, strict=True))
+    out = []
+    for text, value in zip(labels, values, strict=True):
+        level = _shade(abs(value), top) if value is not None else 0.0
+        fade = int(255 * (1 - 0.8 * level))
+        rgb = (fade, fade, 255) if signed and value is not None and value < 0 else (255, fade, fade)
+        out.append(f"\x1b[48;2;{rgb[0]};{rgb[1]};{rgb[2]}m\x1b[30m{text}\x1b[0m")
+    return "".join(out)
+
+
+def _html(labels: list[str], values: list[float | None], title: str, legend: str, signed: bool = False) -> str:
+    top = max((abs(v) for v in values if v is not None), default=0.0)
+    spans = []
+    for text, value in zip(labels, values, strict=True):
+        level = _shade(abs(value), top) if value is not None else 0.0
+        color = (
+            f"rgba(40,90,255,{level:.3f})"
+            if signed and value is not None and value < 0
+            else (f"rgba(255,40,40,{level:.3f})")
+        )
+        tip = f"{value:.4f}" if value is not None else "no prediction (first token)"
+        spans.append(f'<span style="background:{color}" title="{tip}">{html.escape(text)}</span>')
+    return (
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<body style='font-family:monospace;line-height:1.9;max-width:60em'>"
+        f"<h3>{html.escape(title)}</h3><p>{html.escape(legend)}</p><p>{''.join(spans)}</p></body>\n"
+    )
+
+
+def _indices(requested: list[int] | None, count: int, key: str, what: str) -> list[int]:
+    if requested is None:
+        return list(range(count))
+    for i in requested:
+        if i >= count:
+            raise UserError(f"{key}: {i} is not a {what} of this model (it has {count}: 0..{count - 1})")
+    return sorted(set(requested))
+
+
+def _plots():
+    try:
+        from lmtrain import inspect_plots
+    except ImportError:
+        log.warning("PNGs skipped: matplotlib is not installed (pip install 'lmtrain[plots]')")
+        return None
+    return inspect_plots
+
+
+@torch.no_grad()
+def run(cfg: InspectConfig, run_dir: str) -> None:
+    device = resolve_device(cfg.device, "device")
+    model, tokenizer = load_model(cfg.ckpt, device)
+    info = load_task_info(cfg.ckpt)
+    text = cfg.text
+    if cfg.text_file:
+        path = Path(cfg.text_file).expanduser()
+        if not path.is_file():
+            raise UserError(f"text_file: no such file '{cfg.text_file}'")
+        text = path.read_text()
+    if not text:
+        raise UserError("text: empty; give the text to inspect")
+    classify = info is not None and info.name == "classification"
+    allowed = CLASSIFIER_VIEWS if classify else LM_VIEWS
+    views = cfg.views or allowed
+    for view in views:
+        if view not in allowed:
+            kind = "a classification" if classify else "a language-model"
+            raise UserError(f"views: {view} does not apply to {kind} checkpoint; choose from {', '.join(allowed)}")
+    c = model.config
+    layers = _indices(cfg.layers, c.num_layers, "layers", "layer")
+    heads = _indices(cfg.heads, c.num_heads, "heads", "head")
+    eot = end_of_text_id(tokenizer)
+    if classify:  # as predict reads it: the text (cut to fit), then EOT where the head reads
+        ids = Task(info, tokenizer, c.max_seq_len).encode_texts([text])[0][0].ids
+        inputs = ids
+    else:  # as evaluate scores a text: text EOT, each token predicted from the ones before it
+        ids = tokenizer.encode(text, add_special_tokens=False).ids + [eot]
+        if len(ids) > c.max_seq_len + 1:
+            log.warning(
+                "text: %d tokens; inspecting the first %d (the model's context + 1)", len(ids), c.max_seq_len + 1
+            )
+            ids = ids[: c.max_seq_len + 1]
+        if len(ids) < 2:
+            raise UserError("text: empty; give the text to inspect")
+        inputs = ids[:-1]
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = torch.tensor(ids, device=device)
+    labels = [_label(tokenizer, i) for i in ids]
+    input_labels = labels[: len(inputs)]
+    index: dict = {"checkpoint": str(cfg.ckpt), "text": text, "tokens": labels, "views": {}}
+    plots = _plots() if ("attention" in views or "logit_lens" in views) else None
+    result = interpret.trace(model, tokens[: len(inputs)], layers if "attention" in views else [])
+
+    if "loss" in views:
+        losses = interpret.token_losses(result.logits, tokens).tolist()
+        values = [None, *losses]
+        (out / "token_loss.html").write_text(
+            _html(labels, values, "per-token loss", "redder: more surprising (loss in nats; hover for the value)")
+        )
+        total = sum(losses)
+        index["views"]["loss"] = {
+            "per_token": losses,
+            "total": total,
+            "mean": total / len(losses),
+            "html": "token_loss.html",
+        }
+        print(f"per-token loss (nats; mean {total / len(losses):.4f} over {len(losses)} predicted tokens):")
+        print(_terminal(labels, values))
+    if "contribution" in views:
+        predicted, probs, scores = interpret.contributions(model, tokens)
+        label = info.labels[predicted]
+        (out / "contribution.html").write_text(
+            _html(
+                labels,
+                scores.tolist(),
+                f"contributions to the predicted class {label!r} (p={probs[predicted]:.3f})",
+                "gradient × input on the token embeddings: red pushes toward the class, blue away",
+                signed=True,
+            )
+        )
+        index["views"]["contribution"] = {
+            "label": label,
+            "probabilities": {str(k): p for k, p in zip(info.labels, probs.tolist(), strict=True)},
+            "per_token": scores.tolist(),
+            "method": "gradient x input",
+            "html": "contribution.html",
+        }
+        print(f"predicted {label!r} (p={probs[predicted]:.3f}); contribution of each token:")
+        print(_terminal(labels, scores.tolist(), signed=True))
+    if "attention" in views:
+        files = []
+        if plots is not None:
+            for layer in layers:
+                for head in heads:
+                    name = f"attention_layer{layer}_head{head}.png"
+                    probs = result.attention[layer][head].cpu().numpy()
+                    plots.attention_png(probs, input_labels, f"attention, layer {layer}, head {head}", out / name)
+                    files.append(name)
+        index["views"]["attention"] = {"layers": layers, "heads": heads, "png": files}
+    if "logit_lens" in views:
+        top, probs = interpret.logit_lens(model, result.residuals)
+        table = [[_label(tokenizer, i) for i in row] for row in top.tolist()]
+        entry = {"top": table, "probability": probs.tolist()}
+        if plots is not None:
+            plots.logit_lens_png(probs.cpu().numpy(), table, input_labels, out / "logit_lens.png")
+            entry["png"] = "logit_lens.png"
+        index["views"]["logit_lens"] = entry
+        width = max(len(t) for t in input_labels + [w for row in table for w in row])
+        print("logit lens (top next-token prediction from each layer's residual stream):")
+        print("input    " + " ".join(f"{t:>{width}}" for t in input_labels))
+        for layer, row in enumerate(table):
+            print(f"layer {layer:<2} " + " ".join(f"{t:>{width}}" for t in row))
+    (out / "inspect.json").write_text(json.dumps(index, indent=2) + "\n")
+    written = [v[k] for v in index["views"].values() for k in ("html", "png") if isinstance(v.get(k), str)]
+    written += [f for v in index["views"].values() if isinstance(v.get("png"), list) for f in v["png"]]
+    print(f"wrote {out / 'inspect.json'} and {len(written)} files beside it")

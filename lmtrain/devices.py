@@ -1,0 +1,140 @@
+"""Peak FLOP/s and memory of the devices lmtrain trains on: what MFU (model FLOPs utilisation) divides by.
+
+The GPU figures are the vendors' dense (no sparsity) tensor-core peaks of the data sheets; fp32 is the plain
+(non-TF32) peak, since lmtrain leaves TF32 off. A CPU's peak is measured once with a short matmul and cached
+under the lmtrain cache dir, keyed by CPU model, thread count and torch version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    peak_flops: dict[str, float]  # precision (fp32 | bf16 | fp16) -> FLOP/s
+    memory_bytes: int  # what training may use
+
+
+GB = 1e9
+T = 1e12
+# key (matched against torch.cuda.get_device_name(), lower case, longest key first) -> dense peaks and memory
+GPUS: dict[str, Device] = {
+    "h200": Device("NVIDIA H200", {"bf16": 989 * T, "fp16": 989 * T, "fp32": 67 * T}, int(141 * GB)),
+    "h100": Device("NVIDIA H100 SXM", {"bf16": 989 * T, "fp16": 989 * T, "fp32": 67 * T}, int(80 * GB)),
+    "h100 pcie": Device("NVIDIA H100 PCIe", {"bf16": 756 * T, "fp16": 756 * T, "fp32": 51 * T}, int(80 * GB)),
+    "a100": Device("NVIDIA A100 80GB", {"bf16": 312 * T, "fp16": 312 * T, "fp32": 19.5 * T}, int(80 * GB)),
+    "a100-40gb": Device("NVIDIA A100 40GB", {"bf16": 312 * T, "fp16": 312 * T, "fp32": 19.5 * T}, int(40 * GB)),
+    "l40s": Device("NVIDIA L40S", {"bf16": 362 * T, "fp16": 362 * T, "fp32": 91.6 * T}, int(48 * GB)),
+    "l4": Device("NVIDIA L4", {"bf16": 121 * T, "fp16": 121 * T, "fp32": 30.3 * T}, int(24 * GB)),
+    "a10": Device("NVIDIA A10", {"bf16": 125 * T, "fp16": 125 * T, "fp32": 31.2 * T}, int(24 * GB)),
+    "4090": Device("NVIDIA GeForce RTX 4090", {"bf16": 165 * T, "fp16": 165 * T, "fp32": 82.6 * T}, int(24 * GB)),
+    "3090": Device("NVIDIA GeForce RTX 3090", {"bf16": 71 * T, "fp16": 71 * T, "fp32": 35.6 * T}, int(24 * GB)),
+    "v100": Device("NVIDIA V100", {"fp16": 125 * T, "fp32": 15.7 * T}, int(32 * GB)),
+    "t4": Device("NVIDIA T4", {"fp16": 65 * T, "fp32": 8.1 * T}, int(16 * GB)),
+    "mi300x": Device("AMD Instinct MI300X", {"bf16": 1307 * T, "fp16": 1307 * T, "fp32": 163.4 * T}, int(192 * GB)),
+    "mi250x": Device("AMD Instinct MI250X", {"bf16": 383 * T, "fp16": 383 * T, "fp32": 47.9 * T}, int(128 * GB)),
+}
+# What a well-tuned run reaches of the peak, for time estimates before measuring: ~40% is typical of GPU
+# training at this scale (PaLM reports 46%, nanoGPT ~40% on A100); on a CPU matmuls are ~60% of a step.
+ASSUMED_MFU = {"cuda": 0.4, "cpu": 0.5}
+
+
+def lookup(name: str) -> Device | None:
+    """The table's entry for a device name ('h100', 'NVIDIA A100-SXM4-80GB', ...), or None."""
+    name = name.lower().replace("_", " ")
+    if name in GPUS:
+        return GPUS[name]
+    if "a100" in name and "40gb" in name.replace(" ", "").replace("-", ""):
+        return GPUS["a100-40gb"]
+    if "h100" in name and "pcie" in name:
+        return GPUS["h100 pcie"]
+    for key in sorted(GPUS, key=len, reverse=True):
+        if key in name:
+            return GPUS[key]
+    return None
+
+
+def cuda_device(index: int = 0) -> Device | None:
+    """This machine's GPU from the table, with its real memory; None when the table does not know it."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    known = lookup(props.name)
+    return Device(props.name, known.peak_flops, props.total_memory) if known else None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")).expanduser()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_cpu_peak(precision: str = "fp32", size: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of a square matmul (2·n³ FLOPs each) in `precision` on this CPU, over ~`seconds`."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: thread pool and kernels
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or count < 3:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def cpu_peak(precision: str = "fp32") -> float:
+    """This CPU's matmul FLOP/s in `precision`: measured once, then read from the cache."""
+    import torch
+
+    key = f"{_cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}|{precision}"
+    path = _cache_dir() / "devices" / "cpu_peak.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        cached[key] = measure_cpu_peak(precision)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cached, indent=2) + "\n")
+        except OSError:
+            pass  # an unwritable cache only means measuring again next time
+    return cached[key]
+
+
+def cpu_memory_bytes() -> int:
+    """Memory available to a new process now (MemAvailable), else the physical total."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_device(precision: str = "fp32") -> Device:
+    peaks = {precision: cpu_peak(precision)}
+    return Device(f"CPU ({_cpu_name()}, {_threads()} threads)", peaks, cpu_memory_bytes())
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

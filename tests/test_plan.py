@@ -1,0 +1,103 @@
+"""`lmtrain plan`: its counts are the built model's, its memory estimate is near the measured peak."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import compose, lmtrain
+
+from lmtrain import plan as costs
+from lmtrain.cli import _group_options, check
+from lmtrain.commands.plan import build
+from lmtrain.config import FinetuneConfig
+from lmtrain.model import TransformerConfig, TransformerLM
+from lmtrain.pretrained import load_model
+
+
+@pytest.mark.parametrize("preset", _group_options("model"))
+def test_parameters_and_flops_are_the_built_models(preset):
+    cfg = compose(f"model={preset}", "data.tokenizer=byte", "trainer.device=cpu")
+    plan = build("pretrain", cfg, "cpu")
+    with torch.device("meta"):  # shapes only: the same counts as on a device, for presets of any size
+        model = TransformerLM(TransformerConfig(vocab_size=257, **dataclasses.asdict(cfg.model)))
+    p = plan["parameters"]
+    assert p["total"] == model.num_parameters() == p["trainable"]
+    embeddings = model.token_embedding.weight.numel() + (
+        model.position_embedding.weight.numel() if model.position_embedding is not None else 0
+    )
+    assert p["embedding"] == embeddings and p["non_embedding"] == p["total"] - embeddings
+    # the trainer's accounting (model.flops_per_token) times the tokens of a step and of the run
+    assert plan["flops"]["per_token"] == model.flops_per_token()
+    tokens = cfg.trainer.micro_batch_size * cfg.model.max_seq_len * cfg.grad_accum.steps
+    assert plan["flops"]["per_step"] == model.flops_per_token() * tokens
+    assert plan["tokens"]["per_run"] == tokens * cfg.trainer.max_steps
+
+
+def test_finetune_plan_counts_frozen_and_new_parameters(tmp_path, tiny_checkpoint):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"the cat {i}", "label": i % 2}) + "\n" for i in range(40)))
+    overrides = [f"init_from={tiny_checkpoint}", f"data.train={train}", "task=classification", "freeze_blocks=1"]
+    plan = build("finetune", check("finetune", FinetuneConfig, [*overrides, "trainer.device=cpu"]), "cpu")
+    model, _ = load_model(str(tiny_checkpoint), torch.device("cpu"))
+    model.add_classifier(2)
+    model.freeze(first_blocks=1)
+    assert plan["parameters"]["total"] == model.num_parameters()
+    assert plan["parameters"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan["parameters"]["trainable"] < plan["parameters"]["total"]
+
+
+def test_too_big_a_batch_gets_the_largest_micro_batch_that_fits():
+    cfg = compose("model=gpt2_124m", "trainer=gpu", "trainer.micro_batch_size=256", "data.tokenizer=byte")
+    plan = build("pretrain", cfg, "l4")
+    memory = plan["memory"]
+    assert not memory["fits"] and memory["device_bytes"] == 24e9
+    best = memory["largest_micro_batch"]
+    assert 0 < best < 256
+
+    def total(batch: int) -> int:
+        shape = costs.ModelShape(257, 768, 12, 12, 1024, 3072, "gelu", "learned", 0.0)
+        params = plan["parameters"]["total"]
+        return costs.memory_estimate(
+            shape,
+            total_params=params,
+            trainable_params=params,
+            linear_weights=params - 1024 * 768,
+            micro_batch=batch,
+            seq_len=1024,
+            precision="bf16",
+            optimizer="adamw",
+        )["total"]
+
+    assert total(best) <= 24e9 < total(best + 1)
+
+
+# Three configs from 0.12M to 3.2M parameters (27x), each with a peak of tens of MB, so RSS noise stays small.
+MEASURED = [
+    ["model=tiny", "model.max_seq_len=128", "trainer.micro_batch_size=24"],
+    ["model=tiny", "model.d_model=128", "model.num_layers=4", "model.max_seq_len=128", "trainer.micro_batch_size=12"],
+    ["model=small", "trainer.micro_batch_size=6"],
+]
+
+
+@pytest.mark.parametrize("overrides", MEASURED, ids=["0.12M", "0.8M", "3.2M"])
+def test_memory_estimate_is_within_25_percent_of_the_measured_peak(overrides):
+    # a fresh process each: the peak RSS of one measurement must not hold another's memory
+    result = lmtrain(
+        "plan", *overrides, "data.tokenizer=byte", "trainer.device=cpu", "--measure", "--steps=2", "--format=json"
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    estimate, measured = plan["memory"]["total"], plan["measured"]["peak_memory"]
+    assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured)
+    assert plan["measured"]["tokens_per_s"] > 0
+
+
+def test_plan_errors_are_one_line():
+    result = lmtrain("plan", "model.d_modle=64")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "lmtrain plan: error: unknown key 'model.d_modle' (did you mean 'model.d_model'?)"
+    result = lmtrain("plan", "model=tiny", "data.tokenizer=byte", "--device", "x100")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("lmtrain plan: error: --device: unknown device 'x100'")
+    assert len(result.stderr.strip().splitlines()) == 1
