@@ -27,6 +27,8 @@ class ModelShape:
     activation: str
     position: str
     dropout: float
+    attention_width: int  # num_heads * head_size: queries and the attention output
+    kv_width: int  # num_kv_heads * head_size: keys and values (narrower under grouped-query attention)
 
     @classmethod
     def of(cls, config) -> ModelShape:
@@ -40,6 +42,8 @@ class ModelShape:
             activation=config.activation,
             position=config.position,
             dropout=config.dropout,
+            attention_width=config.num_heads * config.head_size,
+            kv_width=config.kv_heads * config.head_size,
         )
 
 
@@ -52,11 +56,12 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, precision: str) -> i
     """
     a, h, f = BYTES[precision], shape.d_model, shape.ffn_width
     residual = 4 * 2 * h  # block input and the sum after attention, both saved by the norms
-    attention = a * (h + 3 * h + h + h)  # norm output into qkv, q/k/v, SDPA output, its reshaped copy into proj
+    q, kv = shape.attention_width, shape.kv_width
+    attention = a * (h + q + 2 * kv + q + q)  # norm output into qkv, q/k/v, SDPA output, its copy into proj
     if shape.position == "rope":
-        attention += a * 2 * h  # rotated q and k are new tensors
+        attention += a * (q + kv)  # rotated q and k are new tensors
     attention += 4 * shape.num_heads  # log-sum-exp per head
-    ffn = a * h + a * {"gelu": 2, "relu": 1, "swiglu": 4}[shape.activation] * f
+    ffn = a * h + a * {"gelu": 2, "gelu_tanh": 2, "relu": 1, "swiglu": 4}[shape.activation] * f
     # Freed temporaries (branch outputs, residual sums) leave ~one fp32 residual-stream row per layer that the
     # allocator does not hand back: measured on CPU (glibc), ~h to 2.7h bytes·4 per token and layer.
     slack = 4 * h

@@ -63,7 +63,7 @@ CASES = [
     # checkpoints
     ([*FT, "data.train={clf_data}", "freeze_blocks=10"], "freeze_blocks: 10 exceeds the 2 blocks"),
     (["generate", "ckpt={root}/empty_folder"], "ckpt: no complete checkpoint at"),
-    (["generate", "ckpt={root}/torn"], "is not a readable lmtrain checkpoint"),
+    (["generate", "ckpt={root}/torn"], "model.safetensors' is damaged"),
     (["predict", "ckpt={lm}", "text=x"], "ckpt: predict needs a checkpoint finetuned with task=classification"),
     (["generate", f"ckpt={CLF}"], "ckpt: a classification checkpoint does not generate text"),
     (

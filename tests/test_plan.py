@@ -56,7 +56,7 @@ def test_too_big_a_batch_gets_the_largest_micro_batch_that_fits():
     assert 0 < best < 256
 
     def total(batch: int) -> int:
-        shape = costs.ModelShape(257, 768, 12, 12, 1024, 3072, "gelu", "learned", 0.0)
+        shape = costs.ModelShape(257, 768, 12, 12, 1024, 3072, "gelu", "learned", 0.0, 768, 768)
         params = plan["parameters"]["total"]
         return costs.memory_estimate(
             shape,
