@@ -95,6 +95,11 @@ def test_report_on_a_single_run_and_plots(tmp_path, corpus):
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] > 300
 
+    result_file = tmp_path / "lr1e-2" / "result.json"
+    result_file.write_text(result_file.read_text()[:40])  # cut off mid-write: the run is read from its metrics
+    (damaged,) = report.find_runs([str(tmp_path / "lr1e-2")])
+    assert damaged.result["status"] == "incomplete" and damaged.result["best_val_loss"] is not None
+
 
 def test_report_errors(tmp_path):
     result = lmtrain("report", str(tmp_path / "nothing"))

@@ -9,6 +9,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import re
 import sys
@@ -18,6 +19,8 @@ from pathlib import Path
 from lmtrain.errors import UserError
 from lmtrain.run_log import read_metrics
 from lmtrain.sweep import RESULT_FILE
+
+log = logging.getLogger("lmtrain")
 
 
 @dataclass
@@ -69,7 +72,14 @@ def find_runs(paths: list[str]) -> list[Run]:
 
 def load_run(path: Path, name: str) -> Run:
     metrics = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
-    result = json.loads((path / RESULT_FILE).read_text()) if (path / RESULT_FILE).is_file() else {}
+    result = {}
+    if (path / RESULT_FILE).is_file():
+        try:
+            result = json.loads((path / RESULT_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):  # cut off by a kill or a full disk
+            log.warning("%s: %s is damaged; summarising the run from its metrics.jsonl", name, RESULT_FILE)
+        if not isinstance(result, dict):
+            result = {}
     if not result:  # still running, or killed: summarise from its metrics
         val = [r["val_loss"] for r in metrics if "val_loss" in r and r["step"] > 0]
         steps = [r["step"] for r in metrics]
