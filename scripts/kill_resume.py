@@ -196,7 +196,7 @@ def main() -> int:
     print(f"uninterrupted run: {wall:.1f} s", flush=True)
 
     targeted = ["save_file", "fsync", "after_rename", "latest", "prune", "rewrite"]
-    kinds = ["random"] * args.trials + [targeted[i % len(targeted)] for i in range(args.trials)]
+    kinds = [kind for i in range(args.trials) for kind in ("random", targeted[i % len(targeted)])]
     failures = 0
     for number, kind in enumerate(kinds):
         run_dir = work / f"trial{number:03d}"
