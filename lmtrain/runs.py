@@ -23,7 +23,7 @@ from lmtrain.model import TransformerLM
 from lmtrain.optim import build_optimizer, build_scheduler
 from lmtrain.pretrained import load_model
 from lmtrain.run_log import MetricsFile
-from lmtrain.safe_io import read_text_capped, write_text_atomic
+from lmtrain.safe_io import clean_temporaries, read_text_capped, write_text_atomic
 from lmtrain.trainer import Trainer
 
 log = logging.getLogger("lmtrain")
@@ -412,7 +412,7 @@ def train(
     if source is not None:
         restore(source, trainer, sampler, files, run_dir)
     if main:  # from here on the run writes into its dir: everything it could refuse has been checked
-        for path in checkpoint.clean_leftovers(run_dir / "checkpoints"):
+        for path in [*clean_temporaries(run_dir), *checkpoint.clean_leftovers(run_dir / "checkpoints")]:
             log.warning("removed %s: left by an interrupted run", path)
         write_text_atomic(run_dir / "tokenizer.json", files["tokenizer.json"])
     metrics = open_metrics(run_dir, trainer, source is not None, settings.tensorboard, main)

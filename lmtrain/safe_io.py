@@ -55,6 +55,15 @@ def write_text_atomic(path: Path, text: str) -> None:
             tmp.unlink()
 
 
+def clean_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files of `write_text_atomic` a killed process left in `folder` (the caller knows no
+    live process writes there). Returns what was removed."""
+    removed = [path for path in folder.glob(".*.tmp-*") if path.is_file() and not path.is_symlink()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
 def read_text_capped(path: Path, max_bytes: int, key: str) -> str:
     """The text of a file that came from elsewhere: no symlinks, no devices or pipes, at most `max_bytes`.
     Each refusal is a UserError naming `key` and the file."""

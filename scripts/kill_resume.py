@@ -176,6 +176,7 @@ def trial(kind: str, run_dir: Path, corpus: Path, reference: Path, wall: float, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="random-kill trials (and as many targeted ones)")
+    parser.add_argument("--kinds", default="", help="comma-separated targeted kinds to run (default: all of them)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
@@ -195,8 +196,10 @@ def main() -> int:
     wall = time.time() - started
     print(f"uninterrupted run: {wall:.1f} s", flush=True)
 
-    targeted = ["save_file", "fsync", "after_rename", "latest", "prune", "rewrite"]
-    kinds = ["random"] * args.trials + [targeted[i % len(targeted)] for i in range(args.trials)]
+    targeted = (
+        args.kinds.split(",") if args.kinds else ["save_file", "fsync", "after_rename", "latest", "prune", "rewrite"]
+    )
+    kinds = [kind for i in range(args.trials) for kind in ("random", targeted[i % len(targeted)])]
     failures = 0
     for number, kind in enumerate(kinds):
         run_dir = work / f"trial{number:03d}"

@@ -150,6 +150,9 @@ def test_killed_metrics_rewrite_keeps_the_old_history(run_copy, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         MetricsFile(path, resume_step=3)
     assert path.read_text() == before
+    # a kill (unlike this exception) leaves the temporary file: the next run in the dir removes it
+    (run_copy / ".metrics.jsonl.tmp-999").write_text('{"step": 0}\n')
+    assert [p.name for p in safe_io.clean_temporaries(run_copy)] == [".metrics.jsonl.tmp-999"]
     assert [p.name for p in run_copy.iterdir() if ".tmp" in p.name] == []
 
 
@@ -291,6 +294,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_cleans_leftovers(run_co
     (root / ".step_0000009.tmp-abc").mkdir()
     (root / "step_0000012").mkdir()
     (root / "step_0000012" / "config.yaml").write_text("model: {}\n")
+    (run_copy / ".metrics.jsonl.tmp-999").write_text('{"step": 0}\n')  # killed inside the metrics rewrite
     with caplog.at_level(logging.WARNING, "lmtrain"):
         assert runs.resume_source(True, run_copy) == root / "step_0000003"
         train(run_copy, corpus, "trainer.resume=true", "trainer.max_steps=7")
@@ -298,8 +302,8 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_cleans_leftovers(run_co
     assert "torn?" in caplog.text
     names = sorted(p.name for p in root.iterdir())
     assert names == [".abandoned-step_0000006", "latest", "step_0000006", "step_0000007"]  # 6 retrained
-    for left in (".latest.tmp-999", ".step_0000009.tmp-abc", "step_0000012"):
-        assert f"removed {root / left}" in caplog.text
+    for left in (".latest.tmp-999", ".step_0000009.tmp-abc", "step_0000012", "../.metrics.jsonl.tmp-999"):
+        assert f"removed {os.path.normpath(root / left)}" in caplog.text
 
 
 def test_a_kill_while_pruning_leaves_no_complete_looking_folder(run_copy, monkeypatch):
