@@ -142,6 +142,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         return _llama_config(hf, family)
     except KeyError as err:
         raise UserError(f"config.json: missing key {err} for model_type '{family}'") from None
+    except (TypeError, ValueError) as err:  # a value of the wrong type: untrusted input, one line
+        raise UserError(f"config.json: a value has the wrong type ({err})") from None
 
 
 def _gpt2_config(hf: dict) -> TransformerConfig:
