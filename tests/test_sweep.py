@@ -59,7 +59,7 @@ def test_failed_job_does_not_end_the_sweep(tmp_path, corpus):
     assert result.returncode == 1
     found = results(sweep_dir)
     assert [found[j]["status"] for j in ("0", "1", "2")] == ["completed", "failed", "completed"]
-    assert found["1"]["error"] == "model.num_heads: 3 does not divide model.d_model=64"
+    assert found["1"]["error"] == "model.num_heads: 3 does not divide model.d_model=64 (or set model.head_dim)"
     assert "sweep: job 1 failed: model.num_heads: 3 does not divide" in result.stderr
     runs = report.sort_runs(report.find_runs([str(sweep_dir)]))
     assert [r.name for r in runs][-1] == "1"
