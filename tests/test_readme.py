@@ -1,7 +1,7 @@
 """The README's `lmtrain` commands and the hints lmtrain prints run as printed: each composes, validates and
 finds its paths (`--cfg job`, which stops before compute; sweeps through the multirun pre-check), the shown
-errors are the errors printed, and the end-of-run hint really generates. `lmtrain report` and torchrun lines
-are left to tests/test_sweep.py and tests/test_distributed.py."""
+errors are the errors printed, and the end-of-run hint really generates. `lmtrain report`, `lmtrain plan` and
+torchrun lines are left to tests/test_sweep.py, tests/test_plan.py and tests/test_distributed.py."""
 
 import re
 import shlex
@@ -24,7 +24,8 @@ def readme_commands() -> list[tuple[str, list[str]]]:
             shown = line.startswith("$ lmtrain ")
             printed = re.match(r"lmtrain [\w ()0-9]+: error: ", line)  # output shown under a `$ ` example
             command = line.removeprefix("$ ")
-            if command.startswith("lmtrain ") and not printed and not command.startswith("lmtrain report"):
+            own_parser = command.startswith(("lmtrain report", "lmtrain plan"))  # tested in their own files
+            if command.startswith("lmtrain ") and not printed and not own_parser:
                 errors = []
                 for after in lines[i + 1 :] if shown else []:
                     if after.startswith("$ "):
@@ -54,13 +55,15 @@ def sandbox(root: Path, runs: dict) -> Path:
     write_jsonl(work / "chat.jsonl", [{"prompt": "hi", "response": "hello"}])
     write_jsonl(work / "squad-like.jsonl", [{"context": "c", "question": "q", "answer": "a"}])
     (work / "prompt.txt").write_text("def ")
+    (work / "sample.txt").write_text("the cat sat")
     (work / "outputs" / "run").symlink_to(runs["classifier"])  # has checkpoints/latest and best
     (work / "outputs" / "x").symlink_to(runs["lm"])
     return work
 
 
 def placed(line: str) -> list[str]:
-    line = re.sub(r"outputs/<[^>]+>(/<[^>]+>)?", "outputs/run", line).replace("init_from=...", "init_from=outputs/run")
+    line = re.sub(r"outputs/<[^>]+>(/<[^>]+>)?", "outputs/run", line)
+    line = line.replace("init_from=...", "init_from=outputs/run").replace("ckpt=...", "ckpt=outputs/run")
     return shlex.split(line)[1:]
 
 
@@ -70,7 +73,7 @@ def test_readme_and_hints_run_as_printed(tiny_runs, tmp_path, monkeypatch):
     assert len(commands) >= 20
     usage = [line.strip() for line in USAGE.splitlines() if line.strip().startswith("lmtrain ")]
     single = [(placed(line), errors) for line, errors in commands if " -m " not in line]
-    single += [(placed(line), []) for line in usage if not line.startswith("lmtrain report")]
+    single += [(placed(line), []) for line in usage if not line.startswith(("lmtrain report", "lmtrain plan"))]
     cases = [argv + (["--cfg", "job"] if not errors and "--cfg" not in argv else []) for argv, errors in single]
     hint = shlex.split(HINT % (tiny_runs["lm"] / "checkpoints" / "latest"))[1:]
     results = lmtrain_many([*cases, [*hint, "max_new_tokens=5", "device=cpu"]], cwd=work)
