@@ -111,93 +111,80 @@ def _cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def prepare(
-    *,
-    train: str,
-    validation: str | None,
-    val_fraction: float,
-    text_field: str,
-    tokenizer: str,
-    vocab_size: int,
-    max_chars: int | None,
-    cache_dir: str,
-    existing: Tokenizer | None = None,
-    end_of_text: int | None = None,
-    on_bad_record: str = "skip",
-) -> TokenData:
-    """Tokenize the corpus once into `cache_dir/<key>/` (tokenizer.json, tokens.bin, meta.json) and map it.
+@dataclass
+class Corpus:
+    """Where a corpus is read from and how it is tokenized: everything its cache entry depends on."""
+
+    train: str
+    validation: str | None
+    val_fraction: float
+    text_field: str
+    tokenizer: str
+    vocab_size: int
+    max_chars: int | None
+    cache_dir: str
+    existing: Tokenizer | None = None
+    end_of_text: int | None = None
+    on_bad_record: str = "skip"
+
+    def files(self) -> tuple[list[Path] | None, list[Path] | None]:
+        train = corpus.resolve_files(self.train, "data.train")
+        return train, corpus.resolve_files(self.validation, "data.validation") if self.validation else None
+
+    def folder(self, train_files, val_files) -> Path:
+        """The cache entry: a hash of the files' content and every setting that changes the tokens."""
+        existing = self.existing
+        parts = {
+            "format": FORMAT_VERSION,
+            "train": corpus.fingerprint(self.train, train_files),
+            "validation": corpus.fingerprint(self.validation, val_files) if self.validation else None,
+            "val_fraction": None if self.validation else self.val_fraction,
+            "text_field": self.text_field,
+            "tokenizer": self.tokenizer if existing is None else hashlib.sha256(existing.to_str().encode()).hexdigest(),
+            "vocab_size": self.vocab_size if self.tokenizer == "bpe" and existing is None else None,
+            "end_of_text": self.end_of_text,
+            "max_chars": self.max_chars,
+            **({"on_bad_record": self.on_bad_record} if self.on_bad_record != "skip" else {}),
+        }
+        return Path(self.cache_dir).expanduser() / _cache_key(parts)
+
+
+def prepare(**settings) -> TokenData:
+    """Tokenize the corpus once into `cache_dir/<key>/` (tokenizer.json, tokens.bin, meta.json) and map it;
+    `settings` are the fields of `Corpus`.
 
     With `existing` (a pretrained model's tokenizer, whose document separator is `end_of_text`) no tokenizer
     is trained: `tokenizer` and `vocab_size` are not used."""
-    train_files = corpus.resolve_files(train, "data.train")
-    val_files = corpus.resolve_files(validation, "data.validation") if validation else None
-    folder = _cache_folder(
-        cache_dir,
-        train=corpus.fingerprint(train, train_files),
-        validation=corpus.fingerprint(validation, val_files) if validation else None,
-        val_fraction=None if validation else val_fraction,
-        text_field=text_field,
-        tokenizer=tokenizer if existing is None else hashlib.sha256(existing.to_str().encode()).hexdigest(),
-        vocab_size=vocab_size if tokenizer == "bpe" and existing is None else None,
-        end_of_text=end_of_text,
-        max_chars=max_chars,
-        **({"on_bad_record": on_bad_record} if on_bad_record != "skip" else {}),
-    )
+    c = Corpus(**settings)
+    train_files, val_files = c.files()
+    folder = c.folder(train_files, val_files)
     if not (folder / "meta.json").exists():
         _build(
             folder,
-            train,
+            c.train,
             train_files,
-            validation,
+            c.validation,
             val_files,
-            val_fraction,
-            text_field,
-            tokenizer,
-            vocab_size,
-            max_chars,
-            existing,
-            end_of_text,
-            on_bad_record,
+            c.val_fraction,
+            c.text_field,
+            c.tokenizer,
+            c.vocab_size,
+            c.max_chars,
+            c.existing,
+            c.end_of_text,
+            c.on_bad_record,
         )
     data = _load(folder)
     for key, count in data.skipped.items():
-        log.warning("%s: skipped %d records whose '%s' is missing, null or not text", key, count, text_field)
+        log.warning("%s: skipped %d records whose '%s' is missing, null or not text", key, count, c.text_field)
     return data
 
 
-def cached_tokenizer(
-    *,
-    train: str,
-    validation: str | None,
-    val_fraction: float,
-    text_field: str,
-    tokenizer: str,
-    vocab_size: int,
-    max_chars: int | None,
-    cache_dir: str,
-    on_bad_record: str = "skip",
-) -> Tokenizer | None:
-    """The tokenizer `prepare` would use, if that corpus is already tokenized in the cache (else None)."""
-    train_files = corpus.resolve_files(train, "data.train")
-    val_files = corpus.resolve_files(validation, "data.validation") if validation else None
-    folder = _cache_folder(
-        cache_dir,
-        train=corpus.fingerprint(train, train_files),
-        validation=corpus.fingerprint(validation, val_files) if validation else None,
-        val_fraction=None if validation else val_fraction,
-        text_field=text_field,
-        tokenizer=tokenizer,
-        vocab_size=vocab_size if tokenizer == "bpe" else None,
-        end_of_text=None,
-        max_chars=max_chars,
-        **({"on_bad_record": on_bad_record} if on_bad_record != "skip" else {}),
-    )
+def cached_tokenizer(**settings) -> Tokenizer | None:
+    """The tokenizer `prepare(**settings)` would use, if that corpus is already tokenized in the cache."""
+    c = Corpus(**settings)
+    folder = c.folder(*c.files())
     return load_tokenizer(str(folder / "tokenizer.json")) if (folder / "meta.json").exists() else None
-
-
-def _cache_folder(cache_dir: str, **parts) -> Path:
-    """Where a corpus tokenized with these settings (`parts`: fingerprints and settings) is cached."""
-    return Path(cache_dir).expanduser() / _cache_key({"format": FORMAT_VERSION, **parts})
 
 
 def _build(
