@@ -15,6 +15,7 @@ from lmtrain.data.tokenizer import SpecialTokens, side_files, special_tokens
 from lmtrain.errors import UserError
 from lmtrain.export import EXPORT_MARKER, load_export_weights
 from lmtrain.hf.load import is_hf_folder, load_hf, read_config, side_files_from_hf
+from lmtrain.hf.load import load_tokenizer as hf_tokenizer
 from lmtrain.lora import add_lora
 from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.tasks import TaskInfo
@@ -72,6 +73,14 @@ def model_config(path: str, key: str = "ckpt") -> TransformerConfig:
     if is_hf_folder(source):
         return read_config(source, key)
     return checkpoint_meta.model_config(source, key, exact=False)
+
+
+def load_tokenizer(path: str, key: str = "ckpt") -> Tokenizer:
+    """The tokenizer of a checkpoint, export, adapter run or Hugging Face folder, without loading weights."""
+    source = checkpoint.resolve(path, key)
+    if is_hf_folder(source):
+        return hf_tokenizer(source, key, read_config(source, key).vocab_size)
+    return checkpoint_meta.tokenizer(source, key)
 
 
 def load_adapter(source: Path, device: torch.device, key: str) -> tuple[TransformerLM, Tokenizer]:

@@ -101,3 +101,20 @@ def test_plan_errors_are_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().startswith("lmtrain plan: error: --device: unknown device 'x100'")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_finetune_plan_counts_lora_adapters(tmp_path, tiny_checkpoint):
+    from lmtrain.lora import add_lora
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"the cat {i}", "label": i % 2}) + "\n" for i in range(40)))
+    overrides = [f"init_from={tiny_checkpoint}", f"data.train={train}", "task=classification", "adapter=lora"]
+    plan = build(
+        "finetune", check("finetune", FinetuneConfig, [*overrides, "adapter.rank=4", "trainer.device=cpu"]), "cpu"
+    )
+    model, _ = load_model(str(tiny_checkpoint), torch.device("cpu"))
+    model.add_classifier(2)
+    add_lora(model, ["all_linear"], rank=4, alpha=32.0, dropout=0.0)
+    model.classifier.requires_grad_(True)
+    assert plan["parameters"]["total"] == model.num_parameters()
+    assert plan["parameters"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -95,29 +95,34 @@ def _meta_model(**config):
 
 
 def _finetune_model(cfg) -> tuple[Any, list[int]]:
-    """The model finetune would train (init_from's shape, the task's head, frozen parts) and the lengths of
-    its training examples in tokens."""
-    from lmtrain import checkpoint
+    """The model finetune would train (init_from's shape, the task's head, frozen parts, adapters) and the
+    lengths of its training examples in tokens. init_from may be any checkpoint or a Hugging Face folder."""
+    import dataclasses
+
     from lmtrain.commands.finetune import data_fields
     from lmtrain.data.examples import read_records
-    from lmtrain.tasks import Task, build_task_info, text_unit
+    from lmtrain.lora import add_lora
+    from lmtrain.pretrained import load_special_tokens, load_tokenizer, model_config
+    from lmtrain.tasks import build_task_info, task_for, text_unit
 
-    source = checkpoint.resolve(cfg.init_from, "init_from")
-    with checkpoint.readable(source, "init_from"):
-        config = json.loads((source / "model.json").read_text())
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    config = dataclasses.asdict(model_config(cfg.init_from, "init_from"))
+    tokenizer = load_tokenizer(cfg.init_from, "init_from")
     fields = data_fields(cfg)
     records = read_records(cfg.data.train, "data.train", txt_by=text_unit(cfg.task.name))
     info = build_task_info(cfg.task, fields, records)
-    task = Task(info, tokenizer, config["max_seq_len"])
+    special = load_special_tokens(cfg.init_from, tokenizer, "init_from")
+    task = task_for(info, tokenizer, config["max_seq_len"], special)
     shift = 0 if task.classify else 1  # a language-model example's last token is only a target
     lengths = [len(e.ids) - shift for e in task.encode(records, "data.train")]
     model = _meta_model(**{**config, "num_classes": len(info.labels) if task.classify else 0})
     if task.classify and not model.config.tie_embeddings:
         model.lm_head.requires_grad_(False)  # as finetune does: the LM head is unused by class logits
     model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
+    if cfg.adapter.name == "lora":  # as finetune does: a frozen base, adapters and a fresh head train
+        a = cfg.adapter
+        add_lora(model, list(a.target_modules), a.rank, a.alpha, a.dropout)
+        if model.classifier is not None:
+            model.classifier.requires_grad_(True)
     return model, lengths
 
 
@@ -334,12 +339,12 @@ def measure(plan: dict, cfg, steps: int) -> dict:
 
 def plan_config(cfg, model: dict) -> dict:
     """The TransformerConfig fields of the planned model."""
-    if cfg.__class__.__name__ == "PretrainConfig":
-        return {"vocab_size": model["vocab_size"], **dataclasses.asdict(cfg.model)}
-    from lmtrain import checkpoint
+    from lmtrain.pretrained import model_config
 
-    source = checkpoint.resolve(cfg.init_from, "init_from")
-    return {**json.loads((source / "model.json").read_text()), "num_classes": model["num_classes"]}
+    if cfg.__class__.__name__ == "PretrainConfig" and not cfg.init_from:
+        return {"vocab_size": model["vocab_size"], **dataclasses.asdict(cfg.model)}
+    config = dataclasses.asdict(model_config(cfg.init_from, "init_from"))
+    return {**config, "num_classes": model.get("num_classes", 0)}
 
 
 def _warm_up() -> None:
