@@ -243,7 +243,7 @@ def test_instruction_tuning_runs(tmp_path, base):
     records = [{"prompt": f"repeat {w}", "response": w} for w in (rng.choice(WORDS) for _ in range(200))]
     train = write(tmp_path / "chat.jsonl", records)
     summary = finetune_run(tmp_path / "run", base, "lm", train, train, "epochs=3")
-    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    first = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r)
     assert first["step"] == 0 and summary["metric"] == "val_loss"
     assert summary["best_val_loss"] < 0.5 * first["val_loss"]
 

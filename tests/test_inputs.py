@@ -104,7 +104,7 @@ def test_bpe_splits_long_pieces(caplog):
 # 4. every sweep syntax passes the pre-check ---------------------------------------------------------------
 def test_sweep_syntaxes_expand_to_a_first_job():
     assert _first_values(["model=glob(*)"]) == ["model=gpt2_124m"]
-    assert _first_values(["model=glob(*,exclude=[gpt2*,llama*])"]) == ["model=small"]
+    assert _first_values(["model=glob(*,exclude=[gpt2*,llama*])"]) == ["model=mistral_7b"]
     assert _first_values(["trainer.max_steps=range(2,5)"]) == ["trainer.max_steps=2"]
     assert _first_values(["optimizer.lr=choice(1e-3,3e-3)"]) == ["optimizer.lr=0.001"]
     assert _first_values(["model=tag(a,choice(tiny,small))"]) == ["model=tiny"]
