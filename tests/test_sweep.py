@@ -135,6 +135,7 @@ def test_every_swept_group_option_is_checked_first(tmp_path, corpus):
     result, sweep_dir = sweep(tmp_path, corpus, "model=tiny,tinyy")
     assert result.returncode == 2 and not sweep_dir.exists()
     assert result.stderr.strip().splitlines() == [
-        "lmtrain pretrain: error: model=tinyy: no such option; choose from gpt2_124m, llama_small, small, tiny "
+        "lmtrain pretrain: error: model=tinyy: no such option; choose from gpt2_124m, llama3_1b, llama_small, "
+        "mistral_7b, qwen2_0_5b, qwen3_0_6b, small, smollm2_135m, tiny "
         "(did you mean 'tiny'?)"
     ]
