@@ -42,6 +42,25 @@ def test_lora_layer_starts_as_its_base_and_merges_exactly():
     assert torch.allclose(model(tokens), adapted, atol=1e-5)
 
 
+def lora_lm_run(base, train, run_dir, steps: int, *extra: str) -> dict:
+    """A short LoRA finetune (task=lm) of `base` on `train`, in-process; returns its summary."""
+    overrides = [
+        f"init_from={base}",
+        "task=lm",
+        f"data.train={train}",
+        "adapter=lora",
+        "epochs=null",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        "trainer.micro_batch_size=4",
+        "scheduler.warmup_steps=1",
+        "trainer.device=cpu",
+        "trainer.progress_bar=false",
+        *extra,
+    ]
+    return finetune.run(check("finetune", FinetuneConfig, overrides), str(run_dir))
+
+
 @pytest.fixture(scope="module")
 def adapter_run(tmp_path_factory):
     """A LoRA finetune of a tiny random Qwen2 (Hugging Face folder): its checkpoint and base."""
@@ -49,22 +68,7 @@ def adapter_run(tmp_path_factory):
     base = build("qwen2", root / "qwen2")
     train = root / "train.jsonl"
     train.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps"}) + "\n" for i in range(24)))
-    overrides = [
-        f"init_from={base}",
-        "task=lm",
-        f"data.train={train}",
-        "adapter=lora",
-        "adapter.rank=4",
-        "epochs=null",
-        "trainer.max_steps=3",
-        "trainer.eval_every=3",
-        "trainer.micro_batch_size=4",
-        "scheduler.warmup_steps=1",
-        "optimizer.lr=3e-2",
-        "trainer.device=cpu",
-        "trainer.progress_bar=false",
-    ]
-    finetune.run(check("finetune", FinetuneConfig, overrides), str(root / "run"))
+    lora_lm_run(base, train, root / "run", 3, "adapter.rank=4", "optimizer.lr=3e-2")
     return root / "run" / "checkpoints" / "latest", base
 
 
@@ -125,21 +129,7 @@ def test_lora_student_distils_from_a_teacher(adapter_run, tmp_path):
     ckpt, base = adapter_run
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": f"the lazy dog {i} sleeps"}) + "\n" for i in range(16)))
-    overrides = [
-        f"init_from={base}",
-        "task=lm",
-        f"data.train={train}",
-        "adapter=lora",
-        "loss=distill",
-        f"loss.teacher={ckpt}",  # the adapter checkpoint itself: a teacher can be an adapter run too
-        "epochs=null",
-        "trainer.max_steps=2",
-        "trainer.eval_every=2",
-        "trainer.micro_batch_size=4",
-        "scheduler.warmup_steps=1",
-        "trainer.device=cpu",
-        "trainer.progress_bar=false",
-    ]
-    summary = finetune.run(check("finetune", FinetuneConfig, overrides), str(tmp_path / "run"))
+    # the adapter checkpoint itself teaches: a teacher can be an adapter run too
+    summary = lora_lm_run(base, train, tmp_path / "run", 2, "loss=distill", f"loss.teacher={ckpt}")
     saved = load_file(str(tmp_path / "run" / "checkpoints" / "latest" / "model.safetensors"))
     assert summary["steps"] == 2 and saved and all(".lora_" in k for k in saved)

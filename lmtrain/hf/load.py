@@ -67,7 +67,7 @@ def load_weights(model: TransformerLM, folder: Path, key: str) -> None:
     """Copy every parameter of `model` from the folder's safetensors, mapping names (and GPT-2's transposed
     Conv1D weights); a missing or unexpected tensor, or a shape mismatch, is a UserError naming it."""
     files = weight_files(folder, key)
-    family = _family(folder, key)
+    family = "gpt2" if model.config.position == "learned" else "llama"  # the two weight layouts (families.py)
     prefix = "transformer." if family == "gpt2" and "transformer.wte.weight" in files else ""
     used: set[str] = set()
 
@@ -99,13 +99,9 @@ def load_weights(model: TransformerLM, folder: Path, key: str) -> None:
     unexpected = sorted(n for n in files if n not in used and n not in tied_head and not IGNORED.search(n))
     if unexpected:
         raise UserError(
-            f"{key}: '{folder}' holds weights this {family} model does not use, e.g. '{unexpected[0]}' "
+            f"{key}: '{folder}' holds weights this model does not use, e.g. '{unexpected[0]}' "
             f"({len(unexpected)} in all); is it a causal LM of that family?"
         )
-
-
-def _family(folder: Path, key: str) -> str:
-    return str(read_json(folder / "config.json", key).get("model_type"))
 
 
 def load_tokenizer(folder: Path, key: str, vocab_size: int) -> Tokenizer:
