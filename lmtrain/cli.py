@@ -349,7 +349,7 @@ def _torchrun_overrides(command: str, overrides: list[str], trainer) -> list[str
     only the main process writes Hydra's files and logs."""
     from lmtrain import distributed
 
-    distributed.init_process_group(trainer.device, trainer.dist_timeout_s)
+    distributed.init_process_group(trainer.device, trainer.dist_timeout_s, trainer.dist_join_timeout_s)
     extra = []
     if not any(o.startswith("hydra.run.dir=") for o in overrides):
         suffix = "" if command == "pretrain" else f"-{command}"
@@ -416,7 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.multirun:
             if command not in TRAINING_COMMANDS:  # evaluate, generate, ...: the main process does the work
                 return 0 if int(os.environ.get("RANK", "0")) > 0 else _run_hydra(command, config_name, schema, rest)
-            rest = [*rest, *_torchrun_overrides(command, args.overrides, typed.trainer)]
+            try:
+                rest = [*rest, *_torchrun_overrides(command, args.overrides, typed.trainer)]
+            except UserError as err:
+                return _fail(f"{command} (rank {os.environ.get('RANK', '0')})", err)
     return _run_hydra(command, config_name, schema, rest)
 
 

@@ -47,15 +47,29 @@ def resolve_device(name: str, key: str = "trainer.device", local_rank: int = 0) 
     return torch.device(name)
 
 
-def init_process_group(device_name: str = "auto", timeout_s: float = 600.0) -> None:
-    """Join torchrun's process group (once per process); collectives give up after `timeout_s`."""
+def init_process_group(device_name: str = "auto", timeout_s: float = 600.0, join_timeout_s: float = 60.0) -> None:
+    """Join torchrun's process group (once per process).
+
+    Joining and the first barrier give up after `join_timeout_s` with a UserError (a peer that never starts or hangs before
+    training); every later collective after `timeout_s`, which is longer because it also covers a peer
+    building the token cache or writing a checkpoint.
+    """
     if dist.is_initialized() or torchrun_world_size() == 1:
         return
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=join_timeout_s))
+        dist.barrier()
+    except RuntimeError as err:  # DistStoreError / DistBackendError: a peer never arrived
+        raise UserError(
+            f"the other processes did not join within trainer.dist_join_timeout_s={join_timeout_s:g} s "
+            f"(a rank failed to start or hangs): {str(err).splitlines()[0]}"
+        ) from err
+    # torch's documented way to change a live group's timeout (there is no public setter)
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s))
 
 
-def place(strategy: str, device_name: str, timeout_s: float = 600.0) -> Placement:
+def place(strategy: str, device_name: str, timeout_s: float = 600.0, join_timeout_s: float = 60.0) -> Placement:
     """This process's rank, world and device for trainer.strategy (auto: ddp under torchrun, else single)."""
     world = torchrun_world_size()
     if strategy == "auto":
@@ -64,7 +78,7 @@ def place(strategy: str, device_name: str, timeout_s: float = 600.0) -> Placemen
         raise UserError(f"trainer.strategy=single, but torchrun started {world} processes; use ddp or fsdp")
     if world == 1:  # ddp/fsdp over one process is plain single-process training
         return Placement(device=resolve_device(device_name), strategy="single")
-    init_process_group(device_name, timeout_s)
+    init_process_group(device_name, timeout_s, join_timeout_s)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return Placement(dist.get_rank(), world, local_rank, resolve_device(device_name, local_rank=local_rank), strategy)
 

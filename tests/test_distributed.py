@@ -170,6 +170,32 @@ def test_a_rank_stuck_outside_the_collectives_times_out(tmp_path, corpus):
     assert "lmtrain pretrain (rank 0): error:" in result.stderr
 
 
+def test_a_rank_that_never_joins_fails_after_the_join_timeout(tmp_path, corpus):
+    """Rank 1 hangs before it joins: rank 0 gives up after trainer.dist_join_timeout_s, not dist_timeout_s."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('RANK') == '1' and os.environ.get('LOCAL_RANK'):\n    time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    started = time.monotonic()
+    result = lmtrain(
+        "pretrain",
+        *TINY,
+        "trainer.max_steps=5",
+        "trainer.nproc=2",
+        "trainer.dist_join_timeout_s=5",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"data.train={corpus}",
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 90  # dist_timeout_s is 600
+    assert "lmtrain pretrain (rank 0): error:" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 def lora_finetune(base: Path, data: Path, run_dir: Path, *extra: str) -> dict:
     result = lmtrain(
         "finetune",

@@ -64,7 +64,7 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
 def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     t, d = cfg.trainer, cfg.data
-    placement = distributed.place(t.strategy, t.device, t.dist_timeout_s)
+    placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
     device = placement.device
     source = runs.resume_source(t.resume, run_dir)
     model, tokenizer = load_model(cfg.init_from, device, key="init_from")

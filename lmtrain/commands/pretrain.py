@@ -33,7 +33,7 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
 def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     t, m, d = cfg.trainer, cfg.model, cfg.data
-    placement = distributed.place(t.strategy, t.device, t.dist_timeout_s)
+    placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
     device = placement.device
     source = runs.resume_source(t.resume, run_dir)
 

@@ -184,6 +184,7 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
         "log_every",
         "checkpoint_every",
         "dist_timeout_s",
+        "dist_join_timeout_s",
     )
     _positive(g, "grad_accum.", errors, "steps")
     _positive(o, "optimizer.", errors, "lr", "eps")

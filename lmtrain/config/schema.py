@@ -110,6 +110,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | single | ddp | fsdp (auto: ddp under torchrun with several processes)
     nproc: int = 1  # > 1: lmtrain starts torchrun with this many local processes itself
     dist_timeout_s: float = 600.0  # a collective waiting longer on a peer fails the run instead of hanging
+    dist_join_timeout_s: float = 60.0  # joining the process group and its first barrier: a peer that never starts
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     # a non-finite loss or grad norm: stop (exit non-zero, the last finite checkpoint stays latest) or skip
     # the step (no update; counted in metrics.jsonl as skipped_steps)
