@@ -50,9 +50,9 @@ def resolve_device(name: str, key: str = "trainer.device", local_rank: int = 0) 
 def init_process_group(device_name: str = "auto", timeout_s: float = 600.0, join_timeout_s: float = 60.0) -> None:
     """Join torchrun's process group (once per process).
 
-    Joining and the first barrier give up after `join_timeout_s` with a UserError (a peer that never starts or hangs before
-    training); every later collective after `timeout_s`, which is longer because it also covers a peer
-    building the token cache or writing a checkpoint.
+    Joining and the first barrier give up after `join_timeout_s` (a peer that never starts or hangs before
+    training: UserError); every later collective after `timeout_s`, which is longer because it also covers
+    a peer building the token cache or writing a checkpoint.
     """
     if dist.is_initialized() or torchrun_world_size() == 1:
         return
