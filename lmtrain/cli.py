@@ -142,7 +142,7 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
     """
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     groups, values = [], []
     for override in overrides:
@@ -173,10 +173,30 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
                 hint = f"{parent}.{hint}" if parent else hint
             raise ConfigError(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
         try:
-            cfg = compose(config_name, overrides=groups + values)
+            cfg = compose(config_name, overrides=groups + values, return_hydra_config=True)
         except HydraException as err:
             raise ConfigError(_first_line(err)) from None
+    _check_identity(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
     return validate(cfg, schema, explicit=_keys(values)) if check_values else cfg
+
+
+# the key of each group that names its option: `optimizer=sgd` is how the name is chosen
+IDENTITY = {"optimizer": "name", "scheduler": "name", "loss": "name", "task": "name", "adapter": "name"}
+IDENTITY["grad_accum"] = "mode"
+
+
+def _check_identity(cfg) -> None:
+    """A group's name key must agree with the option chosen for it (`optimizer=adamw optimizer.name=sgd`
+    would otherwise train SGD with AdamW's settings)."""
+    for group, option in cfg.hydra.runtime.choices.items():
+        key = IDENTITY.get(group)
+        value = cfg.get(group, {}).get(key) if key else None
+        if value is not None and value != option:
+            raise ConfigError(
+                f"{group}.{key}: '{value}' contradicts {group}={option}; the option sets it: choose {group}={value}"
+            )
 
 
 def _keys(overrides: list[str]) -> set[str]:

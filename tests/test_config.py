@@ -9,8 +9,8 @@ from conftest import compose, lmtrain
 
 from lmtrain.config import ConfigError
 
-GROUPS = ["model", "optimizer", "scheduler", "grad_accum", "loss", "data", "trainer", "task"]
-FINETUNE_ONLY = {"data/examples", "task"}  # options only the finetune schema takes
+GROUPS = ["model", "optimizer", "scheduler", "grad_accum", "loss", "data", "trainer", "task", "adapter"]
+FINETUNE_ONLY = {"data/examples", "task", "adapter"}  # options only the finetune schema takes
 
 
 def options(group: str) -> list[str]:
@@ -31,17 +31,70 @@ def compose_for(group: str, option: str):
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes_and_validates(group):
+    """The schema is the one source of defaults: an option YAML sets only what it changes, and the composed
+    group equals the schema's defaults everywhere else."""
     assert options(group), f"configs/{group}/ is empty"
     from omegaconf import OmegaConf
+
+    from lmtrain.cli import IDENTITY
 
     for option in options(group):
         cfg = compose_for(group, option)
         shipped = OmegaConf.load(importlib.resources.files("lmtrain.configs") / group / f"{option}.yaml")
         selected = OmegaConf.structured(getattr(cfg, group))
-        for key, value in shipped.items():
+        defaults = OmegaConf.structured(type(getattr(cfg, group)))
+        for key in selected:
             # data.train (finetune) and loss.teacher (distill) must be set, so the compose sets them
-            if not OmegaConf.is_interpolation(shipped, key) and key not in ("train", "teacher"):
-                assert selected[key] == value, f"{group}={option}: {key}"
+            if key in ("train", "teacher"):
+                continue
+            if key in shipped:
+                assert selected[key] == shipped[key], f"{group}={option}: {key}"
+                if key != IDENTITY.get(group):
+                    assert shipped[key] != defaults[key], f"{group}={option}: {key} restates the schema default"
+            else:
+                assert selected[key] == defaults[key], f"{group}={option}: {key} is not the schema default"
+        if group in IDENTITY:
+            assert selected[IDENTITY[group]] == option, f"{group}={option}: its {IDENTITY[group]} differs"
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "evaluate", "generate", "predict", "export", "inspect"])
+def test_top_level_keys_come_from_the_schema(command):
+    from omegaconf import OmegaConf
+
+    from lmtrain.config import SCHEMAS
+
+    shipped = OmegaConf.load(importlib.resources.files("lmtrain.configs") / f"{command}.yaml")
+    defaults = OmegaConf.structured(SCHEMAS[command])
+    for key in shipped:
+        if key in ("defaults", "hydra"):
+            continue
+        assert isinstance(shipped[key], type(shipped)), f"{command}.yaml restates {key}; the schema holds it"
+        for leaf in shipped[key]:
+            assert shipped[key][leaf] != defaults[key][leaf], f"{command}.yaml restates {key}.{leaf}"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer=adamw", "optimizer.name=sgd"], "optimizer.name: 'sgd' contradicts optimizer=adamw"),
+        (["scheduler.name=wsd"], "scheduler.name: 'wsd' contradicts scheduler=cosine"),
+        (["grad_accum.mode=global_batch"], "grad_accum.mode: 'global_batch' contradicts grad_accum=steps"),
+        (["loss.name=distill"], "loss.name: 'distill' contradicts loss=cross_entropy"),
+    ],
+)
+def test_an_option_name_cannot_contradict_its_option(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose(*overrides)
+
+
+def test_finetune_option_names_cannot_contradict_their_options():
+    from lmtrain.cli import check
+    from lmtrain.config import FinetuneConfig
+
+    base = ["init_from=x", "data.train=x.jsonl"]
+    for override, message in [("task.name=qa", "task=classification"), ("adapter.name=lora", "adapter=none")]:
+        with pytest.raises(ConfigError, match=message):
+            check("finetune", FinetuneConfig, [*base, override])
 
 
 @pytest.mark.parametrize(

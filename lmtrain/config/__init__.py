@@ -20,6 +20,9 @@ from lmtrain.config.schema import (
     TaskConfig,
     TrainerConfig,
 )
+from lmtrain.config.store import SCHEMAS, register
+
+register()
 
 __all__ = [
     "CHOICES",
@@ -38,6 +41,7 @@ __all__ = [
     "OptimizerConfig",
     "PredictConfig",
     "PretrainConfig",
+    "SCHEMAS",
     "SchedulerConfig",
     "TaskConfig",
     "TrainerConfig",

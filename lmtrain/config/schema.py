@@ -12,7 +12,7 @@ from typing import Any
 
 @dataclass
 class ModelConfig:
-    d_model: int = 128  # width of the residual stream
+    d_model: int = 256  # width of the residual stream
     num_heads: int = 4  # attention heads; must divide d_model
     num_layers: int = 4  # Transformer blocks
     max_seq_len: int = 128  # context length in tokens
@@ -52,7 +52,7 @@ class OptimizerConfig:
 @dataclass
 class SchedulerConfig:
     name: str = "cosine"  # cosine | linear | constant | inverse_sqrt | wsd
-    warmup_steps: int = 100  # linear warmup from 0 to optimizer.lr
+    warmup_steps: int = 50  # linear warmup from 0 to optimizer.lr
     min_lr: float = 0.0  # floor the schedule never goes below
     decay_fraction: float = 0.2  # wsd only: fraction of max_steps spent in the final decay
 
@@ -87,18 +87,18 @@ class DataConfig:
     max_chars: int | None = None  # read at most this many characters of train (null: all)
     seq_len: int | None = None  # training window in tokens (null: model.max_seq_len, or init_from's)
     document_masking: bool = False  # attention never crosses an end-of-text into another document
-    cache_dir: str = "~/.cache/lmtrain"  # where packed token files are cached
+    cache_dir: str = "${oc.env:LMTRAIN_CACHE,'~/.cache/lmtrain'}"  # where token files are cached (env LMTRAIN_CACHE)
     on_bad_record: str = "skip"  # skip | error: a record whose text is missing, null or not text
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 300  # optimizer steps
     micro_batch_size: int = 16  # sequences per forward pass
-    eval_every: int = 200  # validate every N steps (and at the end)
+    eval_every: int = 100  # validate every N steps (and at the end)
     eval_batches: int = 20  # micro-batches of fixed validation windows per evaluation
     log_every: int = 10  # write a metrics.jsonl record every N steps
-    checkpoint_every: int = 500  # checkpoint every N steps (and at the end)
+    checkpoint_every: int = 100  # checkpoint every N steps (and at the end)
     keep_last: int = 2  # keep this many step checkpoints; 0 keeps all
     seed: int = 1337  # seeds init, dropout and data order
     device: str = "auto"  # auto | cpu | cuda

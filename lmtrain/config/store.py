@@ -1,0 +1,36 @@
+"""Each command's schema, registered in Hydra's ConfigStore as `<command>_schema`: the first entry of the
+command's defaults list, so every default comes from `lmtrain.config.schema` and an option YAML under
+configs/ holds only what it changes."""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from lmtrain.config.schema import (
+    EvaluateConfig,
+    ExportConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    InspectConfig,
+    PredictConfig,
+    PretrainConfig,
+)
+
+SCHEMAS: dict[str, type] = {
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "evaluate": EvaluateConfig,
+    "generate": GenerateConfig,
+    "predict": PredictConfig,
+    "export": ExportConfig,
+    "inspect": InspectConfig,
+}
+
+
+def register() -> None:
+    """Store each schema as plain values: `lmtrain.config.checks.validate` type-checks the composed config
+    afterwards, so a mistake is reported with the key to fix rather than as Hydra's composition error."""
+    store = ConfigStore.instance()
+    for command, schema in SCHEMAS.items():
+        store.store(name=f"{command}_schema", node=OmegaConf.to_container(OmegaConf.structured(schema)))
