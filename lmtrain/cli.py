@@ -199,6 +199,25 @@ def _check_identity(cfg) -> None:
             )
 
 
+def _help(command: str, config_name: str, schema: type, words: list[str]) -> str:
+    """`lmtrain <command> --help [group ...] [overrides]`: groups and options, then every key's type, value
+    (with the overrides applied) and doc."""
+    from hydra import compose, initialize_config_module
+
+    from lmtrain.config.docs import help_text
+
+    overrides = [w for w in words if "=" in w]
+    only = [w for w in words if "=" not in w]
+    cfg = check(config_name, schema, overrides, check_values=False)
+    with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
+        chosen = compose(config_name, overrides=overrides, return_hydra_config=True).hydra.runtime.choices
+    groups = {g: _group_options(g) or [] for g in chosen if "/" not in g}
+    unknown = [g for g in only if g not in groups and g not in {f.split(".")[0] for f in all_keys(schema)}]
+    if unknown:
+        raise ConfigError(f"--help {unknown[0]}: no such group or key; choose from {', '.join(sorted(groups))}")
+    return help_text(command, schema, cfg, groups, dict(chosen), only)
+
+
 def _keys(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
@@ -414,7 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         quoted = iter(args.overrides)
         rest = [next(quoted) if item in given else item for item in rest]
         argv = [command, *rest]
-    if not (args.help or args.hydra_help or args.info or args.shell_completion):
+    if args.help:
+        try:
+            print(_help(command, config_name, schema, args.overrides))
+        except UserError as err:
+            return _fail(command, err)
+        return 0
+    if not (args.hydra_help or args.info or args.shell_completion):
         try:
             if args.multirun:
                 first = check(config_name, schema, _first_values(args.overrides), check_values=False)

@@ -213,3 +213,31 @@ def test_cfg_job_prints_composed_config():
     result = lmtrain("pretrain", "--cfg", "job", "model=tiny", "optimizer.lr=3e-4")
     assert result.returncode == 0, result.stderr
     assert "d_model: 64" in result.stdout and "lr: 0.0003" in result.stdout
+
+
+def test_every_schema_field_has_a_doc():
+    from lmtrain.config import SCHEMAS
+    from lmtrain.config.docs import fields
+
+    for command, schema in SCHEMAS.items():
+        undocumented = [key for key, _, _, doc in fields(schema, schema()) if not doc]
+        assert not undocumented, f"{command}: {undocumented}"
+
+
+def test_help_lists_each_key_with_type_value_and_doc():
+    import contextlib
+    import io
+
+    from lmtrain.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["pretrain", "--help", "optimizer", "optimizer=sgd"]) == 0
+    text = out.getvalue()
+    assert "optimizer: adam adamw *sgd" in text
+    line = next(row for row in text.splitlines() if row.split()[:1] == ["optimizer.lr"])
+    assert line.split()[1:4] == ["float", "0.1", "peak"], line  # sgd's own value, with the schema's doc
+    assert "model.d_model" not in text  # only the group asked for
+    with contextlib.redirect_stdout(io.StringIO()) as full:
+        assert main(["finetune", "--help"]) == 0
+    assert "adapter.target_modules" in full.getvalue() and "init_from" in full.getvalue()

@@ -112,9 +112,7 @@ class TrainerConfig:
     dist_timeout_s: float = 600.0  # a collective waiting longer on a peer fails the run instead of hanging
     dist_join_timeout_s: float = 60.0  # joining the process group and its first barrier: a peer that never starts
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
-    # a non-finite loss or grad norm: stop (exit non-zero, the last finite checkpoint stays latest) or skip
-    # the step (no update; counted in metrics.jsonl as skipped_steps)
-    on_nonfinite: str = "stop"
+    on_nonfinite: str = "stop"  # stop (exit non-zero; last finite checkpoint stays latest) | skip (no update; counted)
 
 
 @dataclass
@@ -155,10 +153,10 @@ class ExampleDataConfig:
     source_field: str = "source"  # seq2seq input
     target_field: str = "target"  # seq2seq output
     prompt_field: str = "prompt"  # lm instruction tuning: records with this field train on the response only
-    response_field: str = "response"
+    response_field: str = "response"  # lm instruction tuning: the trained part of a prompt/response record
     question_field: str = "question"  # qa
-    context_field: str = "context"
-    answer_field: str = "answer"
+    context_field: str = "context"  # qa: the passage the answer is in
+    answer_field: str = "answer"  # qa: the answer
     messages_field: str = "messages"  # chat: a list of {role: system|user|assistant, content}
     on_bad_record: str = "skip"  # skip (counted in the log and metrics.jsonl) | error: a missing/null/mistyped field
 
@@ -169,7 +167,7 @@ class AdapterConfig:
     rank: int = 16  # lora: rank r of the update B A
     alpha: float = 32.0  # lora: the update is scaled by alpha / rank
     dropout: float = 0.0  # lora: dropout on the adapter's input
-    # lora: layers to adapt by lmtrain's names (qkv, proj, up, gate, down) or attention | mlp | all_linear
+    # lora: the layers to adapt: qkv, proj, up, gate, down (lmtrain's names) or attention | mlp | all_linear
     target_modules: list[str] = field(default_factory=lambda: ["all_linear"])
 
 
@@ -195,19 +193,19 @@ class FinetuneConfig:
 class EvalDataConfig:
     """Where evaluate/predict read records; a null field falls back to the checkpoint's own data config."""
 
-    train: str | None = None
-    validation: str | None = None
-    test: str | None = None
-    text_field: str | None = None
-    label_field: str | None = None
-    source_field: str | None = None
-    target_field: str | None = None
-    prompt_field: str | None = None
-    response_field: str | None = None
-    question_field: str | None = None
-    context_field: str | None = None
-    answer_field: str | None = None
-    messages_field: str | None = None
+    train: str | None = None  # records file for split=train
+    validation: str | None = None  # records file for split=validation
+    test: str | None = None  # records file for split=test
+    text_field: str | None = None  # null: the checkpoint's data.text_field
+    label_field: str | None = None  # null: the checkpoint's data.label_field
+    source_field: str | None = None  # null: the checkpoint's data.source_field
+    target_field: str | None = None  # null: the checkpoint's data.target_field
+    prompt_field: str | None = None  # null: the checkpoint's data.prompt_field
+    response_field: str | None = None  # null: the checkpoint's data.response_field
+    question_field: str | None = None  # null: the checkpoint's data.question_field
+    context_field: str | None = None  # null: the checkpoint's data.context_field
+    answer_field: str | None = None  # null: the checkpoint's data.answer_field
+    messages_field: str | None = None  # null: the checkpoint's data.messages_field
     on_bad_record: str = "skip"  # skip (counted in eval.json) | error: a record with a missing/null/mistyped field
 
 
@@ -233,8 +231,8 @@ class PredictConfig:
     output: str | None = None  # write predictions as jsonl here (default: print them)
     text_field: str | None = None  # field of `input` holding the text (null: the checkpoint's)
     on_bad_record: str = "skip"  # skip (with a warning) | error: an input record whose text is missing or null
-    batch_size: int = 64
-    device: str = "auto"
+    batch_size: int = 64  # texts per forward pass
+    device: str = "auto"  # auto | cpu | cuda
 
 
 @dataclass
@@ -243,8 +241,7 @@ class ExportConfig:
     format: str = "lmtrain"  # lmtrain (generate/evaluate/predict load it) | hf (a transformers model folder)
     dtype: str = "fp32"  # fp32 | bf16 | fp16: the dtype of the weights that are not int8
     max_shard_mb: float = 5000.0  # format=hf: weights above this size are split into shards with an index
-    merge_adapter: bool = False  # an adapter checkpoint: fold the adapters into the weights (else format=hf writes
-    # the adapters alone in PEFT's layout)
+    merge_adapter: bool = False  # adapters folded into the weights (else format=hf writes them alone, PEFT layout)
     quantize: str = "none"  # none | int8: weight-only int8 of the linear layers, one scale per output channel
     out: str | None = None  # export folder (default: <run dir>/export-<dtype or int8>)
     eval_batches: int = 20  # validation batches for the before/after score
