@@ -273,3 +273,29 @@ def load_optimizer_state(checkpoint: Path) -> dict:
 
 def load_rng(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint / "rng.safetensors"))
+
+
+def param_order(optimizer_state: dict) -> list:
+    return [p for group in optimizer_state["param_groups"] for p in group["params"]]
+
+
+def numbered_optimizer_state(full: dict) -> dict:
+    """A full optimizer state keyed by parameter names (torch.distributed.checkpoint) -> keyed by number,
+    as optimizer.state_dict() gives it: the format checkpoints keep whatever the strategy."""
+    number = {name: i for i, name in enumerate(param_order(full))}
+    groups = [{**g, "params": [number[p] for p in g["params"]]} for g in full["param_groups"]]
+    return {"state": {number[k]: v for k, v in full["state"].items()}, "param_groups": groups}
+
+
+def named_optimizer_state(numbered: dict, names: list[str]) -> dict:
+    groups, start = [], 0
+    for group in numbered["param_groups"]:
+        groups.append({**group, "params": names[start : start + len(group["params"])]})
+        start += len(group["params"])
+    return {"state": {names[int(k)]: v for k, v in numbered["state"].items()}, "param_groups": groups}
+
+
+def full_state_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)

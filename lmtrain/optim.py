@@ -80,3 +80,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, **schedule) -> torch.optim
     """A LambdaLR whose factor is lr_at(step) / lr; its state is a step counter, saved with checkpoints."""
     peak = schedule["lr"]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, **schedule) / peak)
+
+
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """Load a saved schedule and set every group's LR to the next step's under this run's schedule (the same
+    as saved unless max_steps or the schedule changed)."""
+    scheduler.load_state_dict(state)
+    scheduler.last_epoch -= 1
+    scheduler.step()  # recomputes each group's LR at last_epoch + 1 from the schedule, as a training step would

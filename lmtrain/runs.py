@@ -1,284 +1,30 @@
-"""What every training command shares around the Trainer: the run dir, resuming, checkpoint writing."""
+"""Assembly: builds the Trainer of a pretrain or finetune run from its config (placement, optimizer, schedule,
+loss, teacher) and runs it in its run dir, resuming first when asked; returns the run's summary."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 import torch
-import yaml
 
-from lmtrain import checkpoint, checkpoint_meta, distributed, run_lock
+from lmtrain import checkpoint, distributed
+from lmtrain.checkpointer import Checkpointer
 from lmtrain.config import TrainerConfig
 from lmtrain.distributed import Placement
-from lmtrain.errors import Diverged, RunRefused, UserError
+from lmtrain.errors import Diverged, UserError
 from lmtrain.losses import cross_entropy, distillation
 from lmtrain.model import TransformerLM
 from lmtrain.optim import build_optimizer, build_scheduler
 from lmtrain.pretrained import load_model
-from lmtrain.run_log import MetricsFile
-from lmtrain.safe_io import clean_temporaries, read_text_capped, write_text_atomic
+from lmtrain.resume import Sampler, restore
+from lmtrain.run_dir import open_metrics, take_over
 from lmtrain.trainer import Trainer
 
 log = logging.getLogger("lmtrain")
-
-
-class Sampler(Protocol):
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
-
-
-def prepare_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"hydra.run.dir: cannot create '{run_dir}': {err.strerror}") from None
-
-
-@contextlib.contextmanager
-def claimed(run_dir: Path) -> Iterator[None]:
-    """The run dir, created if needed and locked for the block by the main process (RunDirBusy if another
-    live process holds it)."""
-    prepare_run_dir(run_dir)
-    if distributed.torchrun_rank() != 0:
-        yield
-        return
-    with run_lock.locked(run_dir):
-        yield
-
-
-def resume_source(resume: bool | str, run_dir: Path) -> Path | None:
-    """The checkpoint trainer.resume names: None (fresh start), this run dir's newest valid one, or a path.
-    Every refusal is a RunRefused: nothing has been written into the run dir yet."""
-    root = run_dir / "checkpoints"
-    if resume is False or resume == "false":
-        if checkpoint.complete_steps(root):
-            raise RunRefused(
-                f"trainer.resume: run dir '{run_dir}' already holds checkpoints; pass trainer.resume=true to "
-                "continue it, or choose a new hydra.run.dir"
-            )
-        return None
-    try:
-        if resume is True or resume == "true":
-            if not checkpoint.complete_steps(root):
-                log.warning(
-                    "trainer.resume=true: no checkpoint in %s, starting from scratch (to continue a run, "
-                    "pass its folder as hydra.run.dir)",
-                    run_dir,
-                )
-                return None
-            checkpoint.resolve(run_dir, "trainer.resume")  # refuses a `latest` that points elsewhere
-            source, damaged = checkpoint.newest_valid(root)
-            if source is None:
-                raise UserError(f"trainer.resume: no checkpoint in '{root}' is whole; the newest: {damaged[0][1]}")
-            for path, why in damaged:
-                log.warning("trainer.resume: skipping damaged checkpoint %s (%s); resuming %s", path, why, source.name)
-            return source
-        source = checkpoint.resolve(resume, "trainer.resume")
-        why = checkpoint_meta.problem(source)
-        if why is not None:
-            raise UserError(f"trainer.resume: {why}")
-        return source
-    except RunRefused:
-        raise
-    except UserError as err:
-        raise RunRefused(str(err)) from None
-
-
-def _data_keys(config_yaml: str) -> dict:
-    try:
-        data = (yaml.safe_load(config_yaml) or {}).get("data") or {}
-    except (yaml.YAMLError, AttributeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def check_compatible(source: Path, files: dict[str, str]) -> None:
-    """Refuse (RunRefused) a checkpoint whose tokenizer or model shape is not this run's, naming what differs:
-    the data keys behind a different tokenizer, or the model fields."""
-    key = "trainer.resume"
-    saved = checkpoint_meta.read_json(source / "tokenizer.json", key)
-    if saved != json.loads(files["tokenizer.json"]):
-        theirs = _data_keys(read_text_capped(source / "config.yaml", checkpoint_meta.MAX_JSON_BYTES, key))
-        ours = _data_keys(files["config.yaml"])
-        changed = [f"data.{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in ours if theirs.get(k) != ours[k]]
-        raise RunRefused(
-            f"{key}: the tokenizer in '{source}' differs from this run's"
-            + (f" ({'; '.join(changed)})" if changed else "")
-        )
-    saved_model = checkpoint_meta.model_config(source, key).__dict__
-    ours_model = json.loads(files["model.json"])
-    changed = [f"{k} {saved_model.get(k)!r} there, {v!r} here" for k, v in ours_model.items() if saved_model[k] != v]
-    if changed:
-        raise RunRefused(f"{key}: the model shape in '{source}' differs from this run's config: {'; '.join(changed)}")
-
-
-def _fqn_order(optimizer_state: dict) -> list:
-    return [p for group in optimizer_state["param_groups"] for p in group["params"]]
-
-
-def _numbered(full: dict) -> dict:
-    """A full optimizer state keyed by parameter names (torch.distributed.checkpoint) -> keyed by number,
-    as optimizer.state_dict() gives it: the format checkpoints keep whatever the strategy."""
-    number = {name: i for i, name in enumerate(_fqn_order(full))}
-    groups = [{**g, "params": [number[p] for p in g["params"]]} for g in full["param_groups"]]
-    return {"state": {number[k]: v for k, v in full["state"].items()}, "param_groups": groups}
-
-
-def _named(numbered: dict, names: list[str]) -> dict:
-    groups, start = [], 0
-    for group in numbered["param_groups"]:
-        groups.append({**group, "params": names[start : start + len(group["params"])]})
-        start += len(group["params"])
-    return {"state": {names[int(k)]: v for k, v in numbered["state"].items()}, "param_groups": groups}
-
-
-def _full_state_options(strict: bool = True):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)
-
-
-def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, str], run_dir: Path) -> None:
-    """Load every stateful piece from `source` (on every process); model and tokenizer must match this run's.
-    A checkpoint holds whole tensors, so any number of processes can resume it."""
-    check_compatible(source, files)
-    state = checkpoint_meta.trainer_state(source, "trainer.resume")
-    adapter = (source / checkpoint.ADAPTER_FILE).is_file()  # holds the trained tensors only; the base is loaded already
-    with checkpoint.readable(source, "trainer.resume"):
-        _same_optimizer(source, files["config.yaml"])
-        optimizer_state = checkpoint.load_optimizer_state(source)
-        if trainer.placement.strategy == "fsdp":
-            from safetensors.torch import load_file
-            from torch.distributed.checkpoint.state_dict import (
-                get_optimizer_state_dict,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            weights = load_file(str(source / "model.safetensors"))
-            if trainer.model.config.tie_embeddings and not adapter:  # stored once; the sharded model names both
-                shared = weights.get("token_embedding.weight", weights.get("lm_head.weight"))
-                weights.update({"token_embedding.weight": shared, "lm_head.weight": shared})
-            set_model_state_dict(trainer.model, weights, options=_full_state_options(strict=not adapter))
-            current = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=_full_state_options())
-            names = _fqn_order(current)
-            set_optimizer_state_dict(
-                trainer.model, trainer.optimizer, _named(optimizer_state, names), options=_full_state_options()
-            )
-        else:
-            checkpoint.load_weights(trainer.model, source, partial=adapter)
-            trainer.optimizer.load_state_dict(optimizer_state)
-        trainer.scheduler.load_state_dict(state["scheduler"])
-        # the LR of the next step under this run's schedule (the same as saved unless max_steps changed)
-        scheduler = trainer.scheduler
-        for group, base, factor in zip(
-            trainer.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-        ):
-            group["lr"] = base * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
-        trainer.scaler.load_state_dict(state["grad_scaler"])
-        trainer.state.load_state_dict(state["trainer"])
-        rng = checkpoint.load_rng(source)
-    torch.set_rng_state(rng["torch_cpu"])
-    if "torch_cuda" in rng and trainer.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["torch_cuda"], trainer.device)
-    sampler.load_state_dict({k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("sampler.")})
-    log.info("resumed from %s at step %d", source, trainer.state.step)
-    root = run_dir / "checkpoints"
-    if trainer.placement.is_main:
-        for moved in checkpoint.set_aside_after(root, trainer.state.step):
-            log.warning("set aside %s: it continued the run past the checkpoint resumed from", moved)
-        if source.parent.resolve() == root.resolve():
-            checkpoint.point_latest(root, source)  # a kill may have left `latest` one checkpoint behind
-    distributed.barrier()
-
-
-def _same_optimizer(source: Path, config_yaml: str) -> None:
-    """An optimizer's state only loads into the same kind of optimizer."""
-    import yaml
-
-    if not (source / "config.yaml").is_file():
-        return
-    saved = (yaml.safe_load((source / "config.yaml").read_text()) or {}).get("optimizer", {}).get("name")
-    wanted = (yaml.safe_load(config_yaml) or {}).get("optimizer", {}).get("name")
-    if saved and wanted and saved != wanted:
-        raise UserError(
-            f"trainer.resume: '{source}' was trained with optimizer={saved}; resume it with optimizer={saved}, "
-            "or start a new run from its weights (lmtrain finetune init_from=...)"
-        )
-
-
-class Checkpointer:
-    """Writes the run's checkpoints: `step_NNNNNNN` (+ `latest`) and, for finetuning, `best`. Every process
-    takes part (FSDP gathers whole tensors); the main process writes."""
-
-    def __init__(self, run_dir: Path, trainer: Trainer, sampler: Sampler, files: dict[str, str], keep_last: int):
-        self.root = run_dir / "checkpoints"
-        self.trainer, self.sampler, self.files, self.keep_last = trainer, sampler, files, keep_last
-        # an adapter run saves only what it trains (the adapters, a task head); its base stays where it is
-        adapter = checkpoint.ADAPTER_FILE in files
-        self.trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad} if adapter else None
-
-    def _gathered(self) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None, dict]:
-        """The model to save (or, for an adapter run, the trained tensors) and the optimizer state."""
-        trainer = self.trainer
-        trained = self.trained
-        if trainer.placement.strategy != "fsdp":
-            weights = None if trained is None else {k: v for k, v in trainer.model.state_dict().items() if k in trained}
-            return trainer.model, weights, trainer.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        full = get_model_state_dict(trainer.model, options=_full_state_options())
-        optimizer_state = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=_full_state_options())
-        if not trainer.placement.is_main:
-            return trainer.model, None, {}
-        if trained is not None:
-            return trainer.model, {k: v for k, v in full.items() if k in trained}, _numbered(optimizer_state)
-        whole = TransformerLM(trainer.model.config)
-        whole.load_state_dict(full)
-        return whole, None, _numbered(optimizer_state)
-
-    def _save(self, name: str | None) -> None:
-        trainer = self.trainer
-        model, weights, optimizer_state = self._gathered()
-        if trainer.placement.is_main:
-            rng = {"torch_cpu": torch.get_rng_state()}
-            rng.update({f"sampler.{k}": v for k, v in self.sampler.state_dict().items()})
-            if trainer.device.type == "cuda":
-                rng["torch_cuda"] = torch.cuda.get_rng_state(trainer.device)
-            state = {
-                "trainer": trainer.state.state_dict(),
-                "scheduler": trainer.scheduler.state_dict(),
-                "grad_scaler": trainer.scaler.state_dict(),
-                "world_size": trainer.placement.world_size,
-            }
-            checkpoint.save(
-                self.root,
-                trainer.state.step,
-                model=model,
-                optimizer_state=optimizer_state,
-                rng=rng,
-                trainer_state=state,
-                files=self.files,
-                name=name,
-                weights=weights,
-            )
-            if name is None:
-                checkpoint.prune(self.root, self.keep_last)
-        distributed.barrier()
-
-    def save(self) -> None:
-        self._save(None)
-
-    def save_best(self) -> None:
-        self._save("best")
 
 
 def build_trainer(
@@ -367,26 +113,6 @@ def load_teacher(path: str, student: torch.nn.Module, tokenizer_json: str, devic
     return teacher
 
 
-class _NoMetrics:
-    """What processes other than the main one write: nothing."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def open_metrics(run_dir: Path, trainer: Trainer, resumed: bool, tensorboard: bool, main: bool = True):
-    if not main:
-        return _NoMetrics()
-    return MetricsFile(
-        run_dir / "metrics.jsonl",
-        resume_step=trainer.state.step if resumed else None,
-        tensorboard_dir=run_dir / "tensorboard" if tensorboard else None,
-    )
-
-
 def train(
     trainer: Trainer,
     sampler: Sampler,
@@ -411,11 +137,10 @@ def train(
     main = trainer.placement.is_main
     if source is not None:
         restore(source, trainer, sampler, files, run_dir)
-    if main:  # from here on the run writes into its dir: everything it could refuse has been checked
-        for path in [*clean_temporaries(run_dir), *checkpoint.clean_leftovers(run_dir / "checkpoints")]:
-            log.warning("removed %s: left by an interrupted run", path)
-        write_text_atomic(run_dir / "tokenizer.json", files["tokenizer.json"])
-    metrics = open_metrics(run_dir, trainer, source is not None, settings.tensorboard, main)
+    if main:
+        take_over(run_dir, files["tokenizer.json"])
+    resume_step = trainer.state.step if source is not None else None
+    metrics = open_metrics(run_dir, resume_step, settings.tensorboard, main)
     if data_counts and source is None:
         metrics.write({"step": 0, **data_counts})
     checkpointer = Checkpointer(run_dir, trainer, sampler, files, settings.keep_last)

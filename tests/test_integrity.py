@@ -16,7 +16,7 @@ import torch
 from conftest import TINY, compose, lmtrain
 from safetensors.torch import load_file
 
-from lmtrain import checkpoint, run_lock, runs, safe_io
+from lmtrain import checkpoint, resume, run_lock, safe_io
 from lmtrain.commands import pretrain
 from lmtrain.errors import Diverged, RunRefused, UserError
 from lmtrain.pretrained import load_model
@@ -280,7 +280,7 @@ def test_non_integer_step_in_trainer_state_is_refused(run_copy):
     state["trainer"]["step"] = "six"
     state_file.write_text(json.dumps(state))
     with pytest.raises(RunRefused, match="trainer.step must be a non-negative integer, got 'six'"):
-        runs.resume_source(str(state_file.parent), run_copy / "other")
+        resume.resume_source(str(state_file.parent), run_copy / "other")
 
 
 # 8. fallback to the newest valid checkpoint; 9. leftovers are cleaned
@@ -296,7 +296,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_cleans_leftovers(run_co
     (root / "step_0000012" / "config.yaml").write_text("model: {}\n")
     (run_copy / ".metrics.jsonl.tmp-999").write_text('{"step": 0}\n')  # killed inside the metrics rewrite
     with caplog.at_level(logging.WARNING, "lmtrain"):
-        assert runs.resume_source(True, run_copy) == root / "step_0000003"
+        assert resume.resume_source(True, run_copy) == root / "step_0000003"
         train(run_copy, corpus, "trainer.resume=true", "trainer.max_steps=7")
     assert "skipping damaged checkpoint" in caplog.text and "step_0000006" in caplog.text
     assert "torn?" in caplog.text
@@ -327,7 +327,7 @@ def test_latest_pointing_outside_the_run_is_refused(run_copy, trained):
     latest.unlink()
     latest.symlink_to(trained / "checkpoints" / "step_0000003")
     with pytest.raises(RunRefused, match="trainer.resume: .*latest' points outside its checkpoints folder"):
-        runs.resume_source(True, run_copy)
+        resume.resume_source(True, run_copy)
     with pytest.raises(UserError, match="ckpt: .*latest' points outside its checkpoints folder"):
         checkpoint.resolve(run_copy)
 

@@ -30,6 +30,8 @@ from lmtrain.pretrained import (
     load_task_info,
     weights_digest,
 )
+from lmtrain.resume import resume_source
+from lmtrain.run_dir import claimed
 from lmtrain.tasks import TaskInfo, build_task_info, field_roles, field_types, task_for, text_unit
 from lmtrain.trainer import AMP_DTYPES
 
@@ -57,7 +59,7 @@ def data_fields(cfg: FinetuneConfig) -> dict[str, str]:
 
 def run(cfg: FinetuneConfig, run_dir: str) -> dict:
     """Finetune; returns the run's summary, with the objective Hydra sweepers minimise."""
-    with runs.claimed(Path(run_dir)):
+    with claimed(Path(run_dir)):
         return _run(cfg, Path(run_dir))
 
 
@@ -66,7 +68,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     t, d = cfg.trainer, cfg.data
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
     device = placement.device
-    source = runs.resume_source(t.resume, run_dir)
+    source = resume_source(t.resume, run_dir)
     model, tokenizer = load_model(cfg.init_from, device, key="init_from")
 
     fields = data_fields(cfg)

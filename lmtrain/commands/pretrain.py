@@ -19,6 +19,8 @@ from lmtrain.errors import UserError
 from lmtrain.metrics import perplexity
 from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.pretrained import load_model, load_side_files, load_special_tokens
+from lmtrain.resume import resume_source
+from lmtrain.run_dir import claimed
 
 log = logging.getLogger("lmtrain")
 HINT = 'lmtrain generate ckpt=%s prompt="def "'  # printed at the end of a run; a test runs it as printed
@@ -26,7 +28,7 @@ HINT = 'lmtrain generate ckpt=%s prompt="def "'  # printed at the end of a run; 
 
 def run(cfg: PretrainConfig, run_dir: str) -> dict:
     """Train; returns the run's summary, whose `objective` (best validation loss) Hydra sweepers minimise."""
-    with runs.claimed(Path(run_dir)):
+    with claimed(Path(run_dir)):
         return _run(cfg, Path(run_dir))
 
 
@@ -35,7 +37,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     t, m, d = cfg.trainer, cfg.model, cfg.data
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
     device = placement.device
-    source = runs.resume_source(t.resume, run_dir)
+    source = resume_source(t.resume, run_dir)
 
     pretrained, existing, end_of_text = None, None, None
     if cfg.init_from:  # continued pretraining: the model's own shape, weights and tokenizer

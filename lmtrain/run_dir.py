@@ -1,0 +1,66 @@
+"""The run dir's contract: created and locked for the run's life, cleaned of what an interrupted run left,
+and the metrics file only the main process writes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from lmtrain import checkpoint, distributed, run_lock
+from lmtrain.errors import UserError
+from lmtrain.run_log import MetricsFile
+from lmtrain.safe_io import clean_temporaries, write_text_atomic
+
+log = logging.getLogger("lmtrain")
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"hydra.run.dir: cannot create '{run_dir}': {err.strerror}") from None
+
+
+@contextlib.contextmanager
+def claimed(run_dir: Path) -> Iterator[None]:
+    """The run dir, created if needed and locked for the block by the main process (RunDirBusy if another
+    live process holds it)."""
+    prepare_run_dir(run_dir)
+    if distributed.torchrun_rank() != 0:
+        yield
+        return
+    with run_lock.locked(run_dir):
+        yield
+
+
+def take_over(run_dir: Path, tokenizer_json: str) -> None:
+    """The point after which a run writes into its dir (everything it could refuse has been checked): remove
+    what an interrupted run left and write the run's tokenizer."""
+    for path in [*clean_temporaries(run_dir), *checkpoint.clean_leftovers(run_dir / "checkpoints")]:
+        log.warning("removed %s: left by an interrupted run", path)
+    write_text_atomic(run_dir / "tokenizer.json", tokenizer_json)
+
+
+class _NoMetrics:
+    """What processes other than the main one write: nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_metrics(
+    run_dir: Path, resume_step: int | None, tensorboard: bool, main: bool = True
+) -> MetricsFile | _NoMetrics:
+    """metrics.jsonl (kept up to `resume_step` when resuming) on the main process; nothing elsewhere."""
+    if not main:
+        return _NoMetrics()
+    return MetricsFile(
+        run_dir / "metrics.jsonl",
+        resume_step=resume_step,
+        tensorboard_dir=run_dir / "tensorboard" if tensorboard else None,
+    )
