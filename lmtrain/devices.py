@@ -88,7 +88,9 @@ def measure_cpu_peak(precision: str = "fp32", size: int = 1024, seconds: float =
     """FLOP/s of a square matmul (2·n³ FLOPs each) in `precision` on this CPU, over ~`seconds`."""
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    from lmtrain.dtypes import DTYPES
+
+    dtype = DTYPES[precision]
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up: thread pool and kernels
     count, start = 0, time.perf_counter()

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmtrain.dtypes import autocast_dtype
 from lmtrain.errors import UserError
 
 
@@ -91,7 +92,7 @@ def wrap(model: nn.Module, placement: Placement, precision: str) -> nn.Module:
     if placement.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        low = autocast_dtype(precision)
         policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)

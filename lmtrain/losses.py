@@ -39,6 +39,14 @@ def cross_entropy(
     return loss, valid.sum()
 
 
+def scored(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, int]:
+    """Evaluation's loss, the one every validation and score uses (trainer, tasks, export): plain cross-entropy
+    in fp32 (no smoothing, z-loss or class weights), as (float64 sum over the targets, number of targets).
+    logits [..., V], targets [...]."""
+    loss, count = cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+    return loss.double(), int(count)
+
+
 def distillation(
     logits: torch.Tensor,
     targets: torch.Tensor,

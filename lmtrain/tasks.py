@@ -17,7 +17,6 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from lmtrain import chat, metrics
@@ -26,6 +25,7 @@ from lmtrain.data.examples import Example, fixed_batches
 from lmtrain.data.tokenizer import SpecialTokens, end_of_text_id, warn_unknown
 from lmtrain.errors import UserError
 from lmtrain.generate import beam_search, generate
+from lmtrain.losses import scored
 from lmtrain.model import TransformerLM
 
 log = logging.getLogger("lmtrain")
@@ -231,10 +231,9 @@ class Task:
                 else:
                     logits = model(inputs.to(device))
             targets = targets.to(device)
-            total += F.cross_entropy(
-                logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum"
-            ).item()
-            count += int((targets != IGNORE).sum())
+            loss, targets_scored = scored(logits, targets, IGNORE)
+            total += loss.item()
+            count += targets_scored
             if self.classify:
                 predictions += logits.argmax(-1).tolist()
                 labels += targets.tolist()

@@ -12,15 +12,15 @@ from torch import nn
 
 from lmtrain import distributed
 from lmtrain.distributed import Placement
+from lmtrain.dtypes import autocast_dtype
 from lmtrain.errors import Diverged
-from lmtrain.losses import cross_entropy
+from lmtrain.losses import scored
 from lmtrain.run_log import ProgressBar
 
 # A micro-batch: model inputs (token ids [batch, seq], or a dict of keyword tensors) and targets
 # (token ids [batch, seq] or labels [batch]; ignore_index marks positions without loss).
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 Batch = tuple[Inputs, torch.Tensor]
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Trainer:
         self.scheduler = scheduler
         self.loss_fn = loss_fn
         self.device = device
-        self.amp_dtype = AMP_DTYPES[precision]
+        self.amp_dtype = autocast_dtype(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.grad_clip = grad_clip if grad_clip > 0 else float("inf")
         self.ignore_index = ignore_index
@@ -162,12 +162,12 @@ class Trainer:
             index = i * world + rank
             batch = batches[index] if index < len(batches) else batches[0]
             inputs, targets = batch
-            with self.autocast():  # plain cross-entropy: no smoothing, z-loss or teacher in validation
-                loss, _ = cross_entropy(self.forward(inputs), targets.to(self.device), ignore_index=self.ignore_index)
-            loss = loss.double()
+            with self.autocast():
+                logits = self.forward(inputs)
+            loss, targets_scored = scored(logits, targets.to(self.device), self.ignore_index)
             if index < len(batches):
                 total += loss
-                count += int((batch[1] != self.ignore_index).sum())
+                count += targets_scored
         return distributed.all_reduce_sum(total.item(), self.device) / max(
             distributed.all_reduce_sum(count, self.device), 1
         )

@@ -27,9 +27,9 @@ from lmtrain.cli import check
 from lmtrain.config import PretrainConfig
 from lmtrain.data import tokens
 from lmtrain.distributed import Placement, resolve_device
+from lmtrain.dtypes import autocast_dtype
 from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.optim import lr_at, parameter_groups
-from lmtrain.trainer import AMP_DTYPES
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per device
 
@@ -59,7 +59,7 @@ def bare_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> float:
         parameter_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device.type == "cuda"
     )
     seq, batch = cfg.model.max_seq_len, cfg.trainer.micro_batch_size
-    amp = AMP_DTYPES[cfg.trainer.precision]
+    amp = autocast_dtype(cfg.trainer.precision)
     train = data.train
     sched = schedule(cfg, warmup + steps)
     forward = torch.compile(model) if cfg.trainer.compile else model

@@ -16,11 +16,13 @@ from lmtrain import checkpoint
 from lmtrain.config import ExportConfig
 from lmtrain.data import tokens
 from lmtrain.distributed import resolve_device
+from lmtrain.dtypes import DTYPES
 from lmtrain.errors import UserError
-from lmtrain.export import DTYPES, EXPORT_MARKER, staged, write_export
+from lmtrain.export import EXPORT_MARKER, staged, write_export
 from lmtrain.hf.families import family_of
 from lmtrain.hf.save import write_hf, write_peft
 from lmtrain.lora import merge_lora
+from lmtrain.losses import scored
 from lmtrain.pretrained import load_model, load_side_files, load_special_tokens, load_task_info
 
 log = logging.getLogger("lmtrain")
@@ -63,10 +65,9 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
     for inputs, targets in batches:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(inputs.to(device))
-        total += torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum"
-        ).item()
-        count += targets.numel()
+        loss, targets_scored = scored(logits, targets.to(device))
+        total += loss.item()
+        count += targets_scored
     loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}
 

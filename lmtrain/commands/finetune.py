@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from lmtrain import checkpoint, distributed, runs
 from lmtrain.config import FinetuneConfig
 from lmtrain.data.examples import ExampleBatches, read_records, split_off, usable_records
+from lmtrain.dtypes import autocast_dtype
 from lmtrain.errors import UserError
 from lmtrain.lora import add_lora
 from lmtrain.pretrained import (
@@ -33,7 +34,6 @@ from lmtrain.pretrained import (
 from lmtrain.resume import resume_source
 from lmtrain.run_dir import claimed
 from lmtrain.tasks import TaskInfo, build_task_info, field_roles, field_types, task_for, text_unit
-from lmtrain.trainer import AMP_DTYPES
 
 log = logging.getLogger("lmtrain")
 
@@ -170,7 +170,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
             val_examples,
             batch_size=t.micro_batch_size,
             device=device,
-            amp_dtype=AMP_DTYPES[t.precision],
+            amp_dtype=autocast_dtype(t.precision),
             seed=t.seed,
         )
         return {k: v for k, v in result.items() if isinstance(v, int | float)}

@@ -13,10 +13,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from lmtrain.data.tokenizer import SpecialTokens
+from lmtrain.dtypes import HF_NAMES
 from lmtrain.hf.families import config_to_hf, family_of, source, split_sizes
 from lmtrain.model import TransformerLM
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def hf_state(model: TransformerLM, family: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -85,7 +84,7 @@ def write_hf(
     eos = special.stop if len(special.stop) > 1 else special.end_of_text
     ids = {"bos": special.bos, "eos": eos, "pad": None}
     config = config_to_hf(model.config, family, ids)
-    config["torch_dtype"] = DTYPE_NAMES[dtype]
+    config["torch_dtype"] = HF_NAMES[dtype]
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "tokenizer.json").write_text(tokenizer.to_str())
     tokenizer_config = json.loads(side_files.get("tokenizer_config.json", "{}"))
