@@ -33,6 +33,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check lmtrain tests scripts
 	$(VENV)/bin/ruff format --check lmtrain tests scripts
+	$(VENV)/bin/mypy lmtrain
 
 format: setup
 	$(VENV)/bin/ruff check --fix lmtrain tests scripts

@@ -42,7 +42,7 @@ def _compiled(template: str):
     return env.from_string(template)
 
 
-def render(template: str, messages: list[dict], add_generation_prompt: bool, special: dict[str, str]) -> str:
+def render(template: str, messages: list[dict], add_generation_prompt: bool, special: dict[str, str | None]) -> str:
     """The template's text for `messages`; `special` gives bos_token and eos_token."""
     from jinja2.exceptions import TemplateError
 
@@ -81,7 +81,7 @@ def tokenize(
     tokenizer: Tokenizer,
     template: str,
     messages: list[dict],
-    special: dict[str, str],
+    special: dict[str, str | None],
     add_generation_prompt: bool = False,
 ) -> tuple[list[int], list[bool]]:
     """(ids, mask) of a rendered conversation: mask[i] is True for the tokens of assistant turns (content and

@@ -101,7 +101,7 @@ def save(
     try:
         share(staging)  # mkdtemp makes it private
 
-        def put(file_name: str, write: Callable[[str], None]) -> None:
+        def put(file_name: str, write: Callable[[str], object]) -> None:
             with writing(final / file_name):  # a full disk names the file, not the staging folder
                 write(str(staging / file_name))
 
@@ -114,7 +114,11 @@ def save(
         put("optimizer.json", lambda path: _write_json(Path(path), optimizer_meta))
         put("rng.safetensors", lambda path: save_file({k: v.contiguous() for k, v in rng.items()}, path))
         for file_name, text in files.items():
-            put(file_name, lambda path, text=text: Path(path).write_text(text))
+
+            def write_text(path: str, text: str = text) -> None:
+                Path(path).write_text(text)
+
+            put(file_name, write_text)
         put(COMPLETE_MARKER, lambda path: _write_json(Path(path), trainer_state))
         for path in staging.iterdir():
             share(path)  # safetensors writes its files private
@@ -182,7 +186,7 @@ def set_aside_after(checkpoint_root: Path, step: int) -> list[Path]:
     older checkpoint) to hidden `.abandoned-step_*` folders, so neither `latest` nor pruning mixes them up."""
     moved = []
     for path in complete_steps(checkpoint_root):
-        if int(STEP_DIR.match(path.name).group(1)) > step:
+        if step_of(path) > step:
             target = path.with_name(f".abandoned-{path.name}")
             shutil.rmtree(target, ignore_errors=True)
             os.rename(path, target)
@@ -191,13 +195,16 @@ def set_aside_after(checkpoint_root: Path, step: int) -> list[Path]:
 
 
 def step_of(path: Path) -> int:
-    return int(STEP_DIR.match(path.name).group(1))
+    match = STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"'{path}' is not a step_* checkpoint folder")
+    return int(match.group(1))
 
 
 def newest_valid(checkpoint_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest complete checkpoint whose files are whole and agree with each other, and the damaged
     (path, why) newer than it, newest first."""
-    damaged = []
+    damaged: list[tuple[Path, str]] = []
     for path in reversed(complete_steps(checkpoint_root)):
         why = checkpoint_meta.problem(path)
         if why is None:

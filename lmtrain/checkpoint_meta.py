@@ -142,7 +142,8 @@ def model_config(checkpoint: Path, key: str, exact: bool = True) -> TransformerC
         return config
     if config.tie_embeddings:  # stored once, under either name
         shared = shapes.pop("lm_head.weight", None)
-        shapes.setdefault("token_embedding.weight", shared)
+        if shared is not None:
+            shapes.setdefault("token_embedding.weight", shared)
     blocks = {name.split(".")[1] for name in shapes if name.startswith("blocks.")}
     embedding = shapes.get("token_embedding.weight")
     if embedding != [config.vocab_size, config.d_model] or len(blocks) != config.num_layers:

@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,9 @@ from torch import nn
 
 from lmtrain.dtypes import autocast_dtype
 from lmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from lmtrain.model import TransformerLM
 
 
 @dataclass
@@ -84,7 +88,7 @@ def place(strategy: str, device_name: str, timeout_s: float = 600.0, join_timeou
     return Placement(dist.get_rank(), world, local_rank, resolve_device(device_name, local_rank=local_rank), strategy)
 
 
-def wrap(model: nn.Module, placement: Placement, precision: str) -> nn.Module:
+def wrap(model: TransformerLM, placement: Placement, precision: str) -> nn.Module:
     """The module to run forward/backward through: the model itself, DDP around it, or FSDP-sharded in place."""
     if placement.strategy == "ddp":
         ids = [placement.device.index] if placement.device.type == "cuda" else None
@@ -108,12 +112,12 @@ def gradient_sync(module: nn.Module, enabled: bool):
     elif isinstance(module, nn.parallel.DistributedDataParallel):
         with module.no_sync():
             yield
-    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(False)
+    elif (set_sync := getattr(module, "set_requires_gradient_sync", None)) is not None:  # FSDP2
+        set_sync(False)
         try:
             yield
         finally:
-            module.set_requires_gradient_sync(True)
+            set_sync(True)
     else:
         yield
 

@@ -32,6 +32,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """A linear layer whose weight is stored in int8 and dequantized at each call (weight-only)."""
 
+    weight: torch.Tensor  # buffers, registered in __init__
+    weight_scale: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
@@ -89,7 +92,7 @@ def write_export(model: TransformerLM, out: Path, dtype: str, quantize: str, fil
     state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in _state(model).items()}
     quantized = _quantizable(model) if quantize == "int8" else []
     for name in quantized:
-        state[f"{name}.weight"], scale = quantize_int8(model.get_submodule(name).weight.detach())
+        state[f"{name}.weight"], scale = quantize_int8(model.get_parameter(f"{name}.weight").detach())
         state[f"{name}.weight_scale"] = scale
     with staged(out) as staging:
         save_file({k: v.cpu() for k, v in state.items()}, str(staging / "model.safetensors"))

@@ -8,16 +8,18 @@ as it is. The one function that knows the attention module's internals is `atten
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lmtrain.model import TransformerLM, apply_rope
+from lmtrain.model import CausalSelfAttention, TransformerLM, apply_rope
 
 
-def attention_probs(attn: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+def attention_probs(
+    attn: CausalSelfAttention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
     """softmax(Q Kᵀ / sqrt(head_dim) + causal mask) of a CausalSelfAttention for its input x [B, T, d_model]
     (what the block feeds it: after norm1 in a pre-norm block); returns [B, heads, T, T], rows summing to 1.
 
@@ -28,7 +30,7 @@ def attention_probs(attn: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, 
     heads, kv_heads, size = attn.num_heads, attn.num_kv_heads, attn.head_size
     # the qkv matrix's rows: heads q blocks, then kv_heads k blocks, then kv_heads v blocks, each head_size
     q, k, _ = attn.qkv(x).view(batch, seq, heads + 2 * kv_heads, size).split([heads, kv_heads, kv_heads], 2)
-    if attn.q_norm is not None:
+    if attn.q_norm is not None and attn.k_norm is not None:  # both or neither (config.qk_norm)
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
     if rope is not None:
@@ -48,7 +50,7 @@ class Trace:
 
 
 @torch.no_grad()
-def trace(model: TransformerLM, tokens: torch.Tensor, attention_layers: list[int] = ()) -> Trace:
+def trace(model: TransformerLM, tokens: torch.Tensor, attention_layers: Collection[int] = ()) -> Trace:
     """Run tokens [T] through the model, keeping each block's output and, for `attention_layers`, the
     attention probabilities (recomputed from the attention module's input)."""
     model.eval()
@@ -63,7 +65,7 @@ def trace(model: TransformerLM, tokens: torch.Tensor, attention_layers: list[int
                 x, rope = args[0], args[1]
                 attention[i] = attention_probs(module, x, rope)[0]
 
-            handles.append(block.attn.register_forward_pre_hook(keep))
+            handles.append(block.get_submodule("attn").register_forward_pre_hook(keep))
     try:
         logits = model(tokens[None])[0]
     finally:
@@ -110,6 +112,7 @@ def contributions(model: TransformerLM, tokens: torch.Tensor) -> tuple[int, torc
     finally:
         handle.remove()
     embedded = kept[0]  # [1, T, d_model]
+    assert embedded.grad is not None, "retain_grad keeps the embedding's gradient"
     model.zero_grad(set_to_none=True)
     scores = (embedded * embedded.grad).sum(-1)[0].detach().float()
     return predicted, logits.detach().float().softmax(-1), scores

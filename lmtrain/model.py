@@ -223,6 +223,11 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
+    # RoPE tables, registered as (non-persistent) buffers by init_rope
+    rope_inv_freq: torch.Tensor
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config

@@ -14,7 +14,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for module in model.modules():
         if isinstance(module, nn.Embedding | nn.LayerNorm):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, keep = [], []
+    decay: list[nn.Parameter] = []
+    keep: list[nn.Parameter] = []
     for param in model.parameters():  # a tied head shares the embedding: listed once
         if not param.requires_grad:
             continue

@@ -81,7 +81,8 @@ def parameter_figure(runs: list[Run], key: str) -> plt.Figure:
             ax.set_xscale("log")
     except ValueError:  # categorical values
         labels = [r.overrides[key] for r in done]
-        ax.plot(range(len(done)), [r.result.get(f"best_{metric}") for r in done], marker="o", linestyle="none")
+        best = [r.result.get(f"best_{metric}") for r in done]  # None (metric missing) plots as a gap
+        ax.plot(range(len(done)), best, marker="o", linestyle="none")  # type: ignore[arg-type]
         ax.set_xticks(range(len(done)), labels)
     ax.set_xlabel(key)
     ax.set_ylabel(f"best {metric}")

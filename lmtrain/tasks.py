@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 from tokenizers import Tokenizer
@@ -125,6 +126,7 @@ class Task:
         truncated = 0
         examples: list[Example] = []
         if name == "classification":
+            assert self.info.labels is not None, "a classification task has its labels (build_task_info, task.json)"
             index = label_index(self.info.labels)
             texts = self._column(records, "text")
             examples, truncated = self.encode_texts(texts, key)
@@ -243,11 +245,12 @@ class Task:
         if self.info.name in ("lm", "chat"):
             result["ppl"] = metrics.perplexity(result["loss"])
         elif self.classify:
+            assert self.info.labels is not None, "a classification task has its labels (build_task_info, task.json)"
             result.update(metrics.classification_report(predictions, labels, [str(v) for v in self.info.labels]))
         else:
             with autocast:
                 hypotheses = self.generate(model, [e.ids[: e.loss_start] for e in examples], device, seed)
-            references = [e.reference for e in examples]
+            references = cast(list[str], [e.reference for e in examples])  # encode sets each seq2seq/qa reference
             if self.info.name == "seq2seq":
                 result.update(metrics.bleu_chrf(hypotheses, references))
             else:

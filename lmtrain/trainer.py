@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -92,12 +92,12 @@ class Trainer:
 
     def forward(self, inputs: Inputs, model: nn.Module | None = None) -> torch.Tensor:
         """Inputs moved to the device and run through the (compiled) model, under autocast."""
-        model = model or self.compiled
+        run = model or self.compiled
         non_blocking = self.device.type == "cuda"
         with self.autocast():
             if isinstance(inputs, dict):
-                return model(**{k: v.to(self.device, non_blocking=non_blocking) for k, v in inputs.items()})
-            return model(inputs.to(self.device, non_blocking=non_blocking))
+                return run(**{k: v.to(self.device, non_blocking=non_blocking) for k, v in inputs.items()})
+            return run(inputs.to(self.device, non_blocking=non_blocking))
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Summed loss of one micro-batch."""
@@ -151,7 +151,7 @@ class Trainer:
         return total / count, grad_norm  # this process's share of the step's mean loss
 
     @torch.no_grad()
-    def evaluate_loss(self, batches: list[Batch]) -> float:
+    def evaluate_loss(self, batches: Sequence[Batch]) -> float:
         """Mean cross-entropy per target over `batches`; processes split them and each batch counts once."""
         self.model.eval()
         rank, world = self.placement.rank, self.placement.world_size

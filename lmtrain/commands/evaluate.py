@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 from omegaconf import OmegaConf
 
@@ -46,10 +47,13 @@ def split_examples(
 
 def run(cfg: EvaluateConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
+    assert cfg.ckpt is not None, "ckpt is checked before the run"
     model, tokenizer = load_model(cfg.ckpt, device)
     source = checkpoint.resolve(cfg.ckpt)
-    trained = (
-        OmegaConf.to_container(OmegaConf.load(source / "config.yaml")) if (source / "config.yaml").is_file() else {}
+    trained: dict[str, Any] = (  # a run's config.yaml is a mapping (OmegaConf types it as any container)
+        cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(source / "config.yaml")))
+        if (source / "config.yaml").is_file()
+        else {}
     )
     info = load_task_info(cfg.ckpt) or TaskInfo("lm", {"text": "text"})  # a pretrained LM: perplexity on text
     for role in info.fields:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -34,7 +35,8 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
     config_file = source / "config.yaml"
     if not config_file.is_file():
         return None
-    trained = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    # a run's config.yaml is a mapping (OmegaConf types the result as any container)
+    trained = cast(dict[str, Any], OmegaConf.to_container(OmegaConf.load(config_file), resolve=True))
     model.eval()
     try:
         info = load_task_info(str(source))
@@ -74,6 +76,7 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
 
 def run(cfg: ExportConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
+    assert cfg.ckpt is not None, "ckpt is checked before the run"
     source = checkpoint.resolve(cfg.ckpt)
     model, tokenizer = load_model(str(source), device)
     adapter = (source / checkpoint.ADAPTER_FILE).is_file()

@@ -66,6 +66,8 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
 def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     t, d = cfg.trainer, cfg.data
+    # both required by config.checks before a run starts
+    assert cfg.init_from is not None and d.train is not None, "init_from and data.train are checked before the run"
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
     device = placement.device
     source = resume_source(t.resume, run_dir)
@@ -104,6 +106,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     torch.manual_seed(t.seed)
     start_info = load_task_info(cfg.init_from, "init_from")
     if task.classify:
+        assert info.labels is not None, "build_task_info reads the labels from data.train"
         same_labels = start_info is not None and start_info.labels == info.labels
         if model.config.num_classes != len(info.labels) or not same_labels:
             model.add_classifier(len(info.labels))  # a fresh head for this label set
@@ -139,8 +142,9 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
         eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
     class_weights = None
     if task.classify and cfg.task.class_weights == "balanced":  # inverse class frequency, mean weight 1
-        counts = torch.bincount(torch.tensor([e.label for e in train_examples]), minlength=len(info.labels))
-        class_weights = len(train_examples) / (len(info.labels) * counts.clamp(min=1).float())
+        assert info.labels is not None, "build_task_info reads the labels from data.train"
+        per_class = torch.bincount(torch.tensor([e.label for e in train_examples]), minlength=len(info.labels))
+        class_weights = len(train_examples) / (len(info.labels) * per_class.clamp(min=1).float())
         log.info("class weights: %s", dict(zip(map(str, info.labels), class_weights.tolist(), strict=True)))
     trainer = runs.build_trainer(
         model, cfg, placement, max_steps, tokenizer_json=tokenizer.to_str(), class_weights=class_weights

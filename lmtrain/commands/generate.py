@@ -33,6 +33,7 @@ def sampling(cfg: GenerateConfig, special: SpecialTokens) -> dict:
 
 def run(cfg: GenerateConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
+    assert cfg.ckpt is not None, "ckpt is checked before the run"
     model, tokenizer = load_model(cfg.ckpt, device)
     special = load_special_tokens(cfg.ckpt, tokenizer)
     prompt = cfg.prompt
@@ -55,16 +56,21 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
         # the prompt as the task trained it; print only the answer
         if info.name == "qa" and cfg.context is None:
             raise UserError("context: a qa checkpoint answers a question (prompt=...) about a passage (context=...)")
-        roles = {
+        by_task: dict[str, dict[str, str | None]] = {
             "seq2seq": {"source": prompt},
             "qa": {"question": prompt, "context": cfg.context},
             "lm": {"prompt": prompt},
-        }[info.name]
+        }
+        roles = by_task[info.name]
         task = task_for(info, tokenizer, model.config.max_seq_len, special)
         ids = task.prompt_ids({info.fields[role]: text for role, text in roles.items()})
     else:  # with the tokenizer's own framing (a BOS for Llama-style tokenizers)
         warn_unknown(tokenizer, [prompt], "prompt")
-        ids = tokenizer.encode(prompt).ids if prompt else [special.bos if special.adds_bos else stop]
+        ids = (
+            tokenizer.encode(prompt).ids
+            if prompt
+            else [special.bos if special.adds_bos and special.bos is not None else stop]
+        )
     settings = sampling(cfg, special)
     prompt_tokens = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,6 +90,7 @@ def _plots():
 @torch.no_grad()
 def run(cfg: InspectConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
+    assert cfg.ckpt is not None, "ckpt is checked before the run"
     model, tokenizer = load_model(cfg.ckpt, device)
     info = load_task_info(cfg.ckpt)
     text = cfg.text
@@ -111,6 +113,7 @@ def run(cfg: InspectConfig, run_dir: str) -> None:
     heads = _indices(cfg.heads, c.num_heads, "heads", "head")
     eot = end_of_text_id(tokenizer)
     if classify:  # as predict reads it: the text (cut to fit), then EOT where the head reads
+        assert info is not None  # classify: the checkpoint has a task.json
         ids = Task(info, tokenizer, c.max_seq_len).encode_texts([text])[0][0].ids
         inputs = ids
     else:  # as evaluate scores a text: text EOT, each token predicted from the ones before it
@@ -149,6 +152,7 @@ def run(cfg: InspectConfig, run_dir: str) -> None:
         print(_terminal(labels, values))
     if "contribution" in views:
         predicted, probs, scores = interpret.contributions(model, tokens)
+        assert info is not None and info.labels is not None, "contribution is a classification view"
         label = info.labels[predicted]
         (out / "contribution.html").write_text(
             _html(
@@ -174,14 +178,14 @@ def run(cfg: InspectConfig, run_dir: str) -> None:
             for layer in layers:
                 for head in heads:
                     name = f"attention_layer{layer}_head{head}.png"
-                    probs = result.attention[layer][head].cpu().numpy()
-                    plots.attention_png(probs, input_labels, f"attention, layer {layer}, head {head}", out / name)
+                    grid = result.attention[layer][head].cpu().numpy()
+                    plots.attention_png(grid, input_labels, f"attention, layer {layer}, head {head}", out / name)
                     files.append(name)
         index["views"]["attention"] = {"layers": layers, "heads": heads, "png": files}
     if "logit_lens" in views:
         top, probs = interpret.logit_lens(model, result.residuals)
         table = [[_label(tokenizer, i) for i in row] for row in top.tolist()]
-        entry = {"top": table, "probability": probs.tolist()}
+        entry: dict[str, Any] = {"top": table, "probability": probs.tolist()}
         if plots is not None:
             plots.logit_lens_png(probs.cpu().numpy(), table, input_labels, out / "logit_lens.png")
             entry["png"] = "logit_lens.png"

@@ -14,9 +14,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from lmtrain.trainer import Batch
 
 PLAN_COMMANDS = ("pretrain", "finetune")
 
@@ -114,7 +117,11 @@ def _finetune_model(cfg) -> tuple[Any, list[int]]:
     task = task_for(info, tokenizer, config["max_seq_len"], special)
     shift = 0 if task.classify else 1  # a language-model example's last token is only a target
     lengths = [len(e.ids) - shift for e in task.encode(records, "data.train")]
-    model = _meta_model(**{**config, "num_classes": len(info.labels) if task.classify else 0})
+    num_classes = 0
+    if task.classify:
+        assert info.labels is not None, "build_task_info reads the labels from data.train"
+        num_classes = len(info.labels)
+    model = _meta_model(**{**config, "num_classes": num_classes})
     if task.classify and not model.config.tie_embeddings:
         model.lm_head.requires_grad_(False)  # as finetune does: the LM head is unused by class logits
     model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
@@ -366,7 +373,7 @@ def _random_step(plan: dict, config: dict, device) -> list:
     tok = plan["tokens"]
     batch, seq = tok["micro_batch_size"], tok["longest"]
     generator = torch.Generator().manual_seed(0)
-    step = []
+    step: list[Batch] = []
     for _ in range(tok["accumulation_steps"]):
         windows = torch.randint(config["vocab_size"], (batch, seq + 1), generator=generator)
         if config.get("num_classes"):

@@ -19,14 +19,17 @@ from lmtrain.tasks import IGNORE, Task
 @torch.no_grad()
 def run(cfg: PredictConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
+    assert cfg.ckpt is not None, "ckpt is checked before the run"
     info = load_task_info(cfg.ckpt)
     if info is None or info.name != "classification":
         raise UserError("ckpt: predict needs a checkpoint finetuned with task=classification")
+    assert info.labels is not None, "a classification checkpoint's task.json lists its labels"
     model, tokenizer = load_model(cfg.ckpt, device)
     field = cfg.text_field or info.fields["text"]
     if cfg.text is not None:
         texts = [cfg.text]
     else:
+        assert cfg.input is not None, "config.checks requires text or input"
         field = "text" if Path(cfg.input).suffix in (".txt", ".md") else field
         records = read_records(cfg.input, "input", [field])
         texts = [r[field] for r in usable_records(records, {field: (str,)}, "input", cfg.input, cfg.on_bad_record)[0]]

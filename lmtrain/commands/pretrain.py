@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.pretrained import load_model, load_side_files, load_special_tokens
 from lmtrain.resume import resume_source
 from lmtrain.run_dir import claimed
+from lmtrain.trainer import Batch
 
 log = logging.getLogger("lmtrain")
 HINT = 'lmtrain generate ckpt=%s prompt="def "'  # printed at the end of a run; a test runs it as printed
@@ -72,11 +74,12 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, placement.world_size)
     trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer_json)
     sampler = tokens.WindowSampler(data.train, seq_len, t.seed)
-    validation = tokens.validation_batches(data.validation, seq_len, t.eval_batches, t.micro_batch_size)
+    val_windows = tokens.validation_batches(data.validation, seq_len, t.eval_batches, t.micro_batch_size)
+    validation: Sequence[Batch] = val_windows
     separator = None
     if d.document_masking:
         separator = end_of_text if end_of_text is not None else end_of_text_id(data.tokenizer)
-        validation = [tokens.with_documents(batch, separator) for batch in validation]
+        validation = [tokens.with_documents(batch, separator) for batch in val_windows]
 
     def next_step() -> list:
         windows = sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size)

@@ -4,6 +4,7 @@ file or a folder as the key needs, and it can be read (or written). One line per
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,13 @@ from lmtrain.errors import UserError
 
 # schema -> the keys it reads as data (file, folder or `datasets` name), checkpoints, text files,
 # and writes as a file or a folder
-DATA = {
+DATA: dict[type, list[str]] = {
     PretrainConfig: ["data.train", "data.validation"],
     FinetuneConfig: ["data.train", "data.validation", "data.test"],
     EvaluateConfig: ["data.train", "data.validation", "data.test"],
     PredictConfig: ["input"],
 }
-CHECKPOINTS = {
+CHECKPOINTS: dict[type, list[str]] = {
     PretrainConfig: ["init_from", "loss.teacher"],
     FinetuneConfig: ["init_from", "loss.teacher"],
     EvaluateConfig: ["ckpt"],
@@ -34,9 +35,9 @@ CHECKPOINTS = {
     PredictConfig: ["ckpt"],
     ExportConfig: ["ckpt"],
 }
-TEXT_FILES = {GenerateConfig: ["prompt_file"]}
-OUT_FILES = {PredictConfig: ["output"]}
-OUT_FOLDERS = {PretrainConfig: ["data.cache_dir"], ExportConfig: ["out"]}
+TEXT_FILES: dict[type, list[str]] = {GenerateConfig: ["prompt_file"]}
+OUT_FILES: dict[type, list[str]] = {PredictConfig: ["output"]}
+OUT_FOLDERS: dict[type, list[str]] = {PretrainConfig: ["data.cache_dir"], ExportConfig: ["out"]}
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -118,7 +119,7 @@ def check_out_folder(key: str, value: str) -> str | None:
 def check_paths(cfg: Any) -> None:
     """Raises UserError listing every path of the typed config `cfg` that cannot be used."""
     schema = type(cfg)
-    checks = [
+    checks: list[tuple[dict[type, list[str]], Callable[[str, str], str | None]]] = [
         (DATA, check_data),
         (CHECKPOINTS, check_checkpoint),
         (TEXT_FILES, check_text_file),

@@ -35,7 +35,7 @@ _STDLIB_SKIP = {
 def stdlib_files() -> list[Path]:
     """The standard library's own .py sources (minus its test suites): a corpus every Python install has."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
+    files: list[Path] = []
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if d not in _STDLIB_SKIP and not d.startswith("config-"))
         files.extend(Path(folder) / n for n in sorted(names) if n.endswith(".py"))
@@ -94,6 +94,7 @@ def iter_documents(
     A record whose text is missing, null or not a string is skipped (and counted in `skipped[key]`), or with
     on_bad_record="error" is a UserError naming its line."""
     if source == EMBEDDED:
+        assert files is not None, "resolve_files lists the embedded corpus"
         for path in files:
             yield path.read_text(encoding="utf-8", errors="replace")
         return

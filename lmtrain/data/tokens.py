@@ -286,8 +286,8 @@ class WindowSampler:
         one step. Every process draws the windows of all processes and keeps its own slice, so N processes
         see exactly what one process with the same global batch would."""
         count = num_micro_batches * micro_batch_size
-        starts = torch.randint(len(self.tokens) - self.seq_len, (count * world_size,), generator=self.generator)
-        starts = starts[rank * count : (rank + 1) * count].numpy()
+        drawn = torch.randint(len(self.tokens) - self.seq_len, (count * world_size,), generator=self.generator)
+        starts = drawn[rank * count : (rank + 1) * count].numpy()
         windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         return [(w[:, :-1], w[:, 1:]) for w in windows.split(micro_batch_size)]
 
