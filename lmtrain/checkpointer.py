@@ -33,20 +33,18 @@ class Checkpointer:
             return trainer.model, weights, trainer.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        full = get_model_state_dict(trainer.model, options=checkpoint.full_state_options())
-        optimizer_state = get_optimizer_state_dict(
-            trainer.model, trainer.optimizer, options=checkpoint.full_state_options()
+        options = checkpoint.full_state_options()
+        full = get_model_state_dict(trainer.model, options=options)
+        optimizer_state = checkpoint.numbered_optimizer_state(
+            get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
         )
         if not trainer.placement.is_main:
             return trainer.model, None, {}
+        tensors = {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}  # full state: plain tensors
         if trained is not None:
-            return (
-                trainer.model,
-                {k: v for k, v in full.items() if k in trained},
-                checkpoint.numbered_optimizer_state(optimizer_state),
-            )
+            return trainer.model, {k: v for k, v in tensors.items() if k in trained}, optimizer_state
         whole = TransformerLM(trainer.model.config)
-        whole.load_state_dict(full)
+        whole.load_state_dict(tensors)
         return whole, None, optimizer_state
 
     def _save(self, name: str | None) -> None:

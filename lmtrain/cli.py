@@ -97,29 +97,32 @@ def _first_values(overrides: list[str]) -> list[str]:
     """Replace each sweep (`a=1,2`, `glob(*)`, `range(1,4)`, `interval(0,1)`, `tag(...)`) by its first value so
     one job of a multirun can be checked; every option a group sweep names must exist."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Glob
+    from hydra.core.override_parser.types import Glob, IntervalSweep
     from hydra.errors import OverrideParseException
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as err:
         raise ConfigError(_first_line(err)) from None
-    checked = []
+    checked: list[str] = []
     for override in parsed:
         key = override.get_key_element().lstrip("+~")
         options = _group_options(key) if "." not in key else None
+        value = override.value()
         if key == "trainer.nproc" and override.is_sweep_override():
             raise ConfigError("trainer.nproc: a -m sweep runs its jobs in this process; start them with torchrun")
         if not override.is_sweep_override():
-            checked.append(override.input_line)
+            checked.append(str(override.input_line))
             continue
-        if isinstance(override.value(), Glob):
+        if isinstance(value, Glob):
             if options is None:
                 raise ConfigError(f"{key}: glob(...) sweeps the options of a config group; list values instead")
-            values = override.value().filter(options)
+            values = value.filter(options)
             if not values:
-                raise ConfigError(f"{key}: {override.input_line.split('=', 1)[1]} matches none of {', '.join(options)}")
-        elif override.is_discrete_sweep():
+                raise ConfigError(
+                    f"{key}: {str(override.input_line).split('=', 1)[1]} matches none of {', '.join(options)}"
+                )
+        elif override.is_discrete_sweep() or not isinstance(value, IntervalSweep):
             values = list(override.sweep_string_iterator())
         else:  # interval(a, b): its lower end stands for the job
             if not any(o.lstrip("+").startswith(("hydra/sweeper=", "search=")) for o in overrides):
@@ -127,10 +130,10 @@ def _first_values(overrides: list[str]) -> list[str]:
                     f"{key}: interval(...) is searched by a sweeper such as Optuna: add +search=optuna "
                     "(make setup-optuna), or list values: a,b,c"
                 )
-            values = [str(override.value().start)]
-        for value in values if options is not None else []:
-            if value not in options:
-                raise _no_such_option(key, value, options)
+            values = [str(value.start)]
+        for option in values if options is not None else []:
+            if options is not None and option not in options:
+                raise _no_such_option(key, option, options)
         checked.append(f"{override.get_key_element()}={values[0]}")
     return checked
 
@@ -144,7 +147,8 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
     from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
 
-    groups, values = [], []
+    groups: list[str] = []
+    values: list[str] = []
     for override in overrides:
         key = override.split("=", 1)[0]
         bare = key.lstrip("+~")
@@ -153,7 +157,7 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
         (groups if "." not in bare and _group_options(bare) is not None else values).append(override)
     for override in groups:
         key, _, value = override.partition("=")
-        options = _group_options(key.lstrip("+~"))
+        options = _group_options(key.lstrip("+~")) or []
         if value and value not in options:
             raise _no_such_option(key.lstrip("+~"), value, options)
     with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):

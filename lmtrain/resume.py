@@ -52,10 +52,10 @@ def resume_source(resume: bool | str, run_dir: Path) -> Path | None:
             for path, why in damaged:
                 log.warning("trainer.resume: skipping damaged checkpoint %s (%s); resuming %s", path, why, source.name)
             return source
-        source = checkpoint.resolve(resume, "trainer.resume")
-        why = checkpoint_meta.problem(source)
-        if why is not None:
-            raise UserError(f"trainer.resume: {why}")
+        source = checkpoint.resolve(str(resume), "trainer.resume")
+        problem = checkpoint_meta.problem(source)
+        if problem is not None:
+            raise UserError(f"trainer.resume: {problem}")
         return source
     except RunRefused:
         raise
@@ -110,9 +110,11 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
 
             weights = load_file(str(source / "model.safetensors"))
             if trainer.model.config.tie_embeddings and not adapter:  # stored once; the sharded model names both
-                shared = weights.get("token_embedding.weight", weights.get("lm_head.weight"))
+                shared = weights["token_embedding.weight" if "token_embedding.weight" in weights else "lm_head.weight"]
                 weights.update({"token_embedding.weight": shared, "lm_head.weight": shared})
-            set_model_state_dict(trainer.model, weights, options=checkpoint.full_state_options(strict=not adapter))
+            set_model_state_dict(
+                trainer.model, dict(weights), options=checkpoint.full_state_options(strict=not adapter)
+            )
             options = checkpoint.full_state_options()
             names = checkpoint.param_order(get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options))
             named = checkpoint.named_optimizer_state(optimizer_state, names)

@@ -90,7 +90,7 @@ def build_trainer(
     )
 
 
-def load_teacher(path: str, student: torch.nn.Module, tokenizer_json: str, device: torch.device):
+def load_teacher(path: str, student: TransformerLM, tokenizer_json: str, device: torch.device) -> TransformerLM:
     """The distillation teacher: frozen, in eval mode, checked to speak the student's vocabulary."""
     teacher, tokenizer = load_model(path, device, key="loss.teacher")
     if teacher.config.vocab_size != student.config.vocab_size or tokenizer.to_str() != tokenizer_json:

@@ -15,6 +15,7 @@ from lmtrain.distributed import Placement
 from lmtrain.dtypes import autocast_dtype
 from lmtrain.errors import Diverged
 from lmtrain.losses import scored
+from lmtrain.model import TransformerLM
 from lmtrain.run_log import ProgressBar
 
 # A micro-batch: model inputs (token ids [batch, seq], or a dict of keyword tensors) and targets
@@ -50,7 +51,7 @@ def _tokens(inputs: Inputs) -> torch.Tensor:
 class Trainer:
     def __init__(
         self,
-        model: nn.Module,
+        model: TransformerLM,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],

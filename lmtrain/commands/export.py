@@ -67,11 +67,11 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
     for inputs, targets in batches:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(inputs.to(device))
-        loss, targets_scored = scored(logits, targets.to(device))
-        total += loss.item()
+        summed, targets_scored = scored(logits, targets.to(device))
+        total += summed.item()
         count += targets_scored
-    loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0))}
+    mean = total / count
+    return {"loss": mean, "ppl": math.exp(min(mean, 700.0))}
 
 
 def run(cfg: ExportConfig, run_dir: str) -> None:

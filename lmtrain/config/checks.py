@@ -7,7 +7,7 @@ for a misspelling).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
@@ -73,7 +73,7 @@ def all_keys(cfg: Any, prefix: str = "") -> list[str]:
     """Dotted paths of every leaf and node in a config or dataclass schema."""
     node = OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg
     keys = []
-    for key in node.keys():
+    for key in map(str, node.keys()):
         path = f"{prefix}{key}"
         keys.append(path)
         child = node._get_node(key)
@@ -98,7 +98,7 @@ def _typed(schema: type, cfg: DictConfig, errors: list[str]) -> Any:
     """Merge `cfg` into `schema` group by group, so each group reports its own first type error."""
     merged = OmegaConf.structured(schema)
     known = all_keys(schema)
-    for key in cfg.keys():
+    for key in map(str, cfg.keys()):
         if key == "hydra":
             continue
         if key not in merged:
@@ -330,7 +330,7 @@ def _check_inspect(cfg: InspectConfig, errors: list[str]) -> None:
             errors.append(f"{key}: indices count from 0, got {negative[0]}")
 
 
-CHECKS = {
+CHECKS: dict[type, Callable[[Any, list[str]], None]] = {
     InspectConfig: _check_inspect,
     ExportConfig: _check_export,
     PretrainConfig: _check_pretrain,
@@ -346,7 +346,7 @@ def accumulation_steps(grad_accum: GradAccumConfig, micro_batch_size: int, seq_l
     if grad_accum.mode == "steps":
         return grad_accum.steps
     tokens_per_round = micro_batch_size * seq_len * world_size
-    steps, rest = divmod(grad_accum.global_batch_tokens, tokens_per_round)
+    steps, rest = divmod(grad_accum.global_batch_tokens or 0, tokens_per_round)
     if rest or steps == 0:
         raise ConfigError(
             f"grad_accum.global_batch_tokens: {grad_accum.global_batch_tokens} is not a positive multiple of "
