@@ -10,7 +10,6 @@ import importlib
 import importlib.resources
 import logging
 import os
-import re
 import sys
 import time
 import traceback
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.config import (
-    CHOICES,
     ConfigError,
     EvaluateConfig,
     ExportConfig,
@@ -29,14 +27,22 @@ from lmtrain.config import (
     PretrainConfig,
     all_keys,
     nearest,
-    string_keys,
     validate,
 )
-from lmtrain.config.paths import check_out_folder, check_paths
+from lmtrain.config.compose import (
+    CONFIG_PACKAGE,
+    check,
+    check_run_dir,
+    explicit_keys,
+    first_line,
+    first_values,
+    group_options,
+    literal_strings,
+)
+from lmtrain.config.paths import check_paths
 from lmtrain.errors import RunRefused, UserError
 
 log = logging.getLogger("lmtrain")
-CONFIG_PACKAGE = "lmtrain.configs"
 TRAINING_COMMANDS = {"pretrain", "finetune"}  # commands whose runs record result.json
 # command -> (primary config, schema); lmtrain.commands.<command>.run(cfg, run_dir) does the work
 COMMANDS: dict[str, tuple[str, type]] = {
@@ -78,131 +84,6 @@ def _fail(command: str, error: Exception) -> int:
     return 2
 
 
-def _group_options(group: str) -> list[str] | None:
-    folder = importlib.resources.files(CONFIG_PACKAGE) / group
-    if not folder.is_dir():
-        return None
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def _no_such_option(key: str, value: str, options: list[str]) -> ConfigError:
-    hint = nearest(value, options)
-    return ConfigError(
-        f"{key}={value}: no such option; choose from {', '.join(options)}"
-        + (f" (did you mean '{hint}'?)" if hint else "")
-    )
-
-
-def _first_values(overrides: list[str]) -> list[str]:
-    """Replace each sweep (`a=1,2`, `glob(*)`, `range(1,4)`, `interval(0,1)`, `tag(...)`) by its first value so
-    one job of a multirun can be checked; every option a group sweep names must exist."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Glob, IntervalSweep
-    from hydra.errors import OverrideParseException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except OverrideParseException as err:
-        raise ConfigError(_first_line(err)) from None
-    checked: list[str] = []
-    for override in parsed:
-        key = override.get_key_element().lstrip("+~")
-        options = _group_options(key) if "." not in key else None
-        value = override.value()
-        if key == "trainer.nproc" and override.is_sweep_override():
-            raise ConfigError("trainer.nproc: a -m sweep runs its jobs in this process; start them with torchrun")
-        if not override.is_sweep_override():
-            checked.append(str(override.input_line))
-            continue
-        if isinstance(value, Glob):
-            if options is None:
-                raise ConfigError(f"{key}: glob(...) sweeps the options of a config group; list values instead")
-            values = value.filter(options)
-            if not values:
-                raise ConfigError(
-                    f"{key}: {str(override.input_line).split('=', 1)[1]} matches none of {', '.join(options)}"
-                )
-        elif override.is_discrete_sweep() or not isinstance(value, IntervalSweep):
-            values = list(override.sweep_string_iterator())
-        else:  # interval(a, b): its lower end stands for the job
-            if not any(o.lstrip("+").startswith(("hydra/sweeper=", "search=")) for o in overrides):
-                raise ConfigError(
-                    f"{key}: interval(...) is searched by a sweeper such as Optuna: add +search=optuna "
-                    "(make setup-optuna), or list values: a,b,c"
-                )
-            values = [str(value.start)]
-        for option in values if options is not None else []:
-            if options is not None and option not in options:
-                raise _no_such_option(key, option, options)
-        checked.append(f"{override.get_key_element()}={values[0]}")
-    return checked
-
-
-def check(config_name: str, schema: type, overrides: list[str], check_values: bool = True) -> Any:
-    """Compose and validate the config as Hydra will; raises ConfigError naming the key to fix.
-
-    check_values=False checks keys and group options only (for a sweep, whose jobs check their own values).
-    """
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
-
-    groups: list[str] = []
-    values: list[str] = []
-    for override in overrides:
-        key = override.split("=", 1)[0]
-        bare = key.lstrip("+~")
-        if bare.startswith("hydra.") or bare.startswith("hydra/"):
-            continue
-        (groups if "." not in bare and _group_options(bare) is not None else values).append(override)
-    for override in groups:
-        key, _, value = override.partition("=")
-        options = _group_options(key.lstrip("+~")) or []
-        if value and value not in options:
-            raise _no_such_option(key.lstrip("+~"), value, options)
-    with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
-        try:
-            base = compose(config_name, overrides=groups)
-        except HydraException as err:
-            raise ConfigError(_plugin_hint(_first_line(err))) from None
-        known = all_keys(base)
-        for override in values:
-            key = override.split("=", 1)[0]
-            if key.startswith(("+", "~")) or OmegaConf.select(base, key, default=_MISSING) is not _MISSING:
-                continue
-            parent, _, leaf = key.rpartition(".")
-            siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
-            hint = nearest(leaf, siblings) if siblings else nearest(key, known)
-            if hint and siblings:
-                hint = f"{parent}.{hint}" if parent else hint
-            raise ConfigError(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
-        try:
-            cfg = compose(config_name, overrides=groups + values, return_hydra_config=True)
-        except HydraException as err:
-            raise ConfigError(_first_line(err)) from None
-    _check_identity(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return validate(cfg, schema, explicit=_keys(values)) if check_values else cfg
-
-
-# the key of each group that names its option: `optimizer=sgd` is how the name is chosen
-IDENTITY = {"optimizer": "name", "scheduler": "name", "loss": "name", "task": "name", "adapter": "name"}
-IDENTITY["grad_accum"] = "mode"
-
-
-def _check_identity(cfg) -> None:
-    """A group's name key must agree with the option chosen for it (`optimizer=adamw optimizer.name=sgd`
-    would otherwise train SGD with AdamW's settings)."""
-    for group, option in cfg.hydra.runtime.choices.items():
-        key = IDENTITY.get(group)
-        value = cfg.get(group, {}).get(key) if key else None
-        if value is not None and value != option:
-            raise ConfigError(
-                f"{group}.{key}: '{value}' contradicts {group}={option}; the option sets it: choose {group}={value}"
-            )
-
-
 def _help(command: str, config_name: str, schema: type, words: list[str]) -> str:
     """`lmtrain <command> --help [group ...] [overrides]`: groups and options, then every key's type, value
     (with the overrides applied) and doc."""
@@ -215,79 +96,11 @@ def _help(command: str, config_name: str, schema: type, words: list[str]) -> str
     cfg = check(config_name, schema, overrides, check_values=False)
     with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
         chosen = compose(config_name, overrides=overrides, return_hydra_config=True).hydra.runtime.choices
-    groups = {g: _group_options(g) or [] for g in chosen if "/" not in g}
+    groups = {g: group_options(g) or [] for g in chosen if "/" not in g}
     unknown = [g for g in only if g not in groups and g not in {f.split(".")[0] for f in all_keys(schema)}]
     if unknown:
         raise ConfigError(f"--help {unknown[0]}: no such group or key; choose from {', '.join(sorted(groups))}")
     return help_text(command, schema, cfg, groups, dict(chosen), only)
-
-
-def _keys(overrides: list[str]) -> set[str]:
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-
-
-def literal_strings(schema: type, overrides: list[str], multirun: bool) -> list[str]:
-    """Quote the value of each string-typed key for Hydra, so it arrives as typed: `prompt=def ` keeps its
-    space, `text=1_000` stays the text 1_000. Left alone: values already quoted, null, interpolations `${..}`,
-    keys with a fixed set of choices, and in a multirun anything that may be a sweep (`a,b`, `glob(...)`)."""
-    keys = string_keys(schema)
-    quoted = []
-    for override in overrides:
-        key, eq, value = override.partition("=")
-        bare = key.lstrip("+")
-        untouched = (
-            not eq
-            or bare not in keys
-            or bare in CHOICES
-            or value[:1] in ("'", '"')
-            or value == "null"
-            or "${" in value
-            or multirun
-            and ("," in value or re.match(r"^\w+\(", value))
-        )
-        quoted.append(override if untouched else f"{key}={_hydra_quote(value)}")
-    return quoted
-
-
-def _hydra_quote(value: str) -> str:
-    """A Hydra single-quoted string: backslashes before a quote or at the end doubled, quotes escaped."""
-    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
-    return "'" + value.replace("'", "\\'") + "'"
-
-
-def check_run_dir(overrides: list[str]) -> None:
-    """hydra.run.dir must be a folder lmtrain can create or write in."""
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key == "hydra.run.dir" and value and (problem := check_out_folder(key, value)):
-            raise ConfigError(problem)
-
-
-_MISSING = object()
-
-
-PLUGINS = {"hydra/sweeper/optuna": "optuna", "hydra/launcher/joblib": "joblib"}
-
-
-def _plugin_hint(message: str) -> str:
-    for config, extra in PLUGINS.items():
-        if f"'{config}'" in message:
-            return f"{config} is not installed: pip install 'lmtrain[{extra}]' (or make setup-{extra})"
-    return message
-
-
-def _first_line(err: BaseException) -> str:
-    from hydra.errors import OverrideParseException
-
-    if isinstance(err, OverrideParseException):
-        key = err.override.split("=", 1)[0]
-        return (
-            f"cannot parse override '{err.override}': {err.message.splitlines()[0]}; "
-            f"quote a value with spaces or symbols: '{key}=\"...\"'"
-        )
-    while not str(err).strip() and err.__cause__ is not None:
-        err = err.__cause__
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _task(command: str, schema: type):
@@ -312,12 +125,12 @@ def _task(command: str, schema: type):
         overrides = list(hydra_cfg.overrides.task)
         started = time.time()
         try:
-            typed = validate(cfg, schema, explicit=_keys(overrides))
+            typed = validate(cfg, schema, explicit=explicit_keys(overrides))
             check_paths(typed)
             summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))
         except Exception as err:
             if command in TRAINING_COMMANDS and rank == 0 and not isinstance(err, RunRefused):
-                reason = _first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
+                reason = first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
                 try:
                     write_result(run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides)
                 except UserError as unwritten:  # a full disk: say so, then report the failure itself
@@ -326,7 +139,7 @@ def _task(command: str, schema: type):
                 # one line naming the rank, before torchrun stops the others; the traceback goes to the log file
                 with open(run_dir / f"{command}.log", "a") as log_file:
                     log_file.write(f"rank {rank}: {traceback.format_exc()}")
-                line = _first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {_first_line(err)}"
+                line = first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
                 print(f"lmtrain {name}: error: {line} (traceback in {run_dir / f'{command}.log'})", file=sys.stderr)
                 sys.exit(2 if isinstance(err, UserError) else 1)
             if os.environ.get("LMTRAIN_DEBUG") or not (sweeping or isinstance(err, UserError)):
@@ -446,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.hydra_help or args.info or args.shell_completion):
         try:
             if args.multirun:
-                first = check(config_name, schema, _first_values(args.overrides), check_values=False)
+                first = check(config_name, schema, first_values(args.overrides), check_values=False)
                 try:  # paths no job can use fail the sweep here; values are each job's own to check
                     check_paths(validate(first, schema))
                 except ConfigError:

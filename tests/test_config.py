@@ -36,7 +36,7 @@ def test_every_option_composes_and_validates(group):
     assert options(group), f"configs/{group}/ is empty"
     from omegaconf import OmegaConf
 
-    from lmtrain.cli import IDENTITY
+    from lmtrain.config.compose import IDENTITY
 
     for option in options(group):
         cfg = compose_for(group, option)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import TINY, lmtrain, write_jsonl
 
-from lmtrain.cli import _first_values, check, literal_strings
 from lmtrain.commands import evaluate, finetune, predict, pretrain
 from lmtrain.config import (
     ConfigError,
@@ -19,6 +18,7 @@ from lmtrain.config import (
     PretrainConfig,
     TaskConfig,
 )
+from lmtrain.config.compose import check, first_values, literal_strings
 from lmtrain.config.paths import check_paths
 from lmtrain.data import corpus as corpus_module
 from lmtrain.data.examples import Example, usable_records
@@ -103,15 +103,15 @@ def test_bpe_splits_long_pieces(caplog):
 
 # 4. every sweep syntax passes the pre-check ---------------------------------------------------------------
 def test_sweep_syntaxes_expand_to_a_first_job():
-    assert _first_values(["model=glob(*)"]) == ["model=gpt2_124m"]
-    assert _first_values(["model=glob(*,exclude=[gpt2*,llama*])"]) == ["model=mistral_7b"]
-    assert _first_values(["trainer.max_steps=range(2,5)"]) == ["trainer.max_steps=2"]
-    assert _first_values(["optimizer.lr=choice(1e-3,3e-3)"]) == ["optimizer.lr=0.001"]
-    assert _first_values(["model=tag(a,choice(tiny,small))"]) == ["model=tiny"]
+    assert first_values(["model=glob(*)"]) == ["model=gpt2_124m"]
+    assert first_values(["model=glob(*,exclude=[gpt2*,llama*])"]) == ["model=mistral_7b"]
+    assert first_values(["trainer.max_steps=range(2,5)"]) == ["trainer.max_steps=2"]
+    assert first_values(["optimizer.lr=choice(1e-3,3e-3)"]) == ["optimizer.lr=0.001"]
+    assert first_values(["model=tag(a,choice(tiny,small))"]) == ["model=tiny"]
     search = ["+search=optuna", "optimizer.lr=tag(log,interval(1e-4,1e-2))"]
-    assert _first_values(search) == ["+search=optuna", "optimizer.lr=0.0001"]
+    assert first_values(search) == ["+search=optuna", "optimizer.lr=0.0001"]
     with pytest.raises(ConfigError, match="model=tiyn: no such option"):
-        _first_values(["model=choice(tiny,tiyn)"])
+        first_values(["model=choice(tiny,tiyn)"])
 
 
 def test_glob_sweep_runs(tmp_path, corpus):

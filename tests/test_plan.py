@@ -8,14 +8,14 @@ import torch
 from conftest import compose, lmtrain
 
 from lmtrain import plan as costs
-from lmtrain.cli import _group_options, check
 from lmtrain.commands.plan import build
 from lmtrain.config import FinetuneConfig
+from lmtrain.config.compose import check, group_options
 from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.pretrained import load_model
 
 
-@pytest.mark.parametrize("preset", _group_options("model"))
+@pytest.mark.parametrize("preset", group_options("model"))
 def test_parameters_and_flops_are_the_built_models(preset):
     cfg = compose(f"model={preset}", "data.tokenizer=byte", "trainer.device=cpu")
     plan = build("pretrain", cfg, "cpu")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from conftest import lmtrain_many, make_corpus, write_jsonl
 
-from lmtrain.cli import COMMANDS, USAGE, _first_values, check, literal_strings
+from lmtrain.cli import COMMANDS, USAGE
 from lmtrain.commands.pretrain import HINT
+from lmtrain.config.compose import check, first_values, literal_strings
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -94,4 +95,4 @@ def test_readme_and_hints_run_as_printed(tiny_runs, tmp_path, monkeypatch):
         if " -m " in line:  # a sweep's pre-check: every job's group options exist, the first job composes
             argv = [a for a in placed(line) if a != "-m"]
             name, schema = COMMANDS[argv[0]]
-            check(name, schema, _first_values(literal_strings(schema, argv[1:], multirun=True)), check_values=False)
+            check(name, schema, first_values(literal_strings(schema, argv[1:], multirun=True)), check_values=False)
