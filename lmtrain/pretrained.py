@@ -18,7 +18,6 @@ from lmtrain.hf.load import is_hf_folder, load_hf, read_config, side_files_from_
 from lmtrain.hf.load import load_tokenizer as hf_tokenizer
 from lmtrain.lora import add_lora
 from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.tasks import TaskInfo
 
 
 def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[TransformerLM, Tokenizer]:
@@ -122,12 +121,3 @@ def load_side_files(path: str, key: str = "ckpt") -> dict[str, str]:
     """The tokenizer/generation files a checkpoint made from this model must carry (none for lmtrain's own)."""
     source = checkpoint.resolve(path, key)
     return side_files_from_hf(source, key) if is_hf_folder(source) else side_files(source)
-
-
-def load_task_info(path: str, key: str = "ckpt") -> TaskInfo | None:
-    """The task a finetuned checkpoint was trained on (None for a pretrained one)."""
-    source = checkpoint.resolve(path, key)
-    if not (source / "task.json").is_file():
-        return None
-    with checkpoint.readable(source, key):
-        return TaskInfo(**json.loads((source / "task.json").read_text()))

@@ -12,6 +12,7 @@ tokenizer's eos_token in a model from Hugging Face):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ from typing import cast
 import torch
 from tokenizers import Tokenizer
 
-from lmtrain import chat, metrics
+from lmtrain import chat, checkpoint, metrics
 from lmtrain.config import TaskConfig
 from lmtrain.data.examples import Example, fixed_batches
 from lmtrain.data.tokenizer import SpecialTokens, end_of_text_id, warn_unknown
@@ -338,3 +339,12 @@ def build_task_info(cfg: TaskConfig, data_fields: dict[str, str], train_records:
     if cfg.name == "chat":  # how over-long conversations were handled travels with the checkpoint
         info.decoding = {"overlong": cfg.overlong}
     return info
+
+
+def load_task_info(path: str, key: str = "ckpt") -> TaskInfo | None:
+    """The task a finetuned checkpoint was trained on (None for a pretrained one)."""
+    source = checkpoint.resolve(path, key)
+    if not (source / "task.json").is_file():
+        return None
+    with checkpoint.readable(source, key):
+        return TaskInfo(**json.loads((source / "task.json").read_text()))

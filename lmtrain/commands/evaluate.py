@@ -11,38 +11,12 @@ from omegaconf import OmegaConf
 
 from lmtrain import checkpoint
 from lmtrain.config import EvaluateConfig
-from lmtrain.data.examples import read_records, split_off, usable_records
 from lmtrain.distributed import resolve_device
-from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model, load_special_tokens, load_task_info
-from lmtrain.tasks import Task, TaskInfo, field_roles, field_types, task_for, text_unit
+from lmtrain.pretrained import load_model, load_special_tokens
+from lmtrain.task_data import split_examples
+from lmtrain.tasks import TaskInfo, load_task_info, task_for
 
 log = logging.getLogger("lmtrain")
-
-
-def split_examples(
-    trained: dict, task: Task, split: str, path: str | None = None, on_bad_record: str = "skip"
-) -> tuple[list, str, int]:
-    """A split's examples, the file they came from and how many of its records were skipped (a missing,
-    null or mistyped field): `path`, else the file the checkpoint was trained with; a validation split held
-    out of train is held out again the same way finetune did (`trained`: the checkpoint's config)."""
-    info = task.info
-    fields = [info.fields[role] for role in field_roles(info.name, info.instruction)]
-    txt_by = text_unit(info.name)
-    data = trained.get("data", {})
-    path = path or data.get(split)
-    if path:
-        key, source = f"data.{split}", path
-    elif split == "validation" and data.get("train") and "val_fraction" in data:
-        key, source = "data.train", data["train"]
-    else:
-        raise UserError(f"data.{split}: missing; pass data.{split}=path/to/{split}.jsonl")
-    records = read_records(source, key, fields, txt_by)
-    records, skipped = usable_records(records, field_types(info), key, source, on_bad_record)
-    examples = task.encode(records, key)
-    if not path:
-        examples = split_off(examples, data["val_fraction"], trained["trainer"]["seed"])[1]
-    return examples, source, skipped
 
 
 def run(cfg: EvaluateConfig, run_dir: str) -> None:

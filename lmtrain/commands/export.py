@@ -24,7 +24,9 @@ from lmtrain.hf.families import family_of
 from lmtrain.hf.save import write_hf, write_peft
 from lmtrain.lora import merge_lora
 from lmtrain.losses import scored
-from lmtrain.pretrained import load_model, load_side_files, load_special_tokens, load_task_info
+from lmtrain.pretrained import load_model, load_side_files, load_special_tokens
+from lmtrain.task_data import split_examples
+from lmtrain.tasks import load_task_info
 
 log = logging.getLogger("lmtrain")
 
@@ -41,7 +43,6 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
     try:
         info = load_task_info(str(source))
         if info is not None:
-            from lmtrain.commands.evaluate import split_examples
             from lmtrain.tasks import task_for
 
             task = task_for(info, tokenizer, model.config.max_seq_len, load_special_tokens(str(source), tokenizer))

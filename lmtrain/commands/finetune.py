@@ -28,33 +28,14 @@ from lmtrain.pretrained import (
     load_model,
     load_side_files,
     load_special_tokens,
-    load_task_info,
     weights_digest,
 )
 from lmtrain.resume import resume_source
 from lmtrain.run_dir import claimed
-from lmtrain.tasks import TaskInfo, build_task_info, field_roles, field_types, task_for, text_unit
+from lmtrain.task_data import data_fields
+from lmtrain.tasks import TaskInfo, build_task_info, field_roles, field_types, load_task_info, task_for, text_unit
 
 log = logging.getLogger("lmtrain")
-
-
-def data_fields(cfg: FinetuneConfig) -> dict[str, str]:
-    d = cfg.data
-    return {
-        role: getattr(d, f"{role}_field")
-        for role in (
-            "text",
-            "label",
-            "source",
-            "target",
-            "prompt",
-            "response",
-            "question",
-            "context",
-            "answer",
-            "messages",
-        )
-    }
 
 
 def run(cfg: FinetuneConfig, run_dir: str) -> dict:
@@ -73,7 +54,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     source = resume_source(t.resume, run_dir)
     model, tokenizer = load_model(cfg.init_from, device, key="init_from")
 
-    fields = data_fields(cfg)
+    fields = data_fields(cfg.data)
     txt_by = text_unit(cfg.task.name)
     train_records = read_records(d.train, "data.train", txt_by=txt_by)
     instruction = cfg.task.name == "lm" and fields["prompt"] in train_records[0]

@@ -13,8 +13,8 @@ from lmtrain.data.tokenizer import SpecialTokens, warn_unknown
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.generate import generate
-from lmtrain.pretrained import load_model, load_special_tokens, load_task_info
-from lmtrain.tasks import TaskInfo, task_for
+from lmtrain.pretrained import load_model, load_special_tokens
+from lmtrain.tasks import TaskInfo, load_task_info, task_for
 
 DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 1.0}
 

@@ -18,8 +18,8 @@ from lmtrain.config import InspectConfig
 from lmtrain.data.tokenizer import end_of_text_id
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model, load_task_info
-from lmtrain.tasks import Task
+from lmtrain.pretrained import load_model
+from lmtrain.tasks import Task, load_task_info
 
 log = logging.getLogger("lmtrain")
 LM_VIEWS = ["loss", "attention", "logit_lens"]

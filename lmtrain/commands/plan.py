@@ -102,15 +102,15 @@ def _finetune_model(cfg) -> tuple[Any, list[int]]:
     lengths of its training examples in tokens. init_from may be any checkpoint or a Hugging Face folder."""
     import dataclasses
 
-    from lmtrain.commands.finetune import data_fields
     from lmtrain.data.examples import read_records
     from lmtrain.lora import add_lora
     from lmtrain.pretrained import load_special_tokens, load_tokenizer, model_config
+    from lmtrain.task_data import data_fields
     from lmtrain.tasks import build_task_info, task_for, text_unit
 
     config = dataclasses.asdict(model_config(cfg.init_from, "init_from"))
     tokenizer = load_tokenizer(cfg.init_from, "init_from")
-    fields = data_fields(cfg)
+    fields = data_fields(cfg.data)
     records = read_records(cfg.data.train, "data.train", txt_by=text_unit(cfg.task.name))
     info = build_task_info(cfg.task, fields, records)
     special = load_special_tokens(cfg.init_from, tokenizer, "init_from")

@@ -12,8 +12,8 @@ from lmtrain.config import PredictConfig
 from lmtrain.data.examples import fixed_batches, read_records, usable_records
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model, load_special_tokens, load_task_info
-from lmtrain.tasks import IGNORE, Task
+from lmtrain.pretrained import load_model, load_special_tokens
+from lmtrain.tasks import IGNORE, Task, load_task_info
 
 
 @torch.no_grad()

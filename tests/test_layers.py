@@ -1,0 +1,77 @@
+"""The import graph goes one way: each module imports only its own layer or those below it, and no
+command imports another. A new module takes its place in LAYERS (bottom first)."""
+
+import ast
+from pathlib import Path
+
+import lmtrain
+
+LAYERS = [
+    {"errors", "dtypes", "safe_io"},
+    # building blocks: config, data, the model and what trains it, each standing alone
+    {"config", "data", "model", "optim", "losses", "lora", "chat", "metrics", "devices", "plan", "inspect_plots"},
+    {"sweep", "run_lock", "generate", "interpret", "export", "distributed"},
+    # formats and loops: checkpoints, Hugging Face folders, the metrics log, the trainer, tasks
+    {"checkpoint_meta", "checkpoint", "hf", "run_log", "trainer", "tasks"},
+    # a run's pieces: loading models, task data, resume, checkpoint writing, the run dir, report plots
+    {"pretrained", "task_data", "resume", "checkpointer", "run_dir", "plots"},
+    {"runs"},  # assembly: builds a run from its config
+    {"commands"},
+    {"cli", "__main__"},
+]
+ROOT = Path(lmtrain.__file__).parent
+
+
+def unit(module: str) -> str:
+    """lmtrain.data.tokens -> data; lmtrain.commands.plan -> commands; lmtrain.runs -> runs."""
+    return module.split(".")[1] if "." in module else module
+
+
+def layer(module: str) -> int:
+    name = unit(module)
+    for index, members in enumerate(LAYERS):
+        if name in members:
+            return index
+    raise AssertionError(f"lmtrain.{name} has no place in tests/test_layers.py LAYERS")
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmtrain"):
+            if node.module == "lmtrain":
+                found |= {f"lmtrain.{alias.name}" for alias in node.names}
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("lmtrain")}
+    return found
+
+
+def test_no_module_imports_a_higher_layer_or_another_command():
+    problems = []
+    for path in sorted(ROOT.rglob("*.py")):
+        relative = path.relative_to(ROOT.parent).with_suffix("")
+        module = ".".join(relative.parts)
+        if path.name == "__init__.py" or module == "lmtrain.configs":
+            continue
+        for target in imports(path):
+            if target in ("lmtrain", "lmtrain.configs"):
+                continue
+            if layer(target) > layer(module):
+                problems.append(f"{module} imports {target}, a higher layer")
+            if unit(module) == unit(target) == "commands" and target != module:
+                problems.append(f"{module} imports another command, {target}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_module_over_400_lines_or_function_over_60():
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            long.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.relative_to(ROOT)}: {node.name} has {node.end_lineno - node.lineno + 1} lines")
+    assert not long, "\n".join(long)
