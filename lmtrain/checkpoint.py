@@ -120,24 +120,29 @@ def save(
 
             put(file_name, write_text)
         put(COMPLETE_MARKER, lambda path: _write_json(Path(path), trainer_state))
-        for path in staging.iterdir():
-            share(path)  # safetensors writes its files private
-            with writing(final / path.name), open(path, "rb") as f:
-                os.fsync(f.fileno())
-        replaced = None
-        if final.exists():  # a rerun of the same step: the old copy stays whole until the new one is in
-            replaced = final.with_name(f".{final.name}.tmp-replaced")
-            os.rename(final, replaced)
-        os.rename(staging, final)
-        _fsync_dir(checkpoint_root)
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
+        _publish(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if name is None:
         point_latest(checkpoint_root, final)
     return final
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Make the staged files durable, then rename the folder into place in one step."""
+    for path in staging.iterdir():
+        share(path)  # safetensors writes its files private
+        with writing(final / path.name), open(path, "rb") as f:
+            os.fsync(f.fileno())
+    replaced = None
+    if final.exists():  # a rerun of the same step: the old copy stays whole until the new one is in
+        replaced = final.with_name(f".{final.name}.tmp-replaced")
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    _fsync_dir(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def point_latest(checkpoint_root: Path, target: Path) -> None:

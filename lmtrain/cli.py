@@ -136,12 +136,7 @@ def _task(command: str, schema: type):
                 except UserError as unwritten:  # a full disk: say so, then report the failure itself
                     _fail(name, unwritten)
             if distributed.torchrun_world_size() > 1 and not os.environ.get("LMTRAIN_DEBUG"):
-                # one line naming the rank, before torchrun stops the others; the traceback goes to the log file
-                with open(run_dir / f"{command}.log", "a") as log_file:
-                    log_file.write(f"rank {rank}: {traceback.format_exc()}")
-                line = first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
-                print(f"lmtrain {name}: error: {line} (traceback in {run_dir / f'{command}.log'})", file=sys.stderr)
-                sys.exit(2 if isinstance(err, UserError) else 1)
+                _rank_failed(name, run_dir / f"{command}.log", rank, err)
             if os.environ.get("LMTRAIN_DEBUG") or not (sweeping or isinstance(err, UserError)):
                 raise
             if sweeping:
@@ -165,6 +160,15 @@ def _task(command: str, schema: type):
         return summary["objective"]
 
     return run
+
+
+def _rank_failed(name: str, log_file: Path, rank: int, err: Exception) -> None:
+    """One line naming the rank, before torchrun stops the others; the traceback goes to the log file."""
+    with open(log_file, "a") as log:
+        log.write(f"rank {rank}: {traceback.format_exc()}")
+    line = first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
+    print(f"lmtrain {name}: error: {line} (traceback in {log_file})", file=sys.stderr)
+    sys.exit(2 if isinstance(err, UserError) else 1)
 
 
 # torchrun, without its own report of a failed worker (a traceback of its own around the worker's error
@@ -239,50 +243,60 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(USAGE, file=sys.stderr)
         return 2
-    config_name, schema = COMMANDS[command]
+    return _run_command(command, rest)
 
+
+def _run_command(command: str, rest: list[str]) -> int:
+    """Check the config (one line per mistake), start torchrun when trainer.nproc asks, then run Hydra."""
     from hydra._internal.utils import get_args_parser
 
+    config_name, schema = COMMANDS[command]
     args = get_args_parser().parse_args(rest)
     if args.overrides:  # string values as typed, here and in the torchrun relaunch
         given = set(args.overrides)
         args.overrides = literal_strings(schema, args.overrides, args.multirun)
         quoted = iter(args.overrides)
         rest = [next(quoted) if item in given else item for item in rest]
-        argv = [command, *rest]
     if args.help:
         try:
             print(_help(command, config_name, schema, args.overrides))
         except UserError as err:
             return _fail(command, err)
         return 0
-    if not (args.hydra_help or args.info or args.shell_completion):
+    if args.hydra_help or args.info or args.shell_completion:
+        return _run_hydra(command, config_name, schema, rest)
+    try:
+        typed = _checked(config_name, schema, args)
+        nproc = getattr(getattr(typed, "trainer", None), "nproc", 1)
+        if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not args.cfg:
+            return _launch_torchrun(nproc, [command, *rest])
+    except UserError as err:
+        if os.environ.get("LMTRAIN_DEBUG"):
+            raise
+        return _fail(command, err)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.multirun:
+        if command not in TRAINING_COMMANDS:  # evaluate, generate, ...: the main process does the work
+            return 0 if int(os.environ.get("RANK", "0")) > 0 else _run_hydra(command, config_name, schema, rest)
         try:
-            if args.multirun:
-                first = check(config_name, schema, first_values(args.overrides), check_values=False)
-                try:  # paths no job can use fail the sweep here; values are each job's own to check
-                    check_paths(validate(first, schema))
-                except ConfigError:
-                    pass
-            else:
-                typed = check(config_name, schema, args.overrides)
-                check_paths(typed)
-                check_run_dir(args.overrides)
-                nproc = getattr(getattr(typed, "trainer", None), "nproc", 1)
-                if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not args.cfg:
-                    return _launch_torchrun(nproc, argv)
+            rest = [*rest, *_torchrun_overrides(command, args.overrides, typed.trainer)]
         except UserError as err:
-            if os.environ.get("LMTRAIN_DEBUG"):
-                raise
-            return _fail(command, err)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.multirun:
-            if command not in TRAINING_COMMANDS:  # evaluate, generate, ...: the main process does the work
-                return 0 if int(os.environ.get("RANK", "0")) > 0 else _run_hydra(command, config_name, schema, rest)
-            try:
-                rest = [*rest, *_torchrun_overrides(command, args.overrides, typed.trainer)]
-            except UserError as err:
-                return _fail(f"{command} (rank {os.environ.get('RANK', '0')})", err)
+            return _fail(f"{command} (rank {os.environ.get('RANK', '0')})", err)
     return _run_hydra(command, config_name, schema, rest)
+
+
+def _checked(config_name: str, schema: type, args: Any) -> Any:
+    """The typed config (None for a sweep, whose jobs check their own values); raises UserError."""
+    if args.multirun:
+        first = check(config_name, schema, first_values(args.overrides), check_values=False)
+        try:  # paths no job can use fail the sweep here; values are each job's own to check
+            check_paths(validate(first, schema))
+        except ConfigError:
+            pass
+        return None
+    typed = check(config_name, schema, args.overrides)
+    check_paths(typed)
+    check_run_dir(args.overrides)
+    return typed
 
 
 def _run_hydra(command: str, config_name: str, schema: type, rest: list[str]) -> int:

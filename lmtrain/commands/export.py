@@ -75,6 +75,33 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
     return {"loss": mean, "ppl": math.exp(min(mean, 700.0))}
 
 
+def _write(cfg: ExportConfig, model, tokenizer, source: Path, out: Path, files: dict[str, str], adapter: bool) -> int:
+    """Write the export folder in the format asked for; its size in bytes."""
+    if adapter and not cfg.merge_adapter:  # the adapters alone, for peft on top of the base model
+        with staged(out) as staging:
+            size = write_peft(model, json.loads((source / checkpoint.ADAPTER_FILE).read_text()), staging)
+            (staging / "tokenizer.json").write_text(tokenizer.to_str())
+            meta = {"format": "peft", "dtype": "fp32", "quantize": "none", "int8_layers": [], "bytes": size}
+            (staging / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
+    elif cfg.format == "hf":
+        special = load_special_tokens(str(source), tokenizer)
+        with staged(out) as staging:
+            size = write_hf(
+                model,
+                tokenizer,
+                special,
+                files,
+                staging,
+                dtype=DTYPES[cfg.dtype],
+                max_shard_bytes=int(cfg.max_shard_mb * 1e6),
+            )
+            meta = {"format": "hf", "dtype": cfg.dtype, "quantize": "none", "int8_layers": [], "bytes": size}
+            (staging / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
+    else:
+        size = write_export(model, out, cfg.dtype, cfg.quantize, files)
+    return size
+
+
 def run(cfg: ExportConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
     assert cfg.ckpt is not None, "ckpt is checked before the run"
@@ -107,28 +134,7 @@ def run(cfg: ExportConfig, run_dir: str) -> None:
     )
     files.update(load_side_files(str(source)))
     before = validation_score(model, tokenizer, source, cfg.eval_batches, device)
-    if adapter and not cfg.merge_adapter:  # the adapters alone, for peft on top of the base model
-        with staged(out) as staging:
-            size = write_peft(model, json.loads((source / checkpoint.ADAPTER_FILE).read_text()), staging)
-            (staging / "tokenizer.json").write_text(tokenizer.to_str())
-            meta = {"format": "peft", "dtype": "fp32", "quantize": "none", "int8_layers": [], "bytes": size}
-            (staging / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
-    elif cfg.format == "hf":
-        special = load_special_tokens(str(source), tokenizer)
-        with staged(out) as staging:
-            size = write_hf(
-                model,
-                tokenizer,
-                special,
-                files,
-                staging,
-                dtype=DTYPES[cfg.dtype],
-                max_shard_bytes=int(cfg.max_shard_mb * 1e6),
-            )
-            meta = {"format": "hf", "dtype": cfg.dtype, "quantize": "none", "int8_layers": [], "bytes": size}
-            (staging / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
-    else:
-        size = write_export(model, out, cfg.dtype, cfg.quantize, files)
+    size = _write(cfg, model, tokenizer, source, out, files, adapter)
     after = None
     if not adapter or cfg.merge_adapter:  # a PEFT adapter alone is no model to score
         exported, _ = load_model(str(out), device)
