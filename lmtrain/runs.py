@@ -8,12 +8,13 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmtrain import checkpoint, distributed
 from lmtrain.checkpointer import Checkpointer
-from lmtrain.config import TrainerConfig
+from lmtrain.config import LossConfig, TrainerConfig
 from lmtrain.distributed import Placement
 from lmtrain.errors import Diverged, UserError
 from lmtrain.losses import cross_entropy, distillation
@@ -22,7 +23,7 @@ from lmtrain.optim import build_optimizer, build_scheduler
 from lmtrain.pretrained import load_model
 from lmtrain.resume import Sampler, restore
 from lmtrain.run_dir import open_metrics, take_over
-from lmtrain.trainer import Trainer
+from lmtrain.trainer import Trainer, TrainState
 
 log = logging.getLogger("lmtrain")
 
@@ -66,18 +67,11 @@ def build_trainer(
         min_lr=s.min_lr,
         decay_fraction=s.decay_fraction,
     )
-    common = dict(
-        label_smoothing=lo.label_smoothing, z_loss=lo.z_loss, ignore_index=lo.ignore_index, class_weights=class_weights
-    )
-    if teacher is not None:
-        loss_fn = partial(distillation, temperature=lo.temperature, alpha=lo.alpha, kl=lo.kl, **common)
-    else:
-        loss_fn = partial(cross_entropy, **common)
     return Trainer(
         model,
         optimizer,
         scheduler,
-        loss_fn,
+        _loss_fn(lo, distill=teacher is not None, class_weights=class_weights),
         device=device,
         precision=t.precision,
         grad_clip=o.grad_clip,
@@ -88,6 +82,16 @@ def build_trainer(
         parallel=parallel,
         on_nonfinite=t.on_nonfinite,
     )
+
+
+def _loss_fn(lo: LossConfig, distill: bool, class_weights: torch.Tensor | None) -> Callable:
+    """The training loss the loss group names (validation always uses plain cross-entropy)."""
+    common: dict[str, Any] = dict(
+        label_smoothing=lo.label_smoothing, z_loss=lo.z_loss, ignore_index=lo.ignore_index, class_weights=class_weights
+    )
+    if distill:
+        return partial(distillation, temperature=lo.temperature, alpha=lo.alpha, kl=lo.kl, **common)
+    return partial(cross_entropy, **common)
 
 
 def load_teacher(path: str, student: TransformerLM, tokenizer_json: str, device: torch.device) -> TransformerLM:
@@ -169,6 +173,23 @@ def train(
         ) from None
     finally:
         metrics.close()
+    return _summary(
+        state, start_step, start_tokens, start_seconds, started, run_dir, main_metric, higher_is_better, keep_best
+    )
+
+
+def _summary(
+    state: TrainState,
+    start_step: int,
+    start_tokens: int,
+    start_seconds: float,
+    started: float,
+    run_dir: Path,
+    main_metric: str,
+    higher_is_better: bool,
+    keep_best: bool,
+) -> dict:
+    """The run's result.json body (and its log line): best and final validation, throughput, checkpoints."""
     tokens, seconds = state.tokens_seen - start_tokens, state.train_seconds - start_seconds
     tokens_per_s = tokens / seconds if tokens and seconds > 0 else None
     best = state.best_metric if state.best_metric is not None else float("nan")
