@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup setup-optuna setup-joblib pretrain test lint format bench clean
+.PHONY: setup setup-optuna setup-joblib pretrain test test-fast lint format bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ pretrain: setup
 
 test: setup
 	$(PY) -m pytest $(ARGS)
+
+# The edit loop: everything but the tests that start processes (marked slow in tests/conftest.py).
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check lmtrain tests scripts

@@ -10,6 +10,20 @@ import pytest
 os.environ.setdefault("LMTRAIN_CACHE", str(Path(__file__).parent.parent / ".pytest_cache" / "lmtrain-tokens"))
 os.environ.pop("LMTRAIN_DEBUG", None)
 
+SLOW_CALLS = ("lmtrain(", "lmtrain_many(", "subprocess.", "torchrun")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `slow` every test that starts processes (the real CLI, torchrun): `make test-fast` skips them."""
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function is not None else ""
+        if any(call in source for call in SLOW_CALLS) or item.module.__name__ == "test_distributed":
+            item.add_marker(pytest.mark.slow)
+
+
 WORDS = "the a cat dog sat ran on under mat log big small red blue and then".split()
 
 
