@@ -6,13 +6,16 @@ for a misspelling).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from collections.abc import Callable, Collection
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import OmegaConfBaseException
 
+from lmtrain.config.choices import Choice
 from lmtrain.config.schema import (
     EvaluateConfig,
     ExportConfig,
@@ -32,36 +35,17 @@ class ConfigError(UserError):
     """A config value or key that cannot work; raised before any compute."""
 
 
-CHOICES = {
-    "adapter.name": ("none", "lora"),
-    "task.name": ("lm", "classification", "seq2seq", "qa", "chat"),
-    "task.overlong": ("truncate", "drop"),
-    "task.class_weights": ("none", "balanced"),
-    "task.decoding": ("greedy", "beam", "sample"),
-    "decoding": ("greedy", "beam", "sample"),
-    "split": ("train", "validation", "test"),
-    "model.activation": ("relu", "gelu", "gelu_tanh", "swiglu"),
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.rope_scaling": ("none", "llama3"),
-    "model.norm_position": ("pre", "post"),
-    "model.position": ("learned", "rope"),
-    "optimizer.name": ("adamw", "adam", "sgd"),
-    "scheduler.name": ("cosine", "linear", "constant", "inverse_sqrt", "wsd"),
-    "grad_accum.mode": ("steps", "global_batch"),
-    "loss.name": ("cross_entropy", "distill"),
-    "loss.kl": ("forward", "reverse"),
-    "quantize": ("none", "int8"),
-    "format": ("lmtrain", "hf"),
-    "dtype": ("fp32", "bf16", "fp16"),
-    "data.tokenizer": ("char", "byte", "bpe"),
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "trainer.precision": ("fp32", "bf16", "fp16"),
-    "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
-    "trainer.on_nonfinite": ("stop", "skip"),
-    "device": ("auto", "cpu", "cuda"),
-    "data.on_bad_record": ("skip", "error"),
-    "on_bad_record": ("skip", "error"),
-}
+def _choices(schema: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Dotted key -> allowed values, for every key typed with a Choice enum (lmtrain.config.choices)."""
+    found = {}
+    for name, hint in typing.get_type_hints(schema).items():
+        options = [t for t in typing.get_args(hint) or (hint,) if isinstance(t, type)]
+        for kind in options:
+            if issubclass(kind, Choice):
+                found[prefix + name] = tuple(member.value for member in kind)
+            elif dataclasses.is_dataclass(kind):
+                found.update(_choices(kind, f"{prefix}{name}."))
+    return found
 
 
 def nearest(name: str, candidates: list[str]) -> str | None:
@@ -130,13 +114,27 @@ def _describe(err: OmegaConfBaseException, group: str, known: list[str]) -> str:
     return f"{full_key}: {message}"
 
 
-def _check_choices(cfg: DictConfig, errors: list[str]) -> None:
+def _check_choices(cfg: DictConfig, errors: list[str]) -> DictConfig:
+    """Report each value outside its key's choices (all of them at once, with the nearest valid one), and
+    return the config without those keys, so the typed merge reports only the other problems."""
+    bad = []
     for key, options in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value not in options:
+        if value is not None and not isinstance(value, DictConfig | ListConfig) and str(value) not in options:
             hint = nearest(str(value), list(options))
             suggestion = f" (did you mean '{hint}'?)" if hint else ""
             errors.append(f"{key}: '{value}' is not one of {', '.join(options)}{suggestion}")
+            bad.append(key)
+    if not bad:
+        return cfg
+    kept = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    assert isinstance(kept, DictConfig)
+    for key in bad:
+        parent, _, leaf = key.rpartition(".")
+        owner = OmegaConf.select(kept, parent) if parent else kept
+        assert isinstance(owner, DictConfig)
+        del owner[leaf]
+    return kept
 
 
 def _positive(obj: Any, prefix: str, errors: list[str], *keys: str, nullable: bool = False) -> None:
@@ -341,6 +339,9 @@ CHECKS: dict[type, Callable[[Any, list[str]], None]] = {
 }
 
 
+CHOICES = {key: values for schema in CHECKS for key, values in _choices(schema).items()}
+
+
 def accumulation_steps(grad_accum: GradAccumConfig, micro_batch_size: int, seq_len: int, world_size: int) -> int:
     """Micro-batches per optimizer step on each process."""
     if grad_accum.mode == "steps":
@@ -372,8 +373,7 @@ def validate(cfg: DictConfig, schema: type, explicit: Collection[str] = ()) -> A
     Raises ConfigError listing every problem found, one per line.
     """
     errors: list[str] = []
-    merged = _typed(schema, cfg, errors)
-    _check_choices(merged, errors)
+    merged = _typed(schema, _check_choices(cfg, errors), errors)
     if not errors:
         try:
             obj = OmegaConf.to_object(merged)

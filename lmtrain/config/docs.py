@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from lmtrain.config import schema as schema_module
+from lmtrain.config.checks import CHOICES
 
 
 @functools.cache
@@ -50,7 +51,9 @@ def fields(schema: type, values: Any, prefix: str = "") -> list[tuple[str, str, 
             rows += fields(nested, value, f"{prefix}{f.name}.")
             continue
         doc = field_docs().get((schema.__name__, f.name), "")
-        rows.append((f"{prefix}{f.name}", str(f.type), _shown(value), doc))
+        key = f"{prefix}{f.name}"
+        kind = "|".join(CHOICES[key]) + (" | None" if "None" in str(f.type) else "") if key in CHOICES else str(f.type)
+        rows.append((key, kind, _shown(value), doc))
     return rows
 
 

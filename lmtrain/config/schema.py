@@ -9,6 +9,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmtrain.config.choices import (
+    KL,
+    Activation,
+    AdapterName,
+    ClassWeights,
+    Decoding,
+    Device,
+    ExportFormat,
+    GradAccumMode,
+    LossName,
+    Norm,
+    NormPosition,
+    OnBadRecord,
+    OnNonfinite,
+    OptimizerName,
+    Overlong,
+    Position,
+    Precision,
+    Quantize,
+    RopeScaling,
+    SchedulerName,
+    Split,
+    Strategy,
+    TaskName,
+    TokenizerKind,
+)
+
 
 @dataclass
 class ModelConfig:
@@ -20,13 +47,13 @@ class ModelConfig:
     head_dim: int | None = None  # width of each head; null: d_model / num_heads
     d_ff: int | None = None  # FFN hidden width; null: 4*d_model (8/3*d_model for swiglu)
     dropout: float = 0.0  # embedding, attention and residual dropout
-    activation: str = "gelu"  # relu | gelu | gelu_tanh (GPT-2) | swiglu
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    activation: Activation = Activation.gelu  # the FFN's (gelu_tanh: GPT-2's; swiglu: gated, Llama's)
+    norm: Norm = Norm.layernorm  # the normalization layer
     norm_eps: float = 1e-5  # epsilon of every norm
-    norm_position: str = "pre"  # pre | post
-    position: str = "learned"  # learned | rope
+    norm_position: NormPosition = NormPosition.pre  # norm before each sublayer (pre) or after its residual sum (post)
+    position: Position = Position.learned  # learned absolute embeddings or rotary (RoPE)
     rope_theta: float = 10000.0  # RoPE base frequency
-    rope_scaling: str = "none"  # none | llama3 (Llama 3.1 long-context scaling of the RoPE frequencies)
+    rope_scaling: RopeScaling = RopeScaling.none  # llama3: Llama 3.1's long-context RoPE frequency scaling
     rope_scaling_factor: float = 8.0  # llama3: factor long wavelengths are stretched by
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original/low are fully scaled
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original/high are kept
@@ -40,7 +67,7 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"  # adamw | adam | sgd
+    name: OptimizerName = OptimizerName.adamw  # the option's own name: choose it with optimizer=...
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.1  # applied to matrices only, never to norms, biases or embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam(W) betas
@@ -51,7 +78,7 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"  # cosine | linear | constant | inverse_sqrt | wsd
+    name: SchedulerName = SchedulerName.cosine  # the option's own name: choose it with scheduler=...
     warmup_steps: int = 50  # linear warmup from 0 to optimizer.lr
     min_lr: float = 0.0  # floor the schedule never goes below
     decay_fraction: float = 0.2  # wsd only: fraction of max_steps spent in the final decay
@@ -59,21 +86,21 @@ class SchedulerConfig:
 
 @dataclass
 class GradAccumConfig:
-    mode: str = "steps"  # steps | global_batch
+    mode: GradAccumMode = GradAccumMode.steps  # the option's own name: choose it with grad_accum=...
     steps: int = 1  # micro-batches per optimizer step (mode=steps)
     global_batch_tokens: int | None = None  # tokens per optimizer step over all processes (mode=global_batch)
 
 
 @dataclass
 class LossConfig:
-    name: str = "cross_entropy"  # cross_entropy | distill
+    name: LossName = LossName.cross_entropy  # the option's own name: choose it with loss=...
     label_smoothing: float = 0.0  # mass spread uniformly over the vocabulary
     z_loss: float = 0.0  # weight of the squared log-partition penalty (PaLM); 0 disables
     ignore_index: int = -100  # target id that carries no loss (padding, prompt tokens)
     teacher: str | None = None  # distill: the teacher checkpoint (same tokenizer; any size)
     temperature: float = 2.0  # distill: softmax temperature T of both distributions
     alpha: float = 0.5  # distill: weight of T^2 * KL; (1 - alpha) weighs the hard-label cross-entropy
-    kl: str = "forward"  # distill: forward = KL(teacher || student); reverse = KL(student || teacher)
+    kl: KL = KL.forward  # distill: forward = KL(teacher || student); reverse = KL(student || teacher)
 
 
 @dataclass
@@ -82,13 +109,13 @@ class DataConfig:
     validation: str | None = None  # held-out file; null: the last val_fraction of train
     val_fraction: float = 0.1  # share of train tokens held out when validation is null
     text_field: str = "text"  # column holding the text in jsonl/csv/parquet
-    tokenizer: str = "bpe"  # char | byte | bpe
+    tokenizer: TokenizerKind = TokenizerKind.bpe  # characters, bytes, or a byte-level BPE trained on train
     vocab_size: int = 4096  # bpe only: size of the trained vocabulary
     max_chars: int | None = None  # read at most this many characters of train (null: all)
     seq_len: int | None = None  # training window in tokens (null: model.max_seq_len, or init_from's)
     document_masking: bool = False  # attention never crosses an end-of-text into another document
     cache_dir: str = "${oc.env:LMTRAIN_CACHE,'~/.cache/lmtrain'}"  # where token files are cached (env LMTRAIN_CACHE)
-    on_bad_record: str = "skip"  # skip | error: a record whose text is missing, null or not text
+    on_bad_record: OnBadRecord = OnBadRecord.skip  # a record whose text is missing, null or not text
 
 
 @dataclass
@@ -101,18 +128,18 @@ class TrainerConfig:
     checkpoint_every: int = 100  # checkpoint every N steps (and at the end)
     keep_last: int = 2  # keep this many step checkpoints; 0 keeps all
     seed: int = 1337  # seeds init, dropout and data order
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    device: Device = Device.auto  # auto: CUDA when present, else CPU
+    precision: Precision = Precision.fp32  # autocast dtype of the matmuls; the weights stay fp32
     compile: bool = False  # torch.compile the model
     resume: Any = False  # false | true (this run dir's latest) | path to a checkpoint or run dir
     progress_bar: bool = True  # tqdm bar on a terminal
     tensorboard: bool = False  # also log scalars to <run dir>/tensorboard (needs the tensorboard package)
-    strategy: str = "auto"  # auto | single | ddp | fsdp (auto: ddp under torchrun with several processes)
+    strategy: Strategy = Strategy.auto  # auto: ddp under torchrun with several processes
     nproc: int = 1  # > 1: lmtrain starts torchrun with this many local processes itself
     dist_timeout_s: float = 600.0  # a collective waiting longer on a peer fails the run instead of hanging
     dist_join_timeout_s: float = 60.0  # joining the process group and its first barrier: a peer that never starts
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
-    on_nonfinite: str = "stop"  # stop (exit non-zero; last finite checkpoint stays latest) | skip (no update; counted)
+    on_nonfinite: OnNonfinite = OnNonfinite.stop  # a non-finite loss: stop (last finite checkpoint stays) or skip
 
 
 @dataclass
@@ -129,15 +156,15 @@ class PretrainConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "classification"  # lm | classification | seq2seq | qa | chat
-    class_weights: str = "none"  # classification: none | balanced (inverse class frequency)
-    decoding: str = "greedy"  # seq2seq/qa evaluation: greedy | beam | sample
+    name: TaskName = TaskName.classification  # the option's own name: choose it with task=...
+    class_weights: ClassWeights = ClassWeights.none  # classification: balanced weighs classes by inverse frequency
+    decoding: Decoding = Decoding.greedy  # how seq2seq/qa evaluation generates
     num_beams: int = 4  # decoding=beam
     temperature: float = 1.0  # decoding=sample
     top_k: int | None = None  # decoding=sample
     max_new_tokens: int = 64  # longest generated answer or translation
     max_eval_examples: int | None = None  # validate on at most this many examples (null: all)
-    overlong: str = "truncate"  # chat: a conversation longer than the context is truncated (counted) | dropped
+    overlong: Overlong = Overlong.truncate  # chat: an overlong conversation is truncated (counted) or dropped
 
 
 @dataclass
@@ -158,12 +185,12 @@ class ExampleDataConfig:
     context_field: str = "context"  # qa: the passage the answer is in
     answer_field: str = "answer"  # qa: the answer
     messages_field: str = "messages"  # chat: a list of {role: system|user|assistant, content}
-    on_bad_record: str = "skip"  # skip (counted in the log and metrics.jsonl) | error: a missing/null/mistyped field
+    on_bad_record: OnBadRecord = OnBadRecord.skip  # a record missing a field: skipped (counted) or an error
 
 
 @dataclass
 class AdapterConfig:
-    name: str = "none"  # none (train every weight) | lora
+    name: AdapterName = AdapterName.none  # the option's own name: choose it with adapter=... (none trains every weight)
     rank: int = 16  # lora: rank r of the update B A
     alpha: float = 32.0  # lora: the update is scaled by alpha / rank
     dropout: float = 0.0  # lora: dropout on the adapter's input
@@ -206,21 +233,21 @@ class EvalDataConfig:
     context_field: str | None = None  # null: the checkpoint's data.context_field
     answer_field: str | None = None  # null: the checkpoint's data.answer_field
     messages_field: str | None = None  # null: the checkpoint's data.messages_field
-    on_bad_record: str = "skip"  # skip (counted in eval.json) | error: a record with a missing/null/mistyped field
+    on_bad_record: OnBadRecord = OnBadRecord.skip  # a record missing a field: skipped (counted) or an error
 
 
 @dataclass
 class EvaluateConfig:
     ckpt: str | None = None  # checkpoint (or run dir) to evaluate
-    split: str = "test"  # train | validation | test: which data.<split> file to score
+    split: Split = Split.test  # which data.<split> file to score
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     batch_size: int = 32  # examples per forward pass
-    decoding: str | None = None  # greedy | beam | sample; null: as the checkpoint's task config
+    decoding: Decoding | None = None  # null: as the checkpoint's task config
     num_beams: int | None = None  # null: as the checkpoint's task config
     max_new_tokens: int | None = None  # null: as the checkpoint's task config
     max_examples: int | None = None  # score at most this many examples (null: all)
     seed: int = 1337  # for decoding=sample
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto  # auto: CUDA when present, else CPU
 
 
 @dataclass
@@ -230,22 +257,22 @@ class PredictConfig:
     input: str | None = None  # or a .txt (one text per line) / jsonl / csv / parquet file
     output: str | None = None  # write predictions as jsonl here (default: print them)
     text_field: str | None = None  # field of `input` holding the text (null: the checkpoint's)
-    on_bad_record: str = "skip"  # skip (with a warning) | error: an input record whose text is missing or null
+    on_bad_record: OnBadRecord = OnBadRecord.skip  # a record missing a field: skipped (counted) or an error
     batch_size: int = 64  # texts per forward pass
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto  # auto: CUDA when present, else CPU
 
 
 @dataclass
 class ExportConfig:
     ckpt: str | None = None  # checkpoint (or run dir, or Hugging Face folder) to export
-    format: str = "lmtrain"  # lmtrain (generate/evaluate/predict load it) | hf (a transformers model folder)
-    dtype: str = "fp32"  # fp32 | bf16 | fp16: the dtype of the weights that are not int8
+    format: ExportFormat = ExportFormat.lmtrain  # hf: a transformers model folder
+    dtype: Precision = Precision.fp32  # the dtype of the weights that are not int8
     max_shard_mb: float = 5000.0  # format=hf: weights above this size are split into shards with an index
     merge_adapter: bool = False  # adapters folded into the weights (else format=hf writes them alone, PEFT layout)
-    quantize: str = "none"  # none | int8: weight-only int8 of the linear layers, one scale per output channel
+    quantize: Quantize = Quantize.none  # int8: weight-only int8 of the linear layers, one scale per output channel
     out: str | None = None  # export folder (default: <run dir>/export-<dtype or int8>)
     eval_batches: int = 20  # validation batches for the before/after score
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto  # auto: CUDA when present, else CPU
 
 
 @dataclass
@@ -260,7 +287,7 @@ class GenerateConfig:
     top_p: float | None = None  # nucleus sampling mass; 1: off (1)
     num_samples: int = 1  # independent samples
     seed: int = 1337  # sampling seed
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto  # auto: CUDA when present, else CPU
     context: str | None = None  # qa checkpoints: the passage the prompt (a question) is about
     chat: bool = False  # the prompt is a user turn, rendered with the model's chat template (a chat checkpoint: always)
     system: str | None = None  # chat: a system message before the user turn
@@ -274,4 +301,4 @@ class InspectConfig:
     views: list[str] | None = None  # loss | attention | logit_lens | contribution (null: all that apply)
     layers: list[int] | None = None  # layers whose attention maps are drawn (null: all)
     heads: list[int] | None = None  # heads drawn in each of those layers (null: all)
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto  # auto: CUDA when present, else CPU

@@ -33,4 +33,6 @@ def register() -> None:
     afterwards, so a mistake is reported with the key to fix rather than as Hydra's composition error."""
     store = ConfigStore.instance()
     for command, schema in SCHEMAS.items():
-        store.store(name=f"{command}_schema", node=OmegaConf.to_container(OmegaConf.structured(schema)))
+        store.store(
+            name=f"{command}_schema", node=OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
+        )
