@@ -61,16 +61,11 @@ def test_every_option_composes_and_validates(group):
 def test_top_level_keys_come_from_the_schema(command):
     from omegaconf import OmegaConf
 
-    from lmtrain.config import SCHEMAS
-
     shipped = OmegaConf.load(importlib.resources.files("lmtrain.configs") / f"{command}.yaml")
-    defaults = OmegaConf.structured(SCHEMAS[command])
     for key in shipped:
-        if key in ("defaults", "hydra"):
-            continue
-        assert isinstance(shipped[key], type(shipped)), f"{command}.yaml restates {key}; the schema holds it"
-        for leaf in shipped[key]:
-            assert shipped[key][leaf] != defaults[key][leaf], f"{command}.yaml restates {key}.{leaf}"
+        # a group's block overrides its option (finetune's lower LR), so it may equal the schema's value
+        if key not in ("defaults", "hydra"):
+            assert isinstance(shipped[key], type(shipped)), f"{command}.yaml restates {key}; the schema holds it"
 
 
 @pytest.mark.parametrize(
