@@ -4,12 +4,17 @@ Memory is counted per process in bytes: fp32 weights (plus the 16-bit copies aut
 fp32 gradients, optimizer state, and the activations autograd saves for backward. The activation count
 follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", §4),
 redone for this model's modules: SDPA saves its output and log-sum-exp rather than the T×T scores, except
-with attention dropout, whose math path does save them.
+with attention dropout, whose math path does save them. `render` writes a plan (as `lmtrain plan` builds it)
+as text.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from lmtrain.devices import ASSUMED_MFU, Device
+from lmtrain.errors import UserError
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -147,3 +152,152 @@ def largest_micro_batch(memory: dict[str, int], micro_batch: int, available: int
     static = memory["weights"] + memory["gradients"] + memory["optimizer"]
     per_sequence = memory["activations"] / micro_batch
     return max(0, int((available - static) // per_sequence))
+
+
+def finetune_steps(examples: int, micro_batch: int, accumulation: int, world_size: int, epochs: float) -> int:
+    """Optimizer steps of `epochs` passes over `examples` (a partial last step counts as one)."""
+    per_epoch = max(1, math.ceil(examples / (micro_batch * accumulation * world_size)))
+    return math.ceil(epochs * per_epoch)
+
+
+def token_counts(
+    micro_batch: int, mean_len: float, longest: int, accumulation: int, world_size: int, max_steps: int
+) -> dict:
+    """Tokens per step (sequences × their mean length × micro-batches × processes) and per run."""
+    per_step = micro_batch * mean_len * accumulation * world_size
+    return {
+        "micro_batch_size": micro_batch,
+        "seq_len": mean_len,  # finetuning: the mean example length
+        "longest": longest,  # the longest micro-batch's length, which sets the memory peak
+        "accumulation_steps": accumulation,
+        "processes": world_size,
+        "per_step": per_step,
+        "per_run": per_step * max_steps,
+        "max_steps": max_steps,
+    }
+
+
+def fit(memory: dict[str, int], micro_batch: int, device_bytes: int) -> dict:
+    """Whether the estimate fits in the device's `device_bytes`, and the largest micro-batch that does."""
+    return {
+        "device_bytes": device_bytes,
+        "fits": memory["total"] <= device_bytes,
+        "largest_micro_batch": largest_micro_batch(memory, micro_batch, device_bytes),
+    }
+
+
+def time_estimate(
+    device: Device,
+    precision: str,
+    *,
+    flops_per_step: float,
+    tokens_per_step: float,
+    max_steps: int,
+    world_size: int = 1,
+    checkpointing: bool = False,
+) -> dict:
+    """Seconds per step and per run at the assumed MFU of the device's `precision` peak, on each process."""
+    peak = device.peak_flops.get(precision)
+    if peak is None:
+        raise UserError(f"trainer.precision={precision}: {device.name} has no {precision} peak in the table")
+    mfu = ASSUMED_MFU["cpu" if device.name.startswith("CPU") else "cuda"]
+    # activation checkpointing runs each block's forward twice: 8 instead of 6 FLOPs per parameter and token
+    hardware = 8 / 6 if checkpointing else 1.0
+    step_seconds = flops_per_step * hardware / (world_size * peak * mfu)
+    return {
+        "device": device.name,
+        "peak_flops": peak,
+        "assumed_mfu": mfu,
+        "step_seconds": step_seconds,
+        "run_seconds": step_seconds * max_steps,
+        "tokens_per_s": tokens_per_step / step_seconds,
+    }
+
+
+# ---- rendering -------------------------------------------------------------------------------------------------
+def _size(n: float) -> str:
+    """Bytes in decimal units: 1.5 GB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _flops(n: float) -> str:
+    """A FLOP count in decimal units: 3.2 TFLOPs."""
+    for unit in ("", "K", "M", "G", "T", "P", "E"):
+        if abs(n) < 1000 or unit == "E":
+            return f"{n:.3g} {unit}FLOPs"
+        n /= 1000
+    return f"{n:.3g} EFLOPs"
+
+
+def _duration(seconds: float) -> str:
+    """A duration in the largest unit that keeps it readable: s, min, h or days."""
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def render(plan: dict) -> str:
+    """The plan of `lmtrain plan` as the text it prints: one section per line group."""
+    m, p, f, tok, mem, tm = (plan[k] for k in ("model", "parameters", "flops", "tokens", "memory", "time"))
+    lines = [
+        f"plan for lmtrain {plan['command']}: {m['num_layers']} layers × {m['d_model']} wide, {m['num_heads']} heads, "
+        f"context {m['max_seq_len']}, vocabulary {m['vocab_size']:,} ({m['vocab_source']})"
+        + (f", {m['num_classes']} classes" if m["num_classes"] else ""),
+        "",
+        f"parameters   {p['total']:>15,}  total",
+        f"             {p['embedding']:>15,}  embedding (token + position tables)",
+        f"             {p['non_embedding']:>15,}  non-embedding",
+        f"             {p['trainable']:>15,}  trainable",
+        f"compute      {_flops(f['per_token']):>15}  per token (training: 6 per matmul parameter + attention)",
+        f"             {_flops(f['per_step']):>15}  per step",
+        f"             {_flops(f['per_run']):>15}  per run",
+        f"tokens       {tok['per_step']:>15,.0f}  per step ({tok['micro_batch_size']} sequences × "
+        f"{tok['seq_len']:,.0f} tokens × {tok['accumulation_steps']} micro-batches × {tok['processes']} processes)",
+        f"             {tok['per_run']:>15,.0f}  per run ({tok['max_steps']:,} steps)",
+        f"memory       per process: {mem['precision']}, {mem['optimizer_name']}, {mem['strategy']}"
+        + (", activation checkpointing" if mem["activation_checkpointing"] else ""),
+    ]
+    for part in ("weights", "gradients", "optimizer", "activations"):
+        note = f" (micro-batch {tok['micro_batch_size']})" if part == "activations" else ""
+        lines.append(f"             {_size(mem[part]):>15}  {part}{note}")
+    verdict = "fits" if mem["fits"] else "DOES NOT FIT"
+    lines.append(
+        f"             {_size(mem['total']):>15}  total: {verdict} in {_size(mem['device_bytes'])} on {tm['device']}"
+    )
+    if not mem["fits"]:
+        best = mem["largest_micro_batch"]
+        lines.append(
+            f"             largest micro-batch that fits: {best} (raise grad_accum.steps to keep the batch)"
+            if best
+            else "             even one sequence does not fit: try trainer.activation_checkpointing=true, "
+            "trainer.strategy=fsdp with more processes, or a smaller model"
+        )
+    lines.append(
+        f"time         {_duration(tm['step_seconds']):>15}  per step, {_duration(tm['run_seconds'])} per run, "
+        f"{tm['tokens_per_s']:,.0f} tokens/s: at {tm['assumed_mfu']:.0%} MFU of {tm['peak_flops'] / 1e12:.3g} "
+        f"TFLOP/s {mem['precision']} peak"
+    )
+    if "measured" in plan:
+        lines += _measured_lines(plan["measured"], mem, tm)
+    return "\n".join(lines)
+
+
+def _measured_lines(ms: dict, mem: dict, tm: dict) -> list[str]:
+    """The `--measure` section: the timed steps and peak memory beside their estimates."""
+    error = ms["peak_memory"] / mem["total"] - 1 if mem["total"] else 0.0
+    return [
+        "",
+        f"measured     ({ms['steps']} steps on random tokens, the first a warm-up)",
+        f"             {_duration(ms['step_seconds']):>15}  per step (estimate {_duration(tm['step_seconds'])})",
+        f"             {ms['tokens_per_s']:>15,.0f}  tokens/s, MFU {ms['mfu']:.1%}",
+        f"             {_size(ms['peak_memory']):>15}  peak memory (estimate {_size(mem['total'])}, "
+        f"measured {error:+.0%}; {ms['memory_source']})",
+    ]

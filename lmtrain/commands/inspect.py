@@ -19,7 +19,7 @@ from lmtrain.data.tokenizer import end_of_text_id
 from lmtrain.distributed import resolve_device
 from lmtrain.errors import UserError
 from lmtrain.pretrained import load_model
-from lmtrain.tasks import Task, load_task_info
+from lmtrain.tasks import Task, TaskInfo, load_task_info
 
 log = logging.getLogger("lmtrain")
 LM_VIEWS = ["loss", "attention", "logit_lens"]
@@ -33,6 +33,7 @@ def _label(tokenizer, token_id: int) -> str:
 
 
 def _shade(value: float, top: float) -> float:
+    """value's share of top, clamped to 0..1: how strongly a token is shaded."""
     return 0.0 if top <= 0 else max(0.0, min(1.0, value / top))
 
 
@@ -51,6 +52,7 @@ def _terminal(labels: list[str], values: list[float | None], signed: bool = Fals
 
 
 def _html(labels: list[str], values: list[float | None], title: str, legend: str, signed: bool = False) -> str:
+    """A page of the tokens shaded as in the terminal, each value in its tooltip."""
     top = max((abs(v) for v in values if v is not None), default=0.0)
     spans = []
     for text, value in zip(labels, values, strict=True):
@@ -70,6 +72,7 @@ def _html(labels: list[str], values: list[float | None], title: str, legend: str
 
 
 def _indices(requested: list[int] | None, count: int, key: str, what: str) -> list[int]:
+    """The requested layers or heads, checked against the model's count, sorted; all of them if none."""
     if requested is None:
         return list(range(count))
     for i in requested:
@@ -79,6 +82,7 @@ def _indices(requested: list[int] | None, count: int, key: str, what: str) -> li
 
 
 def _plots():
+    """lmtrain.inspect_plots, or None (with a warning) without matplotlib."""
     try:
         from lmtrain import inspect_plots
     except ImportError:
@@ -87,12 +91,8 @@ def _plots():
     return inspect_plots
 
 
-@torch.no_grad()
-def run(cfg: InspectConfig, run_dir: str) -> None:
-    device = resolve_device(cfg.device, "device")
-    assert cfg.ckpt is not None, "ckpt is checked before the run"
-    model, tokenizer = load_model(cfg.ckpt, device)
-    info = load_task_info(cfg.ckpt)
+def _read_text(cfg: InspectConfig) -> str:
+    """The text to inspect: `text`, or the contents of `text_file`."""
     text = cfg.text
     if cfg.text_file:
         path = Path(cfg.text_file).expanduser()
@@ -101,31 +101,123 @@ def run(cfg: InspectConfig, run_dir: str) -> None:
         text = path.read_text()
     if not text:
         raise UserError("text: empty; give the text to inspect")
-    classify = info is not None and info.name == "classification"
+    return text
+
+
+def _views(requested: list[str] | None, classify: bool) -> list[str]:
+    """The views to draw: those requested (each must suit the checkpoint's kind), or all that suit it."""
     allowed = CLASSIFIER_VIEWS if classify else LM_VIEWS
-    views = cfg.views or allowed
+    views = requested or allowed
     for view in views:
         if view not in allowed:
             kind = "a classification" if classify else "a language-model"
             raise UserError(f"views: {view} does not apply to {kind} checkpoint; choose from {', '.join(allowed)}")
+    return views
+
+
+def _token_ids(text: str, tokenizer, info: TaskInfo | None, max_seq_len: int) -> tuple[list[int], list[int]]:
+    """The text's token ids and the model's inputs among them: for a classifier all of them, as predict reads
+    the text (cut to fit, then EOT where the head reads); for a language model all but the last, as evaluate
+    scores a text (text EOT, each token predicted from the ones before it)."""
+    if info is not None and info.name == "classification":
+        ids = Task(info, tokenizer, max_seq_len).encode_texts([text])[0][0].ids
+        return ids, ids
+    ids = tokenizer.encode(text, add_special_tokens=False).ids + [end_of_text_id(tokenizer)]
+    if len(ids) > max_seq_len + 1:
+        log.warning("text: %d tokens; inspecting the first %d (the model's context + 1)", len(ids), max_seq_len + 1)
+        ids = ids[: max_seq_len + 1]
+    if len(ids) < 2:
+        raise UserError("text: empty; give the text to inspect")
+    return ids, ids[:-1]
+
+
+def _loss_view(result: interpret.Trace, tokens: torch.Tensor, labels: list[str], out: Path) -> dict:
+    """Per-token loss: token_loss.html, printed shaded in the terminal; returns its inspect.json entry."""
+    losses = interpret.token_losses(result.logits, tokens).tolist()
+    values = [None, *losses]
+    (out / "token_loss.html").write_text(
+        _html(labels, values, "per-token loss", "redder: more surprising (loss in nats; hover for the value)")
+    )
+    total = sum(losses)
+    print(f"per-token loss (nats; mean {total / len(losses):.4f} over {len(losses)} predicted tokens):")
+    print(_terminal(labels, values))
+    return {"per_token": losses, "total": total, "mean": total / len(losses), "html": "token_loss.html"}
+
+
+def _contribution_view(model, tokens: torch.Tensor, labels: list[str], class_names: list, out: Path) -> dict:
+    """Each token's contribution to the predicted class: contribution.html, printed shaded in the terminal;
+    returns its inspect.json entry."""
+    predicted, probs, scores = interpret.contributions(model, tokens)
+    label = class_names[predicted]
+    (out / "contribution.html").write_text(
+        _html(
+            labels,
+            scores.tolist(),
+            f"contributions to the predicted class {label!r} (p={probs[predicted]:.3f})",
+            "gradient × input on the token embeddings: red pushes toward the class, blue away",
+            signed=True,
+        )
+    )
+    print(f"predicted {label!r} (p={probs[predicted]:.3f}); contribution of each token:")
+    print(_terminal(labels, scores.tolist(), signed=True))
+    return {
+        "label": label,
+        "probabilities": {str(k): p for k, p in zip(class_names, probs.tolist(), strict=True)},
+        "per_token": scores.tolist(),
+        "method": "gradient x input",
+        "html": "contribution.html",
+    }
+
+
+def _attention_view(result: interpret.Trace, layers: list[int], heads: list[int], labels: list[str], plots, out: Path):
+    """Attention maps: one PNG per layer and head (with the plots extra); returns its inspect.json entry."""
+    files = []
+    if plots is not None:
+        for layer in layers:
+            for head in heads:
+                name = f"attention_layer{layer}_head{head}.png"
+                grid = result.attention[layer][head].cpu().numpy()
+                plots.attention_png(grid, labels, f"attention, layer {layer}, head {head}", out / name)
+                files.append(name)
+    return {"layers": layers, "heads": heads, "png": files}
+
+
+def _logit_lens_view(model, result: interpret.Trace, tokenizer, labels: list[str], plots, out: Path) -> dict:
+    """The logit lens: printed as a table of each layer's top prediction, logit_lens.png with the plots extra;
+    returns its inspect.json entry."""
+    top, probs = interpret.logit_lens(model, result.residuals)
+    table = [[_label(tokenizer, i) for i in row] for row in top.tolist()]
+    entry: dict[str, Any] = {"top": table, "probability": probs.tolist()}
+    if plots is not None:
+        plots.logit_lens_png(probs.cpu().numpy(), table, labels, out / "logit_lens.png")
+        entry["png"] = "logit_lens.png"
+    width = max(len(t) for t in labels + [w for row in table for w in row])
+    print("logit lens (top next-token prediction from each layer's residual stream):")
+    print("input    " + " ".join(f"{t:>{width}}" for t in labels))
+    for layer, row in enumerate(table):
+        print(f"layer {layer:<2} " + " ".join(f"{t:>{width}}" for t in row))
+    return entry
+
+
+def _written(index: dict) -> list[str]:
+    """The files the views wrote beside inspect.json (HTML pages and PNGs)."""
+    written = [v[k] for v in index["views"].values() for k in ("html", "png") if isinstance(v.get(k), str)]
+    return written + [f for v in index["views"].values() if isinstance(v.get("png"), list) for f in v["png"]]
+
+
+@torch.no_grad()
+def run(cfg: InspectConfig, run_dir: str) -> None:
+    """Inspect one text with the checkpoint: print each view and write its files and inspect.json in run_dir."""
+    device = resolve_device(cfg.device, "device")
+    assert cfg.ckpt is not None, "ckpt is checked before the run"
+    model, tokenizer = load_model(cfg.ckpt, device)
+    info = load_task_info(cfg.ckpt)
+    text = _read_text(cfg)
+    views = _views(cfg.views, classify=info is not None and info.name == "classification")
     c = model.config
     layers = _indices(cfg.layers, c.num_layers, "layers", "layer")
     heads = _indices(cfg.heads, c.num_heads, "heads", "head")
-    eot = end_of_text_id(tokenizer)
-    if classify:  # as predict reads it: the text (cut to fit), then EOT where the head reads
-        assert info is not None  # classify: the checkpoint has a task.json
-        ids = Task(info, tokenizer, c.max_seq_len).encode_texts([text])[0][0].ids
-        inputs = ids
-    else:  # as evaluate scores a text: text EOT, each token predicted from the ones before it
-        ids = tokenizer.encode(text, add_special_tokens=False).ids + [eot]
-        if len(ids) > c.max_seq_len + 1:
-            log.warning(
-                "text: %d tokens; inspecting the first %d (the model's context + 1)", len(ids), c.max_seq_len + 1
-            )
-            ids = ids[: c.max_seq_len + 1]
-        if len(ids) < 2:
-            raise UserError("text: empty; give the text to inspect")
-        inputs = ids[:-1]
+    ids, inputs = _token_ids(text, tokenizer, info, c.max_seq_len)
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokens = torch.tensor(ids, device=device)
@@ -134,68 +226,14 @@ def run(cfg: InspectConfig, run_dir: str) -> None:
     index: dict = {"checkpoint": str(cfg.ckpt), "text": text, "tokens": labels, "views": {}}
     plots = _plots() if ("attention" in views or "logit_lens" in views) else None
     result = interpret.trace(model, tokens[: len(inputs)], layers if "attention" in views else [])
-
     if "loss" in views:
-        losses = interpret.token_losses(result.logits, tokens).tolist()
-        values = [None, *losses]
-        (out / "token_loss.html").write_text(
-            _html(labels, values, "per-token loss", "redder: more surprising (loss in nats; hover for the value)")
-        )
-        total = sum(losses)
-        index["views"]["loss"] = {
-            "per_token": losses,
-            "total": total,
-            "mean": total / len(losses),
-            "html": "token_loss.html",
-        }
-        print(f"per-token loss (nats; mean {total / len(losses):.4f} over {len(losses)} predicted tokens):")
-        print(_terminal(labels, values))
+        index["views"]["loss"] = _loss_view(result, tokens, labels, out)
     if "contribution" in views:
-        predicted, probs, scores = interpret.contributions(model, tokens)
         assert info is not None and info.labels is not None, "contribution is a classification view"
-        label = info.labels[predicted]
-        (out / "contribution.html").write_text(
-            _html(
-                labels,
-                scores.tolist(),
-                f"contributions to the predicted class {label!r} (p={probs[predicted]:.3f})",
-                "gradient × input on the token embeddings: red pushes toward the class, blue away",
-                signed=True,
-            )
-        )
-        index["views"]["contribution"] = {
-            "label": label,
-            "probabilities": {str(k): p for k, p in zip(info.labels, probs.tolist(), strict=True)},
-            "per_token": scores.tolist(),
-            "method": "gradient x input",
-            "html": "contribution.html",
-        }
-        print(f"predicted {label!r} (p={probs[predicted]:.3f}); contribution of each token:")
-        print(_terminal(labels, scores.tolist(), signed=True))
+        index["views"]["contribution"] = _contribution_view(model, tokens, labels, info.labels, out)
     if "attention" in views:
-        files = []
-        if plots is not None:
-            for layer in layers:
-                for head in heads:
-                    name = f"attention_layer{layer}_head{head}.png"
-                    grid = result.attention[layer][head].cpu().numpy()
-                    plots.attention_png(grid, input_labels, f"attention, layer {layer}, head {head}", out / name)
-                    files.append(name)
-        index["views"]["attention"] = {"layers": layers, "heads": heads, "png": files}
+        index["views"]["attention"] = _attention_view(result, layers, heads, input_labels, plots, out)
     if "logit_lens" in views:
-        top, probs = interpret.logit_lens(model, result.residuals)
-        table = [[_label(tokenizer, i) for i in row] for row in top.tolist()]
-        entry: dict[str, Any] = {"top": table, "probability": probs.tolist()}
-        if plots is not None:
-            plots.logit_lens_png(probs.cpu().numpy(), table, input_labels, out / "logit_lens.png")
-            entry["png"] = "logit_lens.png"
-        index["views"]["logit_lens"] = entry
-        width = max(len(t) for t in input_labels + [w for row in table for w in row])
-        print("logit lens (top next-token prediction from each layer's residual stream):")
-        print("input    " + " ".join(f"{t:>{width}}" for t in input_labels))
-        for layer, row in enumerate(table):
-            print(f"layer {layer:<2} " + " ".join(f"{t:>{width}}" for t in row))
+        index["views"]["logit_lens"] = _logit_lens_view(model, result, tokenizer, input_labels, plots, out)
     (out / "inspect.json").write_text(json.dumps(index, indent=2) + "\n")
-    written = [v[k] for v in index["views"].values() for k in ("html", "png") if isinstance(v.get(k), str)]
-    written += [f for v in index["views"].values() if isinstance(v.get("png"), list) for f in v["png"]]
-    print(f"wrote {out / 'inspect.json'} and {len(written)} files beside it")
+    print(f"wrote {out / 'inspect.json'} and {len(_written(index))} files beside it")

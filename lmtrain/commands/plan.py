@@ -9,13 +9,13 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmtrain import plan as costs
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -25,6 +25,7 @@ PLAN_COMMANDS = ("pretrain", "finetune")
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line of `lmtrain plan`."""
     parser = argparse.ArgumentParser(
         prog="lmtrain plan",
         description="Parameters, FLOPs, tokens, memory and time of a pretrain (default) or finetune run, "
@@ -62,7 +63,7 @@ def main(argv: list[str], check: Callable[[str, type, list[str]], Any]) -> int:
         for line in str(err).splitlines():
             print(f"lmtrain plan: error: {line}", file=sys.stderr)
         return 2
-    print(json.dumps(plan, indent=2) if args.format == "json" else render(plan))
+    print(json.dumps(plan, indent=2) if args.format == "json" else costs.render(plan))
     return 0
 
 
@@ -89,6 +90,7 @@ def _pretrain_model(cfg) -> tuple[Any, str]:
 
 
 def _meta_model(**config):
+    """A TransformerLM of this config on the meta device: shapes, no memory."""
     import torch
 
     from lmtrain.model import TransformerConfig, TransformerLM
@@ -100,8 +102,6 @@ def _meta_model(**config):
 def _finetune_model(cfg) -> tuple[Any, list[int]]:
     """The model finetune would train (init_from's shape, the task's head, frozen parts, adapters) and the
     lengths of its training examples in tokens. init_from may be any checkpoint or a Hugging Face folder."""
-    import dataclasses
-
     from lmtrain.data.examples import read_records
     from lmtrain.lora import add_lora
     from lmtrain.pretrained import load_special_tokens, load_tokenizer, model_config
@@ -133,62 +133,55 @@ def _finetune_model(cfg) -> tuple[Any, list[int]]:
     return model, lengths
 
 
+@dataclasses.dataclass
+class _Workload:
+    """What a run trains and how many tokens it feeds it: the model (meta device) and its batch shape."""
+
+    model: Any
+    vocab_source: str  # where the vocabulary size came from
+    longest: int  # the longest micro-batch's length, which sets the memory peak
+    mean_len: float  # the mean tokens per sequence (pretraining: the context; finetuning: the mean example)
+    accumulation: int
+    max_steps: int
+
+
+def _pretrain_workload(cfg, world: int) -> _Workload:
+    """The model and batches pretrain would train: full windows of the context length."""
+    from lmtrain.config import accumulation_steps
+
+    model, vocab_source = _pretrain_model(cfg)
+    seq_len = cfg.model.max_seq_len
+    t = cfg.trainer
+    accumulation = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, world)
+    return _Workload(model, vocab_source, seq_len, seq_len, accumulation, t.max_steps)
+
+
+def _finetune_workload(cfg, world: int) -> _Workload:
+    """The model and batches finetune would train: its examples, for `epochs` or trainer.max_steps."""
+    model, lengths = _finetune_model(cfg)
+    t, accumulation = cfg.trainer, cfg.grad_accum.steps
+    max_steps = t.max_steps
+    if cfg.epochs is not None:
+        max_steps = costs.finetune_steps(len(lengths), t.micro_batch_size, accumulation, world, cfg.epochs)
+    return _Workload(model, "init_from", max(lengths), sum(lengths) / len(lengths), accumulation, max_steps)
+
+
 # ---- the plan --------------------------------------------------------------------------------------------------
 def build(command: str, cfg, device_name: str | None) -> dict:
     """Every number of the plan, as a JSON-able dict."""
-    import torch
-
-    from lmtrain import plan as costs
-    from lmtrain.config import accumulation_steps
-
     t = cfg.trainer
     world = max(t.nproc, 1)
     strategy = t.strategy if t.strategy not in ("auto", "single") else ("ddp" if world > 1 else "single")
-    if command == "pretrain":
-        model, vocab_source = _pretrain_model(cfg)
-        seq_len = mean_len = cfg.model.max_seq_len
-        accum = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, world)
-        max_steps = t.max_steps
-    else:
-        model, lengths = _finetune_model(cfg)
-        vocab_source = "init_from"
-        seq_len = max(lengths)  # the longest micro-batch decides the peak
-        mean_len = sum(lengths) / len(lengths)
-        accum = cfg.grad_accum.steps
-        per_epoch = max(1, math.ceil(len(lengths) / (t.micro_batch_size * accum * world)))
-        max_steps = math.ceil(cfg.epochs * per_epoch) if cfg.epochs is not None else t.max_steps
-    c = model.config
-    total = model.num_parameters()
-    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    flops_per_token = model.flops_per_token()
-    tokens_per_step = t.micro_batch_size * mean_len * accum * world
-    memory = costs.memory_estimate(
-        costs.ModelShape.of(c),
-        total_params=total,
-        trainable_params=trainable,
-        linear_weights=linear,
-        micro_batch=t.micro_batch_size,
-        seq_len=seq_len,
-        precision=t.precision,
-        optimizer=cfg.optimizer.name,
-        momentum=cfg.optimizer.momentum,
-        strategy=strategy,
-        world_size=world,
-        checkpointing=t.activation_checkpointing,
+    work = _pretrain_workload(cfg, world) if command == "pretrain" else _finetune_workload(cfg, world)
+    c = work.model.config
+    parameters = _parameter_counts(work.model)
+    flops_per_token = work.model.flops_per_token()
+    tokens = costs.token_counts(
+        t.micro_batch_size, work.mean_len, work.longest, work.accumulation, world, work.max_steps
     )
+    tokens_per_step = tokens["per_step"]
+    memory = _memory(cfg, work, parameters, strategy, world)
     device = _device(device_name or t.device, t.precision)
-    peak = device.peak_flops.get(t.precision)
-    if peak is None:
-        raise UserError(f"trainer.precision={t.precision}: {device.name} has no {t.precision} peak in the table")
-    from lmtrain.devices import ASSUMED_MFU
-
-    mfu = ASSUMED_MFU["cpu" if device.name.startswith("CPU") else "cuda"]
-    # activation checkpointing runs each block's forward twice: 8 instead of 6 FLOPs per parameter and token
-    hardware = 8 / 6 if t.activation_checkpointing else 1.0
-    step_seconds = flops_per_token * tokens_per_step * hardware / (world * peak * mfu)
-    fits = memory["total"] <= device.memory_bytes
     return {
         "command": command,
         "model": {
@@ -197,52 +190,69 @@ def build(command: str, cfg, device_name: str | None) -> dict:
             "num_layers": c.num_layers,
             "max_seq_len": c.max_seq_len,
             "vocab_size": c.vocab_size,
-            "vocab_source": vocab_source,
+            "vocab_source": work.vocab_source,
             "num_classes": c.num_classes,
         },
-        "parameters": {
-            "total": total,
-            "embedding": embedding,
-            "non_embedding": total - embedding,
-            "trainable": trainable,
-        },
+        "parameters": parameters,
         "flops": {
             "per_token": flops_per_token,
             "per_step": flops_per_token * tokens_per_step,
-            "per_run": flops_per_token * tokens_per_step * max_steps,
+            "per_run": flops_per_token * tokens_per_step * work.max_steps,
         },
-        "tokens": {
-            "micro_batch_size": t.micro_batch_size,
-            "seq_len": mean_len,  # finetuning: the mean example length
-            "longest": seq_len,  # the longest micro-batch's length, which sets the memory peak
-            "accumulation_steps": accum,
-            "processes": world,
-            "per_step": tokens_per_step,
-            "per_run": tokens_per_step * max_steps,
-            "max_steps": max_steps,
-        },
+        "tokens": tokens,
         "memory": {
             **memory,
             "precision": t.precision,
             "optimizer_name": cfg.optimizer.name,
             "strategy": strategy,
             "activation_checkpointing": t.activation_checkpointing,
-            "device_bytes": device.memory_bytes,
-            "fits": fits,
-            "largest_micro_batch": costs.largest_micro_batch(memory, t.micro_batch_size, device.memory_bytes),
+            **costs.fit(memory, t.micro_batch_size, device.memory_bytes),
         },
-        "time": {
-            "device": device.name,
-            "peak_flops": peak,
-            "assumed_mfu": mfu,
-            "step_seconds": step_seconds,
-            "run_seconds": step_seconds * max_steps,
-            "tokens_per_s": tokens_per_step / step_seconds,
-        },
+        "time": costs.time_estimate(
+            device,
+            t.precision,
+            flops_per_step=flops_per_token * tokens_per_step,
+            tokens_per_step=tokens_per_step,
+            max_steps=work.max_steps,
+            world_size=world,
+            checkpointing=t.activation_checkpointing,
+        ),
     }
 
 
+def _parameter_counts(model) -> dict[str, int]:
+    """Total, embedding (token + position tables), non-embedding and trainable parameters (shared ones once)."""
+    import torch
+
+    total = model.num_parameters()
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "trainable": trainable}
+
+
+def _memory(cfg, work: _Workload, parameters: dict[str, int], strategy: str, world: int) -> dict[str, int]:
+    """The estimated peak memory per process, by part, of the workload under cfg's trainer and optimizer."""
+    import torch
+
+    t = cfg.trainer
+    return costs.memory_estimate(
+        costs.ModelShape.of(work.model.config),
+        total_params=parameters["total"],
+        trainable_params=parameters["trainable"],
+        linear_weights=sum(m.weight.numel() for m in work.model.modules() if isinstance(m, torch.nn.Linear)),
+        micro_batch=t.micro_batch_size,
+        seq_len=work.longest,
+        precision=t.precision,
+        optimizer=cfg.optimizer.name,
+        momentum=cfg.optimizer.momentum,
+        strategy=strategy,
+        world_size=world,
+        checkpointing=t.activation_checkpointing,
+    )
+
+
 def _device(name: str, precision: str):
+    """The device of the peak table to plan for: cpu, this machine's GPU (auto, cuda), or a GPU by name."""
     from lmtrain import devices
 
     if name == "cpu":
@@ -382,84 +392,3 @@ def _random_step(plan: dict, config: dict, device) -> list:
         else:
             step.append((windows[:, :-1], windows[:, 1:]))
     return step
-
-
-# ---- rendering ---------------------------------------------------------------------------------------------------
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _flops(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T", "P", "E"):
-        if abs(n) < 1000 or unit == "E":
-            return f"{n:.3g} {unit}FLOPs"
-        n /= 1000
-    return f"{n:.3g} EFLOPs"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.3g} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
-def render(plan: dict) -> str:
-    m, p, f, tok, mem, tm = (plan[k] for k in ("model", "parameters", "flops", "tokens", "memory", "time"))
-    lines = [
-        f"plan for lmtrain {plan['command']}: {m['num_layers']} layers × {m['d_model']} wide, {m['num_heads']} heads, "
-        f"context {m['max_seq_len']}, vocabulary {m['vocab_size']:,} ({m['vocab_source']})"
-        + (f", {m['num_classes']} classes" if m["num_classes"] else ""),
-        "",
-        f"parameters   {p['total']:>15,}  total",
-        f"             {p['embedding']:>15,}  embedding (token + position tables)",
-        f"             {p['non_embedding']:>15,}  non-embedding",
-        f"             {p['trainable']:>15,}  trainable",
-        f"compute      {_flops(f['per_token']):>15}  per token (training: 6 per matmul parameter + attention)",
-        f"             {_flops(f['per_step']):>15}  per step",
-        f"             {_flops(f['per_run']):>15}  per run",
-        f"tokens       {tok['per_step']:>15,.0f}  per step ({tok['micro_batch_size']} sequences × "
-        f"{tok['seq_len']:,.0f} tokens × {tok['accumulation_steps']} micro-batches × {tok['processes']} processes)",
-        f"             {tok['per_run']:>15,.0f}  per run ({tok['max_steps']:,} steps)",
-        f"memory       per process: {mem['precision']}, {mem['optimizer_name']}, {mem['strategy']}"
-        + (", activation checkpointing" if mem["activation_checkpointing"] else ""),
-    ]
-    for part in ("weights", "gradients", "optimizer", "activations"):
-        note = f" (micro-batch {tok['micro_batch_size']})" if part == "activations" else ""
-        lines.append(f"             {_size(mem[part]):>15}  {part}{note}")
-    verdict = "fits" if mem["fits"] else "DOES NOT FIT"
-    lines.append(
-        f"             {_size(mem['total']):>15}  total: {verdict} in {_size(mem['device_bytes'])} on {tm['device']}"
-    )
-    if not mem["fits"]:
-        best = mem["largest_micro_batch"]
-        lines.append(
-            f"             largest micro-batch that fits: {best} (raise grad_accum.steps to keep the batch)"
-            if best
-            else "             even one sequence does not fit: try trainer.activation_checkpointing=true, "
-            "trainer.strategy=fsdp with more processes, or a smaller model"
-        )
-    lines.append(
-        f"time         {_duration(tm['step_seconds']):>15}  per step, {_duration(tm['run_seconds'])} per run, "
-        f"{tm['tokens_per_s']:,.0f} tokens/s: at {tm['assumed_mfu']:.0%} MFU of {tm['peak_flops'] / 1e12:.3g} "
-        f"TFLOP/s {mem['precision']} peak"
-    )
-    if "measured" in plan:
-        ms = plan["measured"]
-        error = ms["peak_memory"] / mem["total"] - 1 if mem["total"] else 0.0
-        lines += [
-            "",
-            f"measured     ({ms['steps']} steps on random tokens, the first a warm-up)",
-            f"             {_duration(ms['step_seconds']):>15}  per step (estimate {_duration(tm['step_seconds'])})",
-            f"             {ms['tokens_per_s']:>15,.0f}  tokens/s, MFU {ms['mfu']:.1%}",
-            f"             {_size(ms['peak_memory']):>15}  peak memory (estimate {_size(mem['total'])}, "
-            f"measured {error:+.0%}; {ms['memory_source']})",
-        ]
-    return "\n".join(lines)
