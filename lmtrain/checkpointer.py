@@ -35,11 +35,10 @@ class Checkpointer:
 
         options = checkpoint.full_state_options()
         full = get_model_state_dict(trainer.model, options=options)
-        optimizer_state = checkpoint.numbered_optimizer_state(
-            get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
-        )
-        if not trainer.placement.is_main:
+        optimizer_state = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options)
+        if not trainer.placement.is_main:  # full state dicts are gathered on the main process only
             return trainer.model, None, {}
+        optimizer_state = checkpoint.numbered_optimizer_state(optimizer_state)
         tensors = {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}  # full state: plain tensors
         if trained is not None:
             return trainer.model, {k: v for k, v in tensors.items() if k in trained}, optimizer_state
