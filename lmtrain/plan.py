@@ -52,7 +52,7 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, precision: str) -> i
 
     The residual stream and the LayerNorm inputs stay fp32 under autocast; each linear saves its input
     (cast to 16 bits under autocast); SDPA saves q, k, v, its output and the log-sum-exp; the FFN saves
-    its up-projection and activation (gelu: 2 × d_ff, relu: 1, swiglu: 4).
+    its up-projection and activation (gelu and relu2: 2 × d_ff, relu: 1, swiglu: 4).
     """
     a, h, f = BYTES[precision], shape.d_model, shape.ffn_width
     residual = 4 * 2 * h  # block input and the sum after attention, both saved by the norms
@@ -61,7 +61,7 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, precision: str) -> i
     if shape.position == "rope":
         attention += a * (q + kv)  # rotated q and k are new tensors
     attention += 4 * shape.num_heads  # log-sum-exp per head
-    ffn = a * h + a * {"gelu": 2, "gelu_tanh": 2, "relu": 1, "swiglu": 4}[shape.activation] * f
+    ffn = a * h + a * {"gelu": 2, "gelu_tanh": 2, "relu": 1, "relu2": 2, "swiglu": 4}[shape.activation] * f
     # Freed temporaries (branch outputs, residual sums) leave ~one fp32 residual-stream row per layer that the
     # allocator does not hand back: measured on CPU (glibc), ~h to 2.7h bytes·4 per token and layer.
     slack = 4 * h

@@ -43,6 +43,7 @@ def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[Tran
             load_export_weights(model, source)
         else:
             checkpoint.load_weights(model, source)
+            checkpoint.apply_ema(model, source)
     return model.to(device), tokenizer
 
 
@@ -106,6 +107,7 @@ def load_adapter(source: Path, device: torch.device, key: str) -> tuple[Transfor
         raise UserError(f"{key}: '{source / checkpoint.ADAPTER_FILE}' names layers its base model does not have")
     with checkpoint.readable(source, key):
         checkpoint.load_weights(model, source, partial=True)
+        checkpoint.apply_ema(model, source)
     return model.to(device), tokenizer
 
 

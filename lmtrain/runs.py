@@ -17,6 +17,7 @@ import yaml
 from lmtrain import checkpoint, checkpoint_meta, distributed, run_lock
 from lmtrain.config import TrainerConfig
 from lmtrain.distributed import Placement
+from lmtrain.ema import EMA
 from lmtrain.errors import Diverged, RunRefused, UserError
 from lmtrain.losses import cross_entropy, distillation
 from lmtrain.model import TransformerLM
@@ -175,6 +176,8 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
         else:
             checkpoint.load_weights(trainer.model, source, partial=adapter)
             trainer.optimizer.load_state_dict(optimizer_state)
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(checkpoint.load_ema(source))
         trainer.scheduler.load_state_dict(state["scheduler"])
         # the LR of the next step under this run's schedule (the same as saved unless max_steps changed)
         scheduler = trainer.scheduler
@@ -269,6 +272,7 @@ class Checkpointer:
                 files=self.files,
                 name=name,
                 weights=weights,
+                ema=trainer.ema.state_dict() if trainer.ema is not None else None,
             )
             if name is None:
                 checkpoint.prune(self.root, self.keep_last)
@@ -306,6 +310,8 @@ def build_trainer(
         eps=o.eps,
         momentum=o.momentum,
         device=device,
+        muon_lr=o.muon_lr,
+        muon_adjust_lr_fn=o.muon_adjust_lr_fn,
     )
     warmup = s.warmup_steps
     if warmup > max_steps:  # a quick try (`trainer.max_steps=5`) warms up for the whole run
@@ -327,6 +333,7 @@ def build_trainer(
         loss_fn = partial(distillation, temperature=lo.temperature, alpha=lo.alpha, kl=lo.kl, **common)
     else:
         loss_fn = partial(cross_entropy, **common)
+    ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
     return Trainer(
         model,
         optimizer,
@@ -341,6 +348,8 @@ def build_trainer(
         placement=placement,
         parallel=parallel,
         on_nonfinite=t.on_nonfinite,
+        ema=ema,
+        early_stopping_patience=t.early_stopping_patience,
     )
 
 

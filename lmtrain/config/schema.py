@@ -20,7 +20,7 @@ class ModelConfig:
     head_dim: int | None = None  # width of each head; null: d_model / num_heads
     d_ff: int | None = None  # FFN hidden width; null: 4*d_model (8/3*d_model for swiglu)
     dropout: float = 0.0  # embedding, attention and residual dropout
-    activation: str = "gelu"  # relu | gelu | gelu_tanh (GPT-2) | swiglu
+    activation: str = "gelu"  # relu | gelu | gelu_tanh (GPT-2) | swiglu | relu2 (ReLU squared, Primer)
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5  # epsilon of every norm
     norm_position: str = "pre"  # pre | post
@@ -36,16 +36,20 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (Qwen3)
     init_std: float = 0.02  # std of the normal init; residual projections are scaled by 1/sqrt(2*num_layers)
+    zero_init_residual: bool = False  # start the projections into the residual stream (attn.proj, ffn.down) at 0
+    logit_softcap: float | None = None  # LM logits become cap * tanh(logits / cap) (Gemma 2); null: off
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"  # adamw | adam | sgd
-    lr: float = 1e-3  # peak learning rate
+    name: str = "adamw"  # adamw | adam | sgd | muon (Muon for the blocks' matrices, AdamW for the rest)
+    lr: float = 1e-3  # peak learning rate (muon: of the AdamW parameters)
     weight_decay: float = 0.1  # applied to matrices only, never to norms, biases or embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam(W) betas
     eps: float = 1e-8  # Adam(W) epsilon
-    momentum: float = 0.9  # SGD momentum
+    momentum: float = 0.9  # SGD (and Muon) momentum
+    muon_lr: float = 0.02  # muon: peak learning rate of the matrices (the schedule scales it as it scales lr)
+    muon_adjust_lr_fn: str = "original"  # muon: original (x sqrt(max(1, rows/cols))) | match_rms_adamw
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
 
@@ -114,6 +118,8 @@ class TrainerConfig:
     # a non-finite loss or grad norm: stop (exit non-zero, the last finite checkpoint stays latest) or skip
     # the step (no update; counted in metrics.jsonl as skipped_steps)
     on_nonfinite: str = "stop"
+    ema_decay: float | None = None  # keep an exponential moving average of the weights, validated and saved; null: off
+    early_stopping_patience: int | None = None  # stop after this many validations without a new best; null: off
 
 
 @dataclass
