@@ -61,6 +61,7 @@ MODEL_FIELDS: dict[str, tuple[type, Any, str]] = {
     "init_std": (float, *_POSITIVE_FLOAT),
     "zero_init_residual": (bool, *_BOOL),
     "logit_softcap": (float, lambda v: v is None or 0 < v < math.inf, "null or > 0"),
+    "pooling": (str, lambda v: v in ("last", "mean"), "last or mean"),
     "num_classes": (int, lambda v: 0 <= v <= MAX_SIZE, f"in 0..{MAX_SIZE}"),
 }
 TRAINER_STATE_FIELDS = {"step": int, "tokens_seen": int, "window_steps": int}

@@ -42,6 +42,7 @@ class TransformerConfig:
     zero_init_residual: bool = False  # attn.proj and ffn.down start at zero: each block starts as the identity
     logit_softcap: float | None = None  # None: off; else LM logits are cap * tanh(logits / cap) (Gemma 2)
     num_classes: int = 0  # > 0: a classification head over the hidden state of a chosen position
+    pooling: str = "last"  # what the classification head reads: last (the last real token) | mean (of all tokens)
 
     @property
     def ffn_width(self) -> int:
@@ -320,13 +321,18 @@ class TransformerLM(nn.Module):
     ) -> torch.Tensor:
         """tokens [B, T] -> next-token logits [B, T, vocab_size]; or, given last_positions [B] (the index of
         each sequence's last real token), class logits [B, num_classes] from the hidden state there.
-        Right padding needs no attention mask: causal attention never looks ahead at it. document_ids [B, T]:
-        see `hidden_states`."""
+        Right padding needs no attention mask: causal attention never looks ahead at it. With pooling=mean the
+        head reads the mean hidden state of positions 0..last_positions instead. document_ids [B, T]: see
+        `hidden_states`."""
         hidden = self.hidden_states(tokens, cache, document_ids)
         if last_positions is None:
             return self.logits(hidden)
         if self.classifier is None:
             raise ValueError("this model has no classification head (num_classes=0)")
+        if self.config.pooling == "mean":
+            # [B, T, 1]: 1 up to each sequence's last real token, 0 on the padding after it
+            keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :, None] <= last_positions[:, None, None]
+            return self.classifier((hidden * keep).sum(1) / keep.sum(1))
         return self.classifier(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_positions])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -336,9 +342,10 @@ class TransformerLM(nn.Module):
         cap = self.config.logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
-    def add_classifier(self, num_classes: int) -> None:
-        """A fresh classification head (for finetuning a pretrained LM on a classification task)."""
-        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+    def add_classifier(self, num_classes: int, pooling: str | None = None) -> None:
+        """A fresh classification head (for finetuning a pretrained LM on a classification task); `pooling`:
+        last | mean (None: as the config says)."""
+        self.config = dataclasses.replace(self.config, num_classes=num_classes, pooling=pooling or self.config.pooling)
         self.classifier = nn.Linear(self.config.d_model, num_classes, device=self.token_embedding.weight.device)
         self._init_weights(self.classifier)
 

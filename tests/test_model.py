@@ -86,6 +86,19 @@ def test_zero_init_residual_starts_every_block_as_the_identity():
     assert torch.equal(model.blocks[0](x, rope), x)
 
 
+def test_mean_pooling_averages_the_real_tokens_only():
+    model = tiny()
+    model.add_classifier(3, pooling="mean")
+    tokens = torch.randint(0, 50, (2, 16))
+    last = torch.tensor([15, 4])
+    hidden = model.hidden_states(tokens)
+    expected = model.classifier(torch.stack([hidden[0].mean(0), hidden[1, :5].mean(0)]))
+    torch.testing.assert_close(model(tokens, last_positions=last), expected)
+    padded = tokens.clone()
+    padded[1, 5:] = 0  # what follows the last real token does not matter
+    torch.testing.assert_close(model(padded, last_positions=last)[1], expected[1])
+
+
 def test_cached_greedy_generation_equals_recomputing_every_step():
     model = tiny(position="rope").eval()
     prompt = torch.randint(0, 50, (2, 4))

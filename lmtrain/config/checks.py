@@ -37,6 +37,7 @@ CHOICES = {
     "task.name": ("lm", "classification", "seq2seq", "qa", "chat"),
     "task.overlong": ("truncate", "drop"),
     "task.class_weights": ("none", "balanced"),
+    "task.pooling": ("last", "mean"),
     "task.decoding": ("greedy", "beam", "sample"),
     "decoding": ("greedy", "beam", "sample"),
     "split": ("train", "validation", "test"),

@@ -138,6 +138,7 @@ class PretrainConfig:
 class TaskConfig:
     name: str = "classification"  # lm | classification | seq2seq | qa | chat
     class_weights: str = "none"  # classification: none | balanced (inverse class frequency)
+    pooling: str = "last"  # classification: the head reads the last token (last) or the mean of all tokens (mean)
     decoding: str = "greedy"  # seq2seq/qa evaluation: greedy | beam | sample
     num_beams: int = 4  # decoding=beam
     temperature: float = 1.0  # decoding=sample
@@ -184,7 +185,7 @@ class FinetuneConfig:
     freeze_embeddings: bool = False  # keep token/position embeddings (and a tied LM head) fixed
     freeze_blocks: int = 0  # keep the first k Transformer blocks fixed
     dropout: float | None = None  # the model's dropout for finetuning (null: as pretrained)
-    epochs: float | None = 3.0  # passes over train; sets trainer.max_steps (null: trainer.max_steps decides)
+    epochs: float | None = 3.0  # passes over train, at most trainer.max_steps steps (null: trainer.max_steps decides)
     evals_per_epoch: int = 2  # validations per epoch when epochs is set (else trainer.eval_every)
     task: TaskConfig = field(default_factory=TaskConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
