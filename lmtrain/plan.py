@@ -96,8 +96,9 @@ def activation_bytes(
 
 
 def optimizer_state_bytes(name: str, trainable: int, momentum: float = 0.9) -> int:
-    """fp32 state: Adam(W) keeps two moments per parameter, SGD one momentum buffer (none without momentum)."""
-    per_param = {"adamw": 8, "adam": 8, "sgd": 4 if momentum > 0 else 0}[name]
+    """fp32 state: Adam(W) keeps two moments per parameter, SGD one momentum buffer (none without momentum);
+    muon one buffer for the blocks' matrices and AdamW's two for the rest, so at most two (counted as such)."""
+    per_param = {"adamw": 8, "adam": 8, "muon": 8, "sgd": 4 if momentum > 0 else 0}[name]
     return per_param * trainable
 
 
@@ -131,7 +132,7 @@ def memory_estimate(
     gradients = 4 * trainable_params // shard * (2 if strategy == "ddp" else 1)
     optim = optimizer_state_bytes(optimizer, trainable_params, momentum) // shard
     activations = activation_bytes(shape, micro_batch, seq_len, precision, checkpointing)
-    transient = 4 * trainable_params // shard if optimizer in ("adamw", "adam") else 0
+    transient = 4 * trainable_params // shard if optimizer in ("adamw", "adam", "muon") else 0
     return {
         "weights": weights,
         "gradients": gradients,
