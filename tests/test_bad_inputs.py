@@ -21,6 +21,7 @@ CASES = [
     (["pretrain", "optimizer.lr=-1"], "optimizer.lr: must be > 0"),
     (["pretrain", "optimizer=muon", "optimizer.muon_adjust_lr_fn=rms"], "optimizer.muon_adjust_lr_fn: 'rms' is not"),
     (["pretrain", "trainer.ema_decay=1.5"], "trainer.ema_decay: must be in (0, 1) or null"),
+    (["pretrain", "optimizer=muon", "trainer.strategy=fsdp"], "optimizer=muon: not supported with trainer.strategy"),
     (["pretrain", "model.logit_softcap=0"], "model.logit_softcap: must be > 0 or null"),
     (["pretrain", "trainer.max_steps=5", "scheduler.warmup_steps=10"], "scheduler.warmup_steps: 10 exceeds"),
     (["pretrain", "data.on_bad_record=drop"], "data.on_bad_record: 'drop' is not one of skip, error"),

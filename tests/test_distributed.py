@@ -71,13 +71,13 @@ def test_checkpoint_of_two_processes_resumes_in_one(tmp_path, corpus, single, st
     assert_close(weights(tmp_path / "one" / "checkpoints" / "latest"), weights(single / "checkpoints" / "latest"))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_muon_on_two_processes_equals_one_and_resumes_in_one(tmp_path, corpus, strategy):
-    """optimizer=muon (Muon and AdamW behind one optimizer) under DDP and FSDP: the same weights as one process
-    with accumulation, and its checkpoint (both optimizers' state) resumes in one process to the same end."""
+def test_muon_on_two_processes_equals_one_and_resumes_in_one(tmp_path, corpus):
+    """optimizer=muon (Muon and AdamW behind one optimizer) under DDP: the same weights as one process with
+    accumulation, and its checkpoint (both optimizers' state) resumes in one process to the same end. (FSDP,
+    which shards the matrices Muon orthogonalises whole, is refused before the run starts.)"""
     muon = ["optimizer=muon", "trainer.micro_batch_size=4"]
     train(tmp_path / "single", corpus, *muon, "grad_accum.steps=2")
-    train(tmp_path / "two", corpus, *muon, "trainer.nproc=2", f"trainer.strategy={strategy}")
+    train(tmp_path / "two", corpus, *muon, "trainer.nproc=2", "trainer.strategy=ddp")
     single = weights(tmp_path / "single" / "checkpoints" / "latest")
     assert_close(weights(tmp_path / "two" / "checkpoints" / "latest"), single)
     step3 = tmp_path / "two" / "checkpoints" / "step_0000003"

@@ -226,6 +226,8 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
     if t.ema_decay is not None and t.strategy == "fsdp":
         errors.append("trainer.ema_decay: not supported with trainer.strategy=fsdp (use ddp, or ema_decay=null)")
     _positive(t, "trainer.", errors, "early_stopping_patience", nullable=True)
+    if o.name == "muon" and t.strategy == "fsdp":  # its Newton-Schulz step needs whole matrices, FSDP shards them
+        errors.append("optimizer=muon: not supported with trainer.strategy=fsdp (use ddp, or optimizer=adamw)")
     if not isinstance(t.resume, bool | str):
         errors.append(f"trainer.resume: must be true, false or a path, got {t.resume!r}")
 
