@@ -8,6 +8,8 @@ Layout of `checkpoints/step_NNNNNNN/`:
   config.yaml            the run's resolved config
   tokenizer.json         the tokenizer, so a checkpoint stands alone
   trainer_state.json     step, counters, scheduler; written last: its presence marks a complete checkpoint
+  ema.safetensors        trainer.ema_decay runs only: the average of the trained weights (lmtrain.ema); loading
+                         the checkpoint for use (generate, evaluate, export, init_from) takes these weights
   adapter.json           adapter runs only: the base model (path and content hash) and the LoRA settings;
                          model.safetensors then holds only the trained tensors
 `checkpoints/latest` is a symlink to the newest complete one.
@@ -37,6 +39,7 @@ from lmtrain.safe_io import share, writing
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 COMPLETE_MARKER = "trainer_state.json"
 ADAPTER_FILE = "adapter.json"  # an adapter run's checkpoint: its base model and the adapter settings
+EMA_FILE = "ema.safetensors"  # the weight average of a trainer.ema_decay run
 
 
 def step_dir_name(step: int) -> str:
@@ -85,12 +88,14 @@ def save(
     files: dict[str, str],
     name: str | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `step` into a temporary folder, then rename it into place and repoint `latest`.
 
     `files` maps extra file names to text content (config.yaml, model.json, tokenizer.json). With `name`
     (such as "best") the checkpoint goes to that folder instead, and `latest` is left alone. With `weights`
-    (an adapter run's trained tensors) model.safetensors holds those instead of the whole model.
+    (an adapter run's trained tensors) model.safetensors holds those instead of the whole model. `ema`: the
+    weight average, written to ema.safetensors.
     """
     with writing(checkpoint_root):
         checkpoint_root.mkdir(parents=True, exist_ok=True)
@@ -109,6 +114,8 @@ def save(
             put("model.safetensors", lambda path: save_model(model, path))
         else:
             put("model.safetensors", lambda path: save_file({k: v.contiguous() for k, v in weights.items()}, path))
+        if ema is not None:
+            put(EMA_FILE, lambda path: save_file({k: v.contiguous() for k, v in ema.items()}, path))
         tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
         put("optimizer.safetensors", lambda path: save_file(tensors, path))
         put("optimizer.json", lambda path: _write_json(Path(path), optimizer_meta))
@@ -274,6 +281,20 @@ def load_weights(model: nn.Module, checkpoint: Path, partial: bool = False) -> N
     _, unexpected = model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
     if unexpected:
         raise ValueError(f"weights the model does not have, e.g. {unexpected[0]}")
+
+
+def load_ema(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The weight average saved with the checkpoint (trainer.ema_decay runs)."""
+    return load_file(str(checkpoint / EMA_FILE))
+
+
+def apply_ema(model: nn.Module, checkpoint: Path) -> None:
+    """Put the checkpoint's weight average, if it has one, into `model` in place of the trained weights."""
+    if not (checkpoint / EMA_FILE).is_file():
+        return
+    _, unexpected = model.load_state_dict(load_ema(checkpoint), strict=False)
+    if unexpected:
+        raise ValueError(f"{EMA_FILE} holds weights the model does not have, e.g. {unexpected[0]}")
 
 
 def load_optimizer_state(checkpoint: Path) -> dict:

@@ -28,7 +28,7 @@ _POSITIVE = (lambda v: 0 < v <= MAX_SIZE, f"in 1..{MAX_SIZE}")
 _POSITIVE_OR_NULL = (lambda v: v is None or 0 < v <= MAX_SIZE, f"null or in 1..{MAX_SIZE}")
 _POSITIVE_FLOAT = (lambda v: 0 < v < math.inf, "> 0")
 _BOOL = (lambda v: True, "true or false")
-NULLABLE = {"d_ff", "num_kv_heads", "head_dim"}
+NULLABLE = {"d_ff", "num_kv_heads", "head_dim", "logit_softcap"}
 MODEL_FIELDS: dict[str, tuple[type, Any, str]] = {
     "vocab_size": (int, *_POSITIVE),
     "d_model": (int, *_POSITIVE),
@@ -39,7 +39,11 @@ MODEL_FIELDS: dict[str, tuple[type, Any, str]] = {
     "head_dim": (int, *_POSITIVE_OR_NULL),
     "d_ff": (int, *_POSITIVE_OR_NULL),
     "dropout": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
-    "activation": (str, lambda v: v in ("relu", "gelu", "gelu_tanh", "swiglu"), "relu, gelu, gelu_tanh or swiglu"),
+    "activation": (
+        str,
+        lambda v: v in ("relu", "gelu", "gelu_tanh", "swiglu", "relu2"),
+        "relu, gelu, gelu_tanh, swiglu or relu2",
+    ),
     "norm": (str, lambda v: v in ("layernorm", "rmsnorm"), "layernorm or rmsnorm"),
     "norm_eps": (float, *_POSITIVE_FLOAT),
     "norm_position": (str, lambda v: v in ("pre", "post"), "pre or post"),
@@ -55,6 +59,9 @@ MODEL_FIELDS: dict[str, tuple[type, Any, str]] = {
     "qkv_bias": (bool, *_BOOL),
     "qk_norm": (bool, *_BOOL),
     "init_std": (float, *_POSITIVE_FLOAT),
+    "zero_init_residual": (bool, *_BOOL),
+    "logit_softcap": (float, lambda v: v is None or 0 < v < math.inf, "null or > 0"),
+    "pooling": (str, lambda v: v in ("last", "mean"), "last or mean"),
     "num_classes": (int, lambda v: 0 <= v <= MAX_SIZE, f"in 0..{MAX_SIZE}"),
 }
 TRAINER_STATE_FIELDS = {"step": int, "tokens_seen": int, "window_steps": int}

@@ -70,6 +70,7 @@ class Checkpointer:
                 files=self.files,
                 name=name,
                 weights=weights,
+                ema=trainer.ema.state_dict() if trainer.ema is not None else None,
             )
             if name is None:
                 checkpoint.prune(self.root, self.keep_last)

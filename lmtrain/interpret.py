@@ -87,7 +87,7 @@ def logit_lens(model: TransformerLM, residuals: list[torch.Tensor]) -> tuple[tor
     stream = torch.stack(residuals)  # [layers, T, d_model]
     if model.final_norm is not None:
         stream = model.final_norm(stream)
-    probs = model.lm_head(stream).float().softmax(-1)
+    probs = model.logits(stream).float().softmax(-1)
     top = probs.max(-1)
     return top.indices, top.values
 

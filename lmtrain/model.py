@@ -23,7 +23,7 @@ class TransformerConfig:
     head_dim: int | None = None  # None: d_model // num_heads
     d_ff: int | None = None  # None: 4*d_model, or 8/3*d_model rounded to 64 for swiglu
     dropout: float = 0.0
-    activation: str = "gelu"  # relu | gelu | gelu_tanh | swiglu
+    activation: str = "gelu"  # relu | gelu | gelu_tanh | swiglu | relu2
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_position: str = "pre"  # pre | post
@@ -39,7 +39,10 @@ class TransformerConfig:
     qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     init_std: float = 0.02
+    zero_init_residual: bool = False  # attn.proj and ffn.down start at zero: each block starts as the identity
+    logit_softcap: float | None = None  # None: off; else LM logits are cap * tanh(logits / cap) (Gemma 2)
     num_classes: int = 0  # > 0: a classification head over the hidden state of a chosen position
+    pooling: str = "last"  # what the classification head reads: last (the last real token) | mean (of all tokens)
 
     @property
     def ffn_width(self) -> int:
@@ -200,6 +203,8 @@ class FeedForward(nn.Module):
             hidden = F.relu(self.up(x))
         elif self.activation == "gelu_tanh":  # GPT-2's approximation
             hidden = F.gelu(self.up(x), approximate="tanh")
+        elif self.activation == "relu2":  # squared ReLU (So et al. 2021, "Primer")
+            hidden = F.relu(self.up(x)).square()
         else:
             hidden = F.gelu(self.up(x))
         return self.dropout(self.down(hidden))
@@ -247,10 +252,14 @@ class TransformerLM(nn.Module):
         self.classifier = nn.Linear(config.d_model, config.num_classes) if config.num_classes > 0 else None
         self.activation_checkpointing = False  # recompute each block's activations in backward (saves memory)
         self.apply(self._init_weights)
-        # GPT-2: scale the projections into the residual stream so its variance does not grow with depth.
+        # GPT-2: scale the projections into the residual stream so its variance does not grow with depth; or
+        # (zero_init_residual, as modded-nanogpt) start them at zero, so every block begins as the identity.
         for name, param in self.named_parameters():
             if name.endswith(("attn.proj.weight", "ffn.down.weight")):
-                nn.init.normal_(param, mean=0.0, std=config.init_std / math.sqrt(2 * config.num_layers))
+                if config.zero_init_residual:
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=config.init_std / math.sqrt(2 * config.num_layers))
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE tables from the config, e.g. after `to_empty`, which leaves buffers unset.
@@ -317,18 +326,31 @@ class TransformerLM(nn.Module):
     ) -> torch.Tensor:
         """tokens [B, T] -> next-token logits [B, T, vocab_size]; or, given last_positions [B] (the index of
         each sequence's last real token), class logits [B, num_classes] from the hidden state there.
-        Right padding needs no attention mask: causal attention never looks ahead at it. document_ids [B, T]:
-        see `hidden_states`."""
+        Right padding needs no attention mask: causal attention never looks ahead at it. With pooling=mean the
+        head reads the mean hidden state of positions 0..last_positions instead. document_ids [B, T]: see
+        `hidden_states`."""
         hidden = self.hidden_states(tokens, cache, document_ids)
         if last_positions is None:
-            return self.lm_head(hidden)
+            return self.logits(hidden)
         if self.classifier is None:
             raise ValueError("this model has no classification head (num_classes=0)")
+        if self.config.pooling == "mean":
+            # [B, T, 1]: 1 up to each sequence's last real token, 0 on the padding after it
+            keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :, None] <= last_positions[:, None, None]
+            return self.classifier((hidden * keep).sum(1) / keep.sum(1))
         return self.classifier(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_positions])
 
-    def add_classifier(self, num_classes: int) -> None:
-        """A fresh classification head (for finetuning a pretrained LM on a classification task)."""
-        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., d_model] -> next-token logits [..., vocab_size], soft-capped when logit_softcap is
+        set: cap * tanh(logits / cap) keeps every logit in (-cap, cap) (Gemma 2; modded-nanogpt)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def add_classifier(self, num_classes: int, pooling: str | None = None) -> None:
+        """A fresh classification head (for finetuning a pretrained LM on a classification task); `pooling`:
+        last | mean (None: as the config says)."""
+        self.config = dataclasses.replace(self.config, num_classes=num_classes, pooling=pooling or self.config.pooling)
         self.classifier = nn.Linear(self.config.d_model, num_classes, device=self.token_embedding.weight.device)
         self._init_weights(self.classifier)
 

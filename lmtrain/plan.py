@@ -57,7 +57,7 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, precision: str) -> i
 
     The residual stream and the LayerNorm inputs stay fp32 under autocast; each linear saves its input
     (cast to 16 bits under autocast); SDPA saves q, k, v, its output and the log-sum-exp; the FFN saves
-    its up-projection and activation (gelu: 2 × d_ff, relu: 1, swiglu: 4).
+    its up-projection and activation (gelu and relu2: 2 × d_ff, relu: 1, swiglu: 4).
     """
     a, h, f = BYTES[precision], shape.d_model, shape.ffn_width
     residual = 4 * 2 * h  # block input and the sum after attention, both saved by the norms
@@ -66,7 +66,7 @@ def layer_activation_bytes(shape: ModelShape, seq_len: int, precision: str) -> i
     if shape.position == "rope":
         attention += a * (q + kv)  # rotated q and k are new tensors
     attention += 4 * shape.num_heads  # log-sum-exp per head
-    ffn = a * h + a * {"gelu": 2, "gelu_tanh": 2, "relu": 1, "swiglu": 4}[shape.activation] * f
+    ffn = a * h + a * {"gelu": 2, "gelu_tanh": 2, "relu": 1, "relu2": 2, "swiglu": 4}[shape.activation] * f
     # Freed temporaries (branch outputs, residual sums) leave ~one fp32 residual-stream row per layer that the
     # allocator does not hand back: measured on CPU (glibc), ~h to 2.7h bytes·4 per token and layer.
     slack = 4 * h
@@ -101,8 +101,9 @@ def activation_bytes(
 
 
 def optimizer_state_bytes(name: str, trainable: int, momentum: float = 0.9) -> int:
-    """fp32 state: Adam(W) keeps two moments per parameter, SGD one momentum buffer (none without momentum)."""
-    per_param = {"adamw": 8, "adam": 8, "sgd": 4 if momentum > 0 else 0}[name]
+    """fp32 state: Adam(W) keeps two moments per parameter, SGD one momentum buffer (none without momentum);
+    muon one buffer for the blocks' matrices and AdamW's two for the rest, so at most two (counted as such)."""
+    per_param = {"adamw": 8, "adam": 8, "muon": 8, "sgd": 4 if momentum > 0 else 0}[name]
     return per_param * trainable
 
 
@@ -136,7 +137,7 @@ def memory_estimate(
     gradients = 4 * trainable_params // shard * (2 if strategy == "ddp" else 1)
     optim = optimizer_state_bytes(optimizer, trainable_params, momentum) // shard
     activations = activation_bytes(shape, micro_batch, seq_len, precision, checkpointing)
-    transient = 4 * trainable_params // shard if optimizer in ("adamw", "adam") else 0
+    transient = 4 * trainable_params // shard if optimizer in ("adamw", "adam", "muon") else 0
     return {
         "weights": weights,
         "gradients": gradients,

@@ -3,6 +3,7 @@ Face model folder (see lmtrain.hf)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -42,6 +43,7 @@ def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[Tran
             load_export_weights(model, source)
         else:
             checkpoint.load_weights(model, source)
+            checkpoint.apply_ema(model, source)
     return model.to(device), tokenizer
 
 
@@ -100,11 +102,13 @@ def load_adapter(source: Path, device: torch.device, key: str) -> tuple[Transfor
     model, _ = load_model(str(base_path), torch.device("cpu"), key)
     if config.num_classes and model.config.num_classes != config.num_classes:
         model.add_classifier(config.num_classes)
+    model.config = dataclasses.replace(model.config, pooling=config.pooling)
     wrapped = add_lora(model, sorted({n.rsplit(".", 1)[-1] for n in record["layers"]}), **_lora_settings(record))
     if sorted(wrapped) != sorted(record["layers"]):
         raise UserError(f"{key}: '{source / checkpoint.ADAPTER_FILE}' names layers its base model does not have")
     with checkpoint.readable(source, key):
         checkpoint.load_weights(model, source, partial=True)
+        checkpoint.apply_ema(model, source)
     return model.to(device), tokenizer
 
 

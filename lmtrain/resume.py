@@ -122,6 +122,8 @@ def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, s
         else:
             checkpoint.load_weights(trainer.model, source, partial=adapter)
             trainer.optimizer.load_state_dict(optimizer_state)
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(checkpoint.load_ema(source))
         resume_schedule(trainer.scheduler, state["scheduler"])
         trainer.scaler.load_state_dict(state["grad_scaler"])
         trainer.state.load_state_dict(state["trainer"])

@@ -16,6 +16,7 @@ from lmtrain import checkpoint, distributed
 from lmtrain.checkpointer import Checkpointer
 from lmtrain.config import LossConfig, TrainerConfig
 from lmtrain.distributed import Placement
+from lmtrain.ema import EMA
 from lmtrain.errors import Diverged, UserError
 from lmtrain.losses import cross_entropy, distillation
 from lmtrain.model import TransformerLM
@@ -53,6 +54,8 @@ def build_trainer(
         eps=o.eps,
         momentum=o.momentum,
         device=device,
+        muon_lr=o.muon_lr,
+        muon_adjust_lr_fn=o.muon_adjust_lr_fn,
     )
     warmup = s.warmup_steps
     if warmup > max_steps:  # a quick try (`trainer.max_steps=5`) warms up for the whole run
@@ -67,6 +70,7 @@ def build_trainer(
         min_lr=s.min_lr,
         decay_fraction=s.decay_fraction,
     )
+    ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
     return Trainer(
         model,
         optimizer,
@@ -81,6 +85,8 @@ def build_trainer(
         placement=placement,
         parallel=parallel,
         on_nonfinite=t.on_nonfinite,
+        ema=ema,
+        early_stopping_patience=t.early_stopping_patience,
     )
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from lmtrain import distributed
 from lmtrain.distributed import Placement
 from lmtrain.dtypes import autocast_dtype
+from lmtrain.ema import EMA
 from lmtrain.errors import Diverged
 from lmtrain.losses import scored
 from lmtrain.model import TransformerLM
@@ -35,6 +36,7 @@ class TrainState:
     window_loss: float = 0.0
     window_steps: int = 0
     skipped_steps: int = 0  # steps without an update (trainer.on_nonfinite=skip met a non-finite gradient)
+    validations_since_best: int = 0  # validations after step 0 without a new best (early stopping counts them)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +67,8 @@ class Trainer:
         placement: Placement | None = None,
         parallel: nn.Module | None = None,
         on_nonfinite: str = "stop",
+        ema: EMA | None = None,
+        early_stopping_patience: int | None = None,
     ):
         self.model = model  # the plain module: its parameters, its state
         self.placement = placement or Placement(device=device)
@@ -84,6 +88,8 @@ class Trainer:
         # update (one host sync per optimizer step to know it)
         self.on_nonfinite = on_nonfinite
         self.last_step_skipped = False
+        self.ema = ema  # the weight average: updated after every step, validated instead of the weights
+        self.early_stopping_patience = early_stopping_patience  # None: train to max_steps
         self.state = TrainState()
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -148,6 +154,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step += 1
+        if self.ema is not None and not self.last_step_skipped:
+            self.ema.update(self.state.step)
         self.state.tokens_seen += sum(_tokens(x).numel() for x, _ in batches) * world
         return total / count, grad_norm  # this process's share of the step's mean loss
 
@@ -174,16 +182,26 @@ class Trainer:
         )
 
     def _validate(self, evaluate, main_metric, higher_is_better, write_metrics, bar, save_best) -> None:
-        step, metrics = self.state.step, evaluate()
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            metrics = evaluate()
+        step = self.state.step
         self.state.last_metrics = metrics
         value = metrics[main_metric]
         best = self.state.best_metric
         if step > 0 and (best is None or (value > best if higher_is_better else value < best)):
             self.state.best_metric = value
+            self.state.validations_since_best = 0
             if save_best is not None:
                 save_best()
+        elif step > 0:
+            self.state.validations_since_best += 1
         write_metrics({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
         bar.write(f"step {step}: " + "  ".join(f"val_{k} {v:.4f}" for k, v in metrics.items()))
+
+    def patience_ran_out(self) -> bool:
+        """Early stopping: `early_stopping_patience` validations in a row brought no new best."""
+        patience = self.early_stopping_patience
+        return patience is not None and self.state.validations_since_best >= patience
 
     def fit(
         self,
@@ -202,7 +220,8 @@ class Trainer:
         progress_bar: bool = True,
     ) -> None:
         """Train until `max_steps`: `next_step()` gives the micro-batches of one optimizer step; `evaluate()`
-        gives validation metrics (at step 0, every `eval_every` steps and at the end)."""
+        gives validation metrics (at step 0, every `eval_every` steps and at the end). With early stopping, the
+        run ends (with a checkpoint) at the validation that runs out of patience."""
         bar = ProgressBar(max_steps, self.state.step, progress_bar, self.placement.is_main)
         state = self.state
         world = self.placement.world_size
@@ -239,7 +258,7 @@ class Trainer:
             if state.step == 0:  # where the run starts from
                 validate()
             window_start, window_start_tokens = time.perf_counter(), state.tokens_seen
-            while state.step < max_steps:
+            while state.step < max_steps and not self.patience_ran_out():
                 lr = self.scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(next_step())
                 step = state.step
@@ -275,8 +294,15 @@ class Trainer:
                 if step % eval_every == 0 or step == max_steps:
                     stop_if_diverged()
                     validate()
-                if step % checkpoint_every == 0 or step == max_steps:
+                stop = self.patience_ran_out()
+                if step % checkpoint_every == 0 or step == max_steps or stop:
                     checkpoint()
+                if stop:
+                    bar.write(
+                        f"step {step}: stopping early, no better val_{main_metric} in "
+                        f"{state.validations_since_best} validations"
+                    )
+                    break
                 if record is not None:  # time spent evaluating and saving between windows is not counted
                     window_start, window_start_tokens = time.perf_counter(), state.tokens_seen
         finally:

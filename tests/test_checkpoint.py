@@ -11,6 +11,8 @@ from lmtrain.errors import UserError
 from lmtrain.run_log import read_metrics
 from lmtrain.trainer import Trainer
 
+CPU = torch.device("cpu")
+
 
 def train(run_dir, corpus, *extra):
     cfg = compose(*TINY, f"data.train={corpus}", *extra)
@@ -21,10 +23,15 @@ def weights(run_dir):
     return load_file(str(checkpoint.resolve(run_dir) / "model.safetensors"))
 
 
-@pytest.mark.parametrize("log_every", [1, 2])
-def test_resume_equals_uninterrupted_run(tmp_path, corpus, monkeypatch, log_every):
+# Muon, the weight average and the architecture options of issue 16 resume as exactly as AdamW does
+MODERN = ["optimizer=muon", "trainer.ema_decay=0.9", "model.activation=relu2", "model.zero_init_residual=true"]
+MODERN += ["model.logit_softcap=30", "model.qk_norm=true", "model.tie_embeddings=false"]
+
+
+@pytest.mark.parametrize("log_every, options", [(1, []), (2, []), (1, MODERN)], ids=["log1", "log2", "modern"])
+def test_resume_equals_uninterrupted_run(tmp_path, corpus, monkeypatch, log_every, options):
     """Also when the checkpoint falls inside a log window (log_every=2, checkpoint at step 3)."""
-    train(tmp_path / "straight", corpus, f"trainer.log_every={log_every}")
+    train(tmp_path / "straight", corpus, f"trainer.log_every={log_every}", *options)
 
     real_step = Trainer.train_step
 
@@ -35,15 +42,17 @@ def test_resume_equals_uninterrupted_run(tmp_path, corpus, monkeypatch, log_ever
 
     monkeypatch.setattr(Trainer, "train_step", crash_after_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "resumed", corpus, f"trainer.log_every={log_every}")
+        train(tmp_path / "resumed", corpus, f"trainer.log_every={log_every}", *options)
     assert checkpoint.resolve(tmp_path / "resumed").name == "step_0000003"
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    train(tmp_path / "resumed", corpus, f"trainer.log_every={log_every}", "trainer.resume=true")
+    train(tmp_path / "resumed", corpus, f"trainer.log_every={log_every}", "trainer.resume=true", *options)
 
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    files = ["model.safetensors", "optimizer.safetensors"] + (["ema.safetensors"] if options else [])
+    for file in files:
+        a, b = (load_file(str(checkpoint.resolve(tmp_path / run) / file)) for run in ("straight", "resumed"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{file}: {key}"
     # the same records (losses, lr, grad norms, validation), only the measured speed differs
     assert without_speed(tmp_path / "straight") == without_speed(tmp_path / "resumed")
 
@@ -149,3 +158,51 @@ def test_checkpoint_round_trip_is_bitwise_and_needs_no_pickle(tmp_path, corpus):
         if name in saved:
             assert torch.equal(tensor, saved[name])
     assert torch.equal(model.lm_head.weight, model.token_embedding.weight)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"activation": "relu2"}, {"zero_init_residual": True}, {"logit_softcap": 3.0}, {"qk_norm": True}],
+    ids=lambda option: next(iter(option)),
+)
+def test_architecture_options_train_and_round_trip_a_checkpoint(tmp_path, option):
+    """Each option of issue 16 trains a few steps with Muon, then a saved checkpoint loads into the same model:
+    the same config and bit-identical logits."""
+    import dataclasses
+    import json
+
+    from lmtrain.data.tokenizer import byte_tokenizer
+    from lmtrain.model import TransformerConfig, TransformerLM
+    from lmtrain.optim import build_optimizer
+    from lmtrain.pretrained import load_model
+
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=257, d_model=32, num_heads=2, num_layers=2, max_seq_len=16, **option)
+    model = TransformerLM(config)
+    opt = build_optimizer(
+        model, name="muon", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, device=CPU
+    )
+    tokens = torch.randint(0, 257, (4, 16))
+    losses = []
+    for _ in range(4):
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    files = {"model.json": json.dumps(dataclasses.asdict(config)), "tokenizer.json": byte_tokenizer().to_str()}
+    trainer_state = {"trainer": {"step": 4, "tokens_seen": 0, "window_steps": 0}, "scheduler": {}}
+    saved = checkpoint.save(
+        tmp_path,
+        4,
+        model=model,
+        optimizer_state=opt.state_dict(),
+        rng={"torch_cpu": torch.get_rng_state()},
+        trainer_state=trainer_state,
+        files=files,
+    )
+    loaded, _ = load_model(str(saved), CPU)
+    assert loaded.config == config
+    model.eval(), loaded.eval()
+    assert torch.equal(loaded(tokens), model(tokens))

@@ -71,6 +71,20 @@ def test_checkpoint_of_two_processes_resumes_in_one(tmp_path, corpus, single, st
     assert_close(weights(tmp_path / "one" / "checkpoints" / "latest"), weights(single / "checkpoints" / "latest"))
 
 
+def test_muon_on_two_processes_equals_one_and_resumes_in_one(tmp_path, corpus):
+    """optimizer=muon (Muon and AdamW behind one optimizer) under DDP: the same weights as one process with
+    accumulation, and its checkpoint (both optimizers' state) resumes in one process to the same end. (FSDP,
+    which shards the matrices Muon orthogonalises whole, is refused before the run starts.)"""
+    muon = ["optimizer=muon", "trainer.micro_batch_size=4"]
+    train(tmp_path / "single", corpus, *muon, "grad_accum.steps=2")
+    train(tmp_path / "two", corpus, *muon, "trainer.nproc=2", "trainer.strategy=ddp")
+    single = weights(tmp_path / "single" / "checkpoints" / "latest")
+    assert_close(weights(tmp_path / "two" / "checkpoints" / "latest"), single)
+    step3 = tmp_path / "two" / "checkpoints" / "step_0000003"
+    train(tmp_path / "one", corpus, *muon, "grad_accum.steps=2", f"trainer.resume={step3}")
+    assert_close(weights(tmp_path / "one" / "checkpoints" / "latest"), single)
+
+
 def test_a_failing_rank_stops_the_run_and_is_named(tmp_path, corpus):
     hook = tmp_path / "hook"
     hook.mkdir()

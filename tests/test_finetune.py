@@ -267,6 +267,21 @@ def test_wrong_label_field_is_one_line(tmp_path, data, base):
         finetune_run(tmp_path, base, "classification", train, val, "data.label_field=lbl")
 
 
+def test_trainer_max_steps_caps_the_epochs_and_mean_pooling_is_kept(tmp_path, data, base):
+    summary = finetune_run(
+        tmp_path,
+        base,
+        "classification",
+        *data["classification"],
+        "epochs=50",
+        "trainer.max_steps=4",
+        "task.pooling=mean",
+    )
+    assert summary["steps"] == 4
+    model, _ = load_model(str(tmp_path / "checkpoints" / "latest"), torch.device("cpu"))
+    assert model.config.pooling == "mean" and model.config.num_classes == 2
+
+
 def test_unseen_label_and_empty_split(tmp_path, data, base):
     train, _ = data["classification"]
     odd = write(tmp_path / "odd.jsonl", [{"text": "red cat", "label": "maybe"}])

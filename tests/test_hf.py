@@ -140,14 +140,21 @@ def test_lmtrain_model_exports_as_its_family(tmp_path, config, family):
     assert hf_tokenizer(TEXT)["input_ids"] == ids[0].tolist() and hf_tokenizer.eos_token == "<|endoftext|>"
 
 
-def test_a_shape_no_family_expresses_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"norm_position": "post"}, "post-norm"),
+        ({"activation": "relu2"}, "activation=relu2"),
+        ({"activation": "relu2", "position": "rope", "norm": "rmsnorm"}, "activation=relu2"),
+        ({"logit_softcap": 30.0}, "logit_softcap"),
+    ],
+)
+def test_a_shape_no_family_expresses_is_one_line(tmp_path, option, message):
     from lmtrain.data.tokenizer import byte_tokenizer
 
     tokenizer = byte_tokenizer()
-    model = TransformerLM(
-        TransformerConfig(vocab_size=257, d_model=32, num_heads=4, num_layers=1, norm_position="post")
-    )
-    with pytest.raises(UserError, match="post-norm"):
+    model = TransformerLM(TransformerConfig(vocab_size=257, d_model=32, num_heads=4, num_layers=1, **option))
+    with pytest.raises(UserError, match=message):
         write_hf(model, tokenizer, special_tokens(tokenizer, tmp_path), {}, tmp_path / "out")
 
 

@@ -8,6 +8,7 @@ VARIANTS = [
     {},
     {"position": "rope", "activation": "swiglu", "tie_embeddings": False},
     {"norm_position": "post", "activation": "relu", "bias": True},
+    {"position": "rope", "activation": "relu2", "qk_norm": True, "logit_softcap": 5.0},
 ]
 
 
@@ -60,6 +61,42 @@ def test_residual_projections_get_scaled_init():
     model = TransformerLM(TransformerConfig(vocab_size=50, d_model=256, num_heads=4, num_layers=8, max_seq_len=16))
     std = model.blocks[0].attn.proj.weight.std().item()
     assert std == pytest.approx(0.02 / 4, rel=0.1)
+
+
+def test_relu2_and_logit_softcap_follow_their_formulas():
+    model = tiny(activation="relu2", logit_softcap=2.0)
+    ffn, x = model.blocks[0].ffn, torch.randn(3, 32)
+    assert torch.equal(ffn(x), ffn.down(torch.relu(ffn.up(x)) ** 2))
+    tokens = torch.randint(0, 50, (2, 16))
+    hidden = model.hidden_states(tokens)
+    logits = model(tokens)
+    torch.testing.assert_close(logits, 2.0 * torch.tanh(model.lm_head(hidden) / 2.0), rtol=0, atol=0)
+    assert logits.abs().max() < 2.0
+    model.lm_head.weight.data.mul_(1000)  # large logits stay inside (-cap, cap)
+    assert model(tokens).abs().max() <= 2.0
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    model = tiny(zero_init_residual=True, position="rope", norm="rmsnorm")
+    for block in model.blocks:
+        assert not block.attn.proj.weight.any() and not block.ffn.down.weight.any()
+        assert block.ffn.up.weight.std() > 0.01  # the other matrices keep their normal init
+    x = torch.randn(2, 16, 32)
+    rope = (model.rope_cos[:16], model.rope_sin[:16])
+    assert torch.equal(model.blocks[0](x, rope), x)
+
+
+def test_mean_pooling_averages_the_real_tokens_only():
+    model = tiny()
+    model.add_classifier(3, pooling="mean")
+    tokens = torch.randint(0, 50, (2, 16))
+    last = torch.tensor([15, 4])
+    hidden = model.hidden_states(tokens)
+    expected = model.classifier(torch.stack([hidden[0].mean(0), hidden[1, :5].mean(0)]))
+    torch.testing.assert_close(model(tokens, last_positions=last), expected)
+    padded = tokens.clone()
+    padded[1, 5:] = 0  # what follows the last real token does not matter
+    torch.testing.assert_close(model(padded, last_positions=last)[1], expected[1])
 
 
 def test_cached_greedy_generation_equals_recomputing_every_step():

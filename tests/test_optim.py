@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -90,3 +91,85 @@ def test_build_optimizer(name):
         device=torch.device("cpu"),
     )
     assert len(opt.param_groups) == 2
+
+
+def muon_setup(**config):
+    model = TransformerLM(
+        TransformerConfig(vocab_size=20, d_model=16, num_heads=2, num_layers=2, tie_embeddings=False, **config)
+    )
+    model.add_classifier(3)
+    opt = build_optimizer(
+        model,
+        name="muon",
+        lr=1e-3,
+        weight_decay=0.1,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        momentum=0.95,
+        device=torch.device("cpu"),
+        muon_lr=0.02,
+    )
+    return model, opt
+
+
+def muon_step(model, opt, seed):
+    torch.manual_seed(seed)
+    tokens = torch.randint(0, 20, (2, 8))
+    lm = model(tokens).square().mean()
+    cls = model(tokens, last_positions=torch.tensor([7, 3])).square().mean()
+    (lm + cls).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_muon_updates_the_block_matrices_and_adamw_the_rest():
+    model, opt = muon_setup(bias=True, qk_norm=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_group = opt.param_groups[-1]
+    assert muon_group["lr"] == 0.02 and "ns_steps" in muon_group
+    muon_names = {names[id(p)] for p in muon_group["params"]}
+    assert muon_names == {
+        f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "ffn.up", "ffn.down")
+    }
+    adamw_names = {names[id(p)] for g in opt.param_groups[:-1] for p in g["params"]}
+    assert adamw_names == set(names.values()) - muon_names  # embeddings, heads, norms, q/k norms, biases
+    assert {"token_embedding.weight", "lm_head.weight", "classifier.weight", "classifier.bias"} <= adamw_names
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    muon_step(model, opt, 0)
+    for name, param in model.named_parameters():
+        state = opt.state[param]
+        assert set(state) == ({"momentum_buffer"} if name in muon_names else {"step", "exp_avg", "exp_avg_sq"}), name
+        if name.endswith((".weight", ".bias")) and "norm" not in name:
+            assert not torch.equal(before[name], param), f"{name} was not updated"
+
+
+def test_muon_state_round_trips_through_the_checkpoint_format_bitwise():
+    from lmtrain.checkpoint import _join_optimizer_state, _split_optimizer_state
+
+    model, opt = muon_setup()
+    for seed in range(2):
+        muon_step(model, opt, seed)
+    tensors, meta = _split_optimizer_state(opt.state_dict())
+    # as optimizer.safetensors and optimizer.json store them: copies, tuples as lists
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    meta = json.loads(json.dumps(meta))
+    copy, copy_opt = muon_setup()
+    copy.load_state_dict(model.state_dict())
+    copy_opt.load_state_dict(_join_optimizer_state(tensors, meta))
+    assert copy_opt.muon.state is copy_opt.state and copy_opt.muon.param_groups[0] is copy_opt.param_groups[-1]
+    for seed in (2, 3):
+        muon_step(model, opt, seed)
+        muon_step(copy, copy_opt, seed)
+    for (name, a), b in zip(model.state_dict().items(), copy.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_the_schedule_scales_muon_and_adamw_alike():
+    model, opt = muon_setup()
+    sched = build_scheduler(opt, name="cosine", lr=1e-3, warmup_steps=WARM, max_steps=MAX, min_lr=1e-4)
+    for step in range(WARM + 30):
+        factor = at("cosine", step) / LR
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * factor)
+        assert opt.param_groups[-1]["lr"] == pytest.approx(0.02 * factor)
+        opt.step()
+        sched.step()

@@ -55,6 +55,11 @@ def sandbox(root: Path, runs: dict) -> Path:
     write_jsonl(work / "en-fr/train.jsonl", [{"en": "cat", "fr": "chat"}])
     write_jsonl(work / "chat.jsonl", [{"prompt": "hi", "response": "hello"}])
     write_jsonl(work / "squad-like.jsonl", [{"context": "c", "question": "q", "answer": "a"}])
+    make_corpus(work / "corpus/tasks.txt", 50)
+    for task, record in (("sentiment", {"text": "good", "label": 1}), ("translation", {"source": "a", "target": "b"})):
+        (work / "../shared/data" / task).mkdir(parents=True, exist_ok=True)
+        for split in ("train", "validation"):
+            write_jsonl(work / f"../shared/data/{task}/{split}.jsonl", [record])
     (work / "prompt.txt").write_text("def ")
     (work / "sample.txt").write_text("the cat sat")
     (work / "outputs" / "run").symlink_to(runs["classifier"])  # has checkpoints/latest and best

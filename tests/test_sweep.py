@@ -136,6 +136,6 @@ def test_every_swept_group_option_is_checked_first(tmp_path, corpus):
     assert result.returncode == 2 and not sweep_dir.exists()
     assert result.stderr.strip().splitlines() == [
         "lmtrain pretrain: error: model=tinyy: no such option; choose from gpt2_124m, llama3_1b, llama_small, "
-        "mistral_7b, qwen2_0_5b, qwen3_0_6b, small, smollm2_135m, tiny "
+        "mistral_7b, modern_small, qwen2_0_5b, qwen3_0_6b, small, smollm2_135m, tiny "
         "(did you mean 'tiny'?)"
     ]

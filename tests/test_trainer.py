@@ -89,3 +89,40 @@ def test_loss_goes_down_on_repetitive_data():
     after = trainer.evaluate_loss(validation)
     assert after < before * 0.5, (before, after)
     assert trainer.state.step == 20 and trainer.state.tokens_seen == 20 * 8 * 16
+
+
+def test_early_stopping_stops_at_the_validation_that_runs_out_of_patience():
+    """Validation every 2 steps: the best comes at step 4, then 6 and 8 bring no better value, so with a
+    patience of 2 the run ends at step 8, with a checkpoint there, instead of running to step 20."""
+    trainer = make_trainer()
+    trainer.early_stopping_patience = 2
+    scores = iter([9.0, 5.0, 3.0, 3.0, 4.0, 1.0])  # steps 0, 2, 4, 6, 8, (10)
+    x = torch.arange(16).repeat(2, 1)
+    saved, records = [], []
+    trainer.fit(
+        lambda: [(x, x)],
+        lambda: {"loss": next(scores)},
+        max_steps=20,
+        eval_every=2,
+        log_every=1,
+        checkpoint_every=100,
+        write_metrics=records.append,
+        save_checkpoint=lambda: saved.append(trainer.state.step),
+        progress_bar=False,
+    )
+    assert trainer.state.step == 8 and saved == [8]
+    assert trainer.state.best_metric == 3.0 and trainer.state.validations_since_best == 2
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4, 6, 8]
+    # a resumed run that already ran out of patience trains no further
+    trainer.fit(
+        lambda: [(x, x)],
+        lambda: {"loss": next(scores)},
+        max_steps=20,
+        eval_every=2,
+        log_every=1,
+        checkpoint_every=100,
+        write_metrics=records.append,
+        save_checkpoint=lambda: saved.append(trainer.state.step),
+        progress_bar=False,
+    )
+    assert trainer.state.step == 8

@@ -90,7 +90,9 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
         assert info.labels is not None, "build_task_info reads the labels from data.train"
         same_labels = start_info is not None and start_info.labels == info.labels
         if model.config.num_classes != len(info.labels) or not same_labels:
-            model.add_classifier(len(info.labels))  # a fresh head for this label set
+            model.add_classifier(len(info.labels), cfg.task.pooling)  # a fresh head for this label set
+        else:
+            model.config = dataclasses.replace(model.config, pooling=cfg.task.pooling)
         if not model.config.tie_embeddings:
             model.lm_head.requires_grad_(False)  # unused by class logits (and DDP needs every trained grad)
     elif model.classifier is not None:
@@ -118,8 +120,15 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     )
     steps_per_epoch = batches.steps_per_epoch(accum_steps, placement.world_size)
     max_steps, eval_every = t.max_steps, t.eval_every
-    if cfg.epochs is not None:
-        max_steps = math.ceil(cfg.epochs * steps_per_epoch)
+    if cfg.epochs is not None:  # epochs set the length, trainer.max_steps caps it (a large dataset stays quick)
+        max_steps = min(math.ceil(cfg.epochs * steps_per_epoch), t.max_steps)
+        if max_steps < cfg.epochs * steps_per_epoch:
+            log.info(
+                "epochs=%s would be %d steps; trainer.max_steps caps the run at %d",
+                cfg.epochs,
+                math.ceil(cfg.epochs * steps_per_epoch),
+                max_steps,
+            )
         eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
     class_weights = None
     if task.classify and cfg.task.class_weights == "balanced":  # inverse class frequency, mean weight 1

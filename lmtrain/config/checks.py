@@ -166,6 +166,7 @@ def _check_model(m: ModelConfig, errors: list[str]) -> None:
         errors.append("model.rope_low_freq_factor: must be > 0 and below model.rope_high_freq_factor")
     if not 0.0 <= m.dropout < 1.0:
         errors.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    _positive(m, "model.", errors, "logit_softcap", nullable=True)
 
 
 def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> None:
@@ -185,7 +186,7 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
         "dist_join_timeout_s",
     )
     _positive(g, "grad_accum.", errors, "steps")
-    _positive(o, "optimizer.", errors, "lr", "eps")
+    _positive(o, "optimizer.", errors, "lr", "eps", "muon_lr")
     if not 0.0 <= o.momentum < 1.0:
         errors.append(f"optimizer.momentum: must be in [0, 1), got {o.momentum}")
     if o.weight_decay < 0:
@@ -217,6 +218,13 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
         errors.append(f"trainer.nproc: must be >= 1, got {t.nproc}")
     if t.keep_last < 0:
         errors.append(f"trainer.keep_last: must be >= 0 (0 keeps all), got {t.keep_last}")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        errors.append(f"trainer.ema_decay: must be in (0, 1) or null, got {t.ema_decay}")
+    if t.ema_decay is not None and t.strategy == "fsdp":
+        errors.append("trainer.ema_decay: not supported with trainer.strategy=fsdp (use ddp, or ema_decay=null)")
+    _positive(t, "trainer.", errors, "early_stopping_patience", nullable=True)
+    if o.name == "muon" and t.strategy == "fsdp":  # its Newton-Schulz step needs whole matrices, FSDP shards them
+        errors.append("optimizer=muon: not supported with trainer.strategy=fsdp (use ddp, or optimizer=adamw)")
     if not isinstance(t.resume, bool | str):
         errors.append(f"trainer.resume: must be true, false or a path, got {t.resume!r}")
 

@@ -22,6 +22,7 @@ class Activation(Choice):
     gelu = "gelu"
     gelu_tanh = "gelu_tanh"
     swiglu = "swiglu"
+    relu2 = "relu2"
 
 
 class Norm(Choice):
@@ -48,6 +49,12 @@ class OptimizerName(Choice):
     adamw = "adamw"
     adam = "adam"
     sgd = "sgd"
+    muon = "muon"
+
+
+class MuonAdjustLr(Choice):
+    original = "original"
+    match_rms_adamw = "match_rms_adamw"
 
 
 class SchedulerName(Choice):
@@ -119,6 +126,11 @@ class TaskName(Choice):
 class ClassWeights(Choice):
     none = "none"
     balanced = "balanced"
+
+
+class Pooling(Choice):
+    last = "last"
+    mean = "mean"
 
 
 class Decoding(Choice):

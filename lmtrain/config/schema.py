@@ -19,12 +19,14 @@ from lmtrain.config.choices import (
     ExportFormat,
     GradAccumMode,
     LossName,
+    MuonAdjustLr,
     Norm,
     NormPosition,
     OnBadRecord,
     OnNonfinite,
     OptimizerName,
     Overlong,
+    Pooling,
     Position,
     Precision,
     Quantize,
@@ -47,7 +49,7 @@ class ModelConfig:
     head_dim: int | None = None  # width of each head; null: d_model / num_heads
     d_ff: int | None = None  # FFN hidden width; null: 4*d_model (8/3*d_model for swiglu)
     dropout: float = 0.0  # embedding, attention and residual dropout
-    activation: Activation = Activation.gelu  # the FFN's (gelu_tanh: GPT-2's; swiglu: gated, Llama's)
+    activation: Activation = Activation.gelu  # the FFN's (gelu_tanh: GPT-2's; swiglu: Llama's; relu2: Primer's)
     norm: Norm = Norm.layernorm  # the normalization layer
     norm_eps: float = 1e-5  # epsilon of every norm
     norm_position: NormPosition = NormPosition.pre  # norm before each sublayer (pre) or after its residual sum (post)
@@ -63,16 +65,20 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (Qwen3)
     init_std: float = 0.02  # std of the normal init; residual projections are scaled by 1/sqrt(2*num_layers)
+    zero_init_residual: bool = False  # start the projections into the residual stream (attn.proj, ffn.down) at 0
+    logit_softcap: float | None = None  # LM logits become cap * tanh(logits / cap) (Gemma 2); null: off
 
 
 @dataclass
 class OptimizerConfig:
-    name: OptimizerName = OptimizerName.adamw  # the option's own name: choose it with optimizer=...
-    lr: float = 1e-3  # peak learning rate
+    name: OptimizerName = OptimizerName.adamw  # the option's own name (muon: Muon for the blocks' matrices)
+    lr: float = 1e-3  # peak learning rate (muon: of the AdamW parameters)
     weight_decay: float = 0.1  # applied to matrices only, never to norms, biases or embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam(W) betas
     eps: float = 1e-8  # Adam(W) epsilon
-    momentum: float = 0.9  # SGD momentum
+    momentum: float = 0.9  # SGD (and Muon) momentum
+    muon_lr: float = 0.02  # muon: peak learning rate of the matrices (the schedule scales it as it scales lr)
+    muon_adjust_lr_fn: MuonAdjustLr = MuonAdjustLr.original  # muon: original scales by sqrt(max(1, rows/cols))
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
 
@@ -140,6 +146,8 @@ class TrainerConfig:
     dist_join_timeout_s: float = 60.0  # joining the process group and its first barrier: a peer that never starts
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     on_nonfinite: OnNonfinite = OnNonfinite.stop  # a non-finite loss: stop (last finite checkpoint stays) or skip
+    ema_decay: float | None = None  # keep an exponential moving average of the weights, validated and saved
+    early_stopping_patience: int | None = None  # stop after this many validations without a new best; null: off
 
 
 @dataclass
@@ -158,6 +166,7 @@ class PretrainConfig:
 class TaskConfig:
     name: TaskName = TaskName.classification  # the option's own name: choose it with task=...
     class_weights: ClassWeights = ClassWeights.none  # classification: balanced weighs classes by inverse frequency
+    pooling: Pooling = Pooling.last  # classification: the head reads the last token or the mean of all
     decoding: Decoding = Decoding.greedy  # how seq2seq/qa evaluation generates
     num_beams: int = 4  # decoding=beam
     temperature: float = 1.0  # decoding=sample
@@ -204,7 +213,7 @@ class FinetuneConfig:
     freeze_embeddings: bool = False  # keep token/position embeddings (and a tied LM head) fixed
     freeze_blocks: int = 0  # keep the first k Transformer blocks fixed
     dropout: float | None = None  # the model's dropout for finetuning (null: as pretrained)
-    epochs: float | None = 3.0  # passes over train; sets trainer.max_steps (null: trainer.max_steps decides)
+    epochs: float | None = 3.0  # passes over train, at most trainer.max_steps steps (null: trainer.max_steps decides)
     evals_per_epoch: int = 2  # validations per epoch when epochs is set (else trainer.eval_every)
     task: TaskConfig = field(default_factory=TaskConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

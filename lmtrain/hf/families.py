@@ -215,6 +215,10 @@ def family_of(config: TransformerConfig) -> str:
         problems.append("a classification head (export the language model, or use lmtrain's own export)")
     if c.norm_position != "pre":
         problems.append("post-norm blocks (every supported family is pre-norm)")
+    if c.activation == "relu2":
+        problems.append("activation=relu2 (no supported family uses squared ReLU)")
+    if c.logit_softcap is not None:
+        problems.append("logit_softcap (no supported family caps its logits)")
     if c.position == "learned":
         wanted = {"norm": "layernorm", "rope_scaling": "none", "qkv_bias": False, "qk_norm": False}
         problems += [f"{k}={getattr(c, k)} with learned positions" for k, v in wanted.items() if getattr(c, k) != v]
@@ -226,7 +230,7 @@ def family_of(config: TransformerConfig) -> str:
     else:
         if c.norm != "rmsnorm":
             problems.append(f"norm={c.norm} with RoPE (Llama-style families use rmsnorm)")
-        if c.activation != "swiglu":
+        if c.activation not in ("swiglu", "relu2"):  # relu2 is named above
             problems.append(f"activation={c.activation} with RoPE (Llama-style families use swiglu)")
         if c.qkv_bias and c.qk_norm:
             problems.append("qkv_bias together with qk_norm")
