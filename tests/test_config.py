@@ -229,7 +229,7 @@ def test_help_lists_each_key_with_type_value_and_doc():
     with contextlib.redirect_stdout(out):
         assert main(["pretrain", "--help", "optimizer", "optimizer=sgd"]) == 0
     text = out.getvalue()
-    assert "optimizer: adam adamw *sgd" in text
+    assert "optimizer: adam adamw muon *sgd" in text
     line = next(row for row in text.splitlines() if row.split()[:1] == ["optimizer.lr"])
     assert line.split()[1:4] == ["float", "0.1", "peak"], line  # sgd's own value, with the schema's doc
     assert "model.d_model" not in text  # only the group asked for

@@ -9,7 +9,20 @@ import lmtrain
 LAYERS = [
     {"errors", "dtypes", "safe_io"},
     # building blocks: config, data, the model and what trains it, each standing alone
-    {"config", "data", "model", "optim", "losses", "lora", "chat", "metrics", "devices", "plan", "inspect_plots"},
+    {
+        "config",
+        "data",
+        "model",
+        "optim",
+        "ema",
+        "losses",
+        "lora",
+        "chat",
+        "metrics",
+        "devices",
+        "plan",
+        "inspect_plots",
+    },
     {"sweep", "run_lock", "generate", "interpret", "export", "distributed"},
     # formats and loops: checkpoints, Hugging Face folders, the metrics log, the trainer, tasks
     {"checkpoint_meta", "checkpoint", "hf", "run_log", "trainer", "tasks"},
