@@ -226,7 +226,8 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     _check_model(cfg.model, errors)
     _check_training(cfg, errors)
     d = cfg.data
-    _positive(d, "data.", errors, "max_chars", nullable=True)
+    _positive(d, "data.", errors, "max_chars", "tokenizer_sample_chars", "num_workers", nullable=True)
+    _positive(d, "data.", errors, "shard_tokens")
     if not 0.0 < d.val_fraction < 1.0:
         errors.append(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     if d.tokenizer == "bpe" and d.vocab_size < 257:

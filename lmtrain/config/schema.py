@@ -89,6 +89,9 @@ class DataConfig:
     document_masking: bool = False  # attention never crosses an end-of-text into another document
     cache_dir: str = "~/.cache/lmtrain"  # where packed token files are cached
     on_bad_record: str = "skip"  # skip | error: a record whose text is missing, null or not text
+    tokenizer_sample_chars: int | None = 200_000_000  # bpe: train on the first N characters of train (null: all)
+    num_workers: int | None = None  # threads that encode text while preparing tokens (null: every core)
+    shard_tokens: int = 1 << 26  # tokens per token-shard file of a prepared corpus
 
 
 @dataclass
