@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 import yaml
 
-from lmtrain import checkpoint, checkpoint_meta, distributed, run_lock
+from lmtrain import checkpoint, checkpoint_meta, devices, distributed, run_lock
 from lmtrain.config import TrainerConfig
 from lmtrain.distributed import Placement
 from lmtrain.errors import Diverged, RunRefused, UserError
@@ -337,6 +337,8 @@ def build_trainer(
         grad_clip=o.grad_clip,
         ignore_index=lo.ignore_index,
         compile=t.compile,
+        compile_eval=t.compile_eval,
+        peak_flops=devices.peak_flops(device, t.precision),
         teacher=teacher,
         placement=placement,
         parallel=parallel,
@@ -448,8 +450,9 @@ def train(
     tokens_per_s = tokens / seconds if tokens and seconds > 0 else None
     best = state.best_metric if state.best_metric is not None else float("nan")
     final = state.last_metrics.get(main_metric)
+    mfu = trainer.mfu(tokens_per_s)
     log.info(
-        "done: %d steps, final val_%s %s, best val_%s %.4f, wall %.1fs, %s tokens/s, checkpoint %s",
+        "done: %d steps, final val_%s %s, best val_%s %.4f, wall %.1fs, %s tokens/s, MFU %s, checkpoint %s",
         state.step - start_step,
         main_metric,
         f"{final:.4f}" if final is not None else "-",
@@ -457,6 +460,7 @@ def train(
         best,
         time.perf_counter() - started,
         f"{tokens_per_s:,.0f}" if tokens_per_s else "-",
+        f"{mfu:.1%}" if mfu is not None else "-",
         run_dir / "checkpoints" / "latest",
     )
     summary = {
@@ -467,6 +471,7 @@ def train(
         "steps": state.step,
         "tokens": state.tokens_seen,
         "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
         "skipped_steps": state.skipped_steps,
         "checkpoint": str(checkpoint.resolve(run_dir)),
     }

@@ -49,8 +49,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_library(folder: str, tokenizer_json: str) -> dict:
-    """tokenizers' encode_batch over the corpus in 1 MB pieces, 64 MB at a time; only encoding is timed."""
+def measure_library(folder: str, tokenizer_json: str, cap_mb: str) -> dict:
+    """tokenizers' encode_batch over the corpus (its first `cap_mb` MB) in 1 MB pieces, 64 MB at a time; only
+    encoding is timed."""
     from tokenizers import Tokenizer
 
     from lmtrain.data.corpus import read_text_pieces
@@ -70,6 +71,10 @@ def measure_library(folder: str, tokenizer_json: str) -> dict:
             if len(batch) == 64:
                 seconds += encode()
                 batch = []
+            if size >= int(cap_mb) * 1_000_000:
+                break
+        if size >= int(cap_mb) * 1_000_000:
+            break
     if batch:
         seconds += encode()
     return {"mb_per_s": size / 1e6 / seconds, "seconds": seconds, "peak_mb": _peak_mb()}
@@ -128,6 +133,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, action="append", help="corpus size in MB (repeat for several)")
     parser.add_argument("--root", default="/tmp/bench_prepare")
     parser.add_argument("--tokenizer", choices=["byte", "bpe"], action="append", help="default: both")
+    parser.add_argument("--library-mb", type=int, default=100, help="MB the library's throughput is measured on")
     parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -150,7 +156,7 @@ def main() -> None:
                 print(f"{megabytes} MB: BPE (4,096) trained on a {sample} MB sample in {trained['seconds']:.1f} s")
             for name in chosen:
                 tokenizer_json = {"byte": byte_json, "bpe": bpe_json}[name]
-                library = _in_fresh_process("library", str(folder), tokenizer_json)
+                library = _in_fresh_process("library", str(folder), tokenizer_json, str(args.library_mb))
                 ours = _in_fresh_process("lmtrain", str(folder), tokenizer_json, str(root / f"cache_{name}"))
                 shutil.rmtree(root / f"cache_{name}", ignore_errors=True)
                 print(

@@ -106,7 +106,8 @@ class TrainerConfig:
     seed: int = 1337  # seeds init, dropout and data order
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the training step (compiled once; its time is logged)
+    compile_eval: bool = False  # also compile evaluation (a second graph); false: evaluate eagerly
     resume: Any = False  # false | true (this run dir's latest) | path to a checkpoint or run dir
     progress_bar: bool = True  # tqdm bar on a terminal
     tensorboard: bool = False  # also log scalars to <run dir>/tensorboard (needs the tensorboard package)
