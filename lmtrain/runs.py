@@ -406,6 +406,7 @@ def train(
     higher_is_better: bool = False,
     keep_best: bool = False,
     data_counts: dict[str, int] | None = None,
+    accounting: Callable[[], dict] | None = None,
 ) -> dict:
     """Resume if asked, run `trainer.fit` with metrics and checkpoints in `run_dir`, and return the run's
     summary (the `result.json` body) with the `objective` Hydra sweepers minimise. `data_counts` (records
@@ -437,6 +438,7 @@ def train(
             main_metric=main_metric,
             higher_is_better=higher_is_better,
             progress_bar=settings.progress_bar,
+            accounting=accounting,
         )
     except Diverged as err:
         last = checkpoint.complete_steps(run_dir / "checkpoints")

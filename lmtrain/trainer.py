@@ -217,9 +217,11 @@ class Trainer:
         main_metric: str = "loss",
         higher_is_better: bool = False,
         progress_bar: bool = True,
+        accounting: Callable[[], dict] | None = None,
     ) -> None:
         """Train until `max_steps`: `next_step()` gives the micro-batches of one optimizer step; `evaluate()`
-        gives validation metrics (at step 0, every `eval_every` steps and at the end)."""
+        gives validation metrics (at step 0, every `eval_every` steps and at the end); `accounting()` adds the
+        data sampler's counts (tokens drawn, epochs) to every log record."""
         bar = ProgressBar(max_steps, self.state.step, progress_bar, self.placement.is_main)
         state = self.state
         world = self.placement.world_size
@@ -290,6 +292,7 @@ class Trainer:
                         "tokens_per_s": tokens_per_s,
                         "mfu": self.mfu(tokens_per_s),
                         "tokens_seen": state.tokens_seen,
+                        **(accounting() if accounting is not None else {}),
                     }
                     if self.on_nonfinite == "skip":
                         record["skipped_steps"] = state.skipped_steps

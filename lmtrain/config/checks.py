@@ -60,6 +60,7 @@ CHOICES = {
     "trainer.on_nonfinite": ("stop", "skip"),
     "device": ("auto", "cpu", "cuda"),
     "data.on_bad_record": ("skip", "error"),
+    "data.window": ("random", "bos_aligned"),
     "on_bad_record": ("skip", "error"),
 }
 

@@ -77,6 +77,13 @@ class LossConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = "python-stdlib"  # one corpus of a mixture: file, folder or `datasets` name
+    weight: float = 1.0  # its share of training windows (weights are normalised to sum to 1)
+    name: str | None = None  # in metrics (val_<name>_loss, epochs_<name>); null: the path's stem
+
+
+@dataclass
 class DataConfig:
     train: str = "python-stdlib"  # file, folder, `datasets` name, or python-stdlib (embedded)
     validation: str | None = None  # held-out file; null: the last val_fraction of train
@@ -92,6 +99,8 @@ class DataConfig:
     tokenizer_sample_chars: int | None = 200_000_000  # bpe: train on the first N characters of train (null: all)
     num_workers: int | None = None  # threads that encode text while preparing tokens (null: every core)
     shard_tokens: int = 1 << 26  # tokens per token-shard file of a prepared corpus
+    window: str = "random"  # random | bos_aligned: training windows start anywhere, or at a document start
+    sources: list[SourceConfig] = field(default_factory=list)  # data=mixture: corpora and weights (replace train)
 
 
 @dataclass

@@ -55,7 +55,7 @@ def workers(num_workers: int | None) -> int:
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
+def locked(folder: Path) -> Iterator[None]:
     """One process prepares a cache entry at a time; the others wait, then find it finished."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ def build(
 ) -> None:
     """Prepare `folder` (nothing to do when its manifest exists). `splits` holds "train" and, when there is a
     validation corpus, "validation"; without one the last `val_fraction` of the train tokens validates."""
-    with _locked(folder):
+    with locked(folder):
         if (folder / MANIFEST).exists():
             return
         partial = folder.parent / f".{folder.name}.partial"

@@ -36,7 +36,7 @@ class TokenData:
     train_documents: np.ndarray | None = None  # int64 positions in `train` where a document starts
 
 
-def _capped(items, max_chars: int | None):
+def capped(items, max_chars: int | None):
     """The (starts_a_document, piece) items of at most `max_chars` characters in all, the last one cut."""
     total = 0
     for starts, text in items:
@@ -48,7 +48,7 @@ def _capped(items, max_chars: int | None):
         yield starts, text
 
 
-def _sampled(texts, max_chars: int | None):
+def sampled(texts, max_chars: int | None):
     """The first `max_chars` characters of `texts` (all with None): what a BPE tokenizer learns from."""
     total = 0
     for text in texts:
@@ -155,12 +155,12 @@ def cached_tokenizer(**settings) -> Tokenizer | None:
 def _build(c: Corpus, folder: Path, train_files, val_files) -> None:
     def train_items(skipped: dict) -> Iterator[tuple[bool, str]]:
         items = corpus.iter_pieces(c.train, train_files, c.text_field, "data.train", c.on_bad_record, skipped)
-        return _capped(items, c.max_chars)
+        return capped(items, c.max_chars)
 
     def make_tokenizer() -> Tokenizer:
         texts = (text for _, text in train_items({}))
         if c.tokenizer == "bpe":
-            texts = _sampled(texts, c.tokenizer_sample_chars)
+            texts = sampled(texts, c.tokenizer_sample_chars)
         return build_tokenizer(c.tokenizer, texts, c.vocab_size)
 
     splits = {"train": Split(train_items, "data.train", c.train)}
@@ -207,20 +207,36 @@ def _load(folder: Path) -> TokenData:
 class WindowSampler:
     """Random contiguous windows of `seq_len + 1` tokens, drawn by a seeded generator whose state is saved.
 
-    All windows of one optimizer step are drawn at once and then cut into micro-batches, so accumulating
-    4 micro-batches of 4 sees exactly the windows of one batch of 16.
+    With `starts` (int64 token positions: document starts, for data.window=bos_aligned) a window begins only
+    at one of them; otherwise anywhere. All windows of one optimizer step are drawn at once and then cut into
+    micro-batches, so accumulating 4 micro-batches of 4 sees exactly the windows of one batch of 16.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, starts: np.ndarray | None = None, key="data.train"):
         if len(tokens) < seq_len + 2:
             raise UserError(
-                f"data.train: {len(tokens)} training tokens are too few for model.max_seq_len={seq_len}; "
+                f"{key}: {len(tokens)} training tokens are too few for model.max_seq_len={seq_len}; "
                 "use more text or a shorter context"
             )
         self.tokens = tokens
         self.seq_len = seq_len
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets = np.arange(seq_len + 1)
+        self.starts = None if starts is None else starts[starts <= len(tokens) - seq_len - 1]
+        if self.starts is not None and not len(self.starts):
+            raise UserError(f"data.window=bos_aligned: no document of {key} starts {seq_len + 1} tokens before its end")
+        self.windows = torch.zeros((), dtype=torch.int64)  # windows drawn so far, all processes
+
+    def draw(self, count: int) -> np.ndarray:
+        """`count` window start positions, int64."""
+        self.windows += count
+        if self.starts is None:
+            return torch.randint(len(self.tokens) - self.seq_len, (count,), generator=self.generator).numpy()
+        return self.starts[torch.randint(len(self.starts), (count,), generator=self.generator).numpy()]
+
+    def windows_at(self, starts: np.ndarray) -> torch.Tensor:
+        """int64 [len(starts), seq_len + 1]: the windows beginning at `starts`."""
+        return torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
 
     def next_step(
         self, num_micro_batches: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
@@ -229,16 +245,19 @@ class WindowSampler:
         one step. Every process draws the windows of all processes and keeps its own slice, so N processes
         see exactly what one process with the same global batch would."""
         count = num_micro_batches * micro_batch_size
-        starts = torch.randint(len(self.tokens) - self.seq_len, (count * world_size,), generator=self.generator)
-        starts = starts[rank * count : (rank + 1) * count].numpy()
-        windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
-        return [(w[:, :-1], w[:, 1:]) for w in windows.split(micro_batch_size)]
+        starts = self.draw(count * world_size)[rank * count : (rank + 1) * count]
+        return [(w[:, :-1], w[:, 1:]) for w in self.windows_at(starts).split(micro_batch_size)]
+
+    def accounting(self) -> dict[str, float]:
+        """Token-exact progress through the data: epochs over the train split (input tokens drawn / its tokens)."""
+        return {"epochs": int(self.windows) * self.seq_len / len(self.tokens)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "windows": self.windows.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+        self.windows = state.get("windows", torch.zeros((), dtype=torch.int64)).clone()
 
 
 def with_documents(batch: tuple[torch.Tensor, torch.Tensor], end_of_text: int) -> tuple[dict, torch.Tensor]:
