@@ -474,6 +474,11 @@ def train(
         "tokens": state.tokens_seen,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu,
+        **(
+            {"peak_memory_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9}
+            if trainer.device.type == "cuda"
+            else {}
+        ),
         "skipped_steps": state.skipped_steps,
         "checkpoint": str(checkpoint.resolve(run_dir)),
     }

@@ -60,7 +60,8 @@ def sources(tmp_path_factory):
 
 def mixture_run(run_dir, sources, *extra):
     spec = f"data.sources=[{{path: {sources / 'web'}, weight: 0.7}}, {{path: {sources / 'code'}, weight: 0.3}}]"
-    cfg = compose("data=mixture", *TINY, spec, "data.window=bos_aligned", "data.document_masking=true", *extra)
+    short = ["trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=2"]
+    cfg = compose("data=mixture", *TINY, *short, spec, "data.window=bos_aligned", "data.document_masking=true", *extra)
     return pretrain.run(cfg, str(run_dir))
 
 
@@ -75,15 +76,15 @@ def test_mixture_run_reports_each_source_and_resumes_bitwise(tmp_path, sources, 
 
     real_step = Trainer.train_step
 
-    def crash_after_step_4(self, batches):
-        if self.state.step == 4:
+    def crash_after_step_3(self, batches):
+        if self.state.step == 3:
             raise KeyboardInterrupt
         return real_step(self, batches)
 
-    monkeypatch.setattr(Trainer, "train_step", crash_after_step_4)
+    monkeypatch.setattr(Trainer, "train_step", crash_after_step_3)
     with pytest.raises(KeyboardInterrupt):
         mixture_run(tmp_path / "resumed", sources)
-    assert checkpoint.resolve(tmp_path / "resumed").name == "step_0000003"
+    assert checkpoint.resolve(tmp_path / "resumed").name == "step_0000002"
     monkeypatch.setattr(Trainer, "train_step", real_step)
     mixture_run(tmp_path / "resumed", sources, "trainer.resume=true")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
