@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from lmtrain import distributed, runs
 from lmtrain.config import PretrainConfig, accumulation_steps
-from lmtrain.data import mixture, tokens
+from lmtrain.data import mixture, streaming, tokens
 from lmtrain.data.tokenizer import end_of_text_id
 from lmtrain.errors import UserError
 from lmtrain.metrics import perplexity
@@ -44,19 +44,21 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     pretrained_tokens = {"existing": existing, "end_of_text": end_of_text}
     sources = []  # data=mixture: every source's tokens, name and weight
     with distributed.main_first():  # one process tokenizes; the others read its cache
-        if d.sources:
+        if d.streaming:
+            stream_tokenizer = streaming.tokenizer(tokens.corpus_settings(d), existing)
+        elif d.sources:
             sources = mixture.prepare(d.sources, tokens.corpus_settings(d), existing, end_of_text)
         else:
             sources = [mixture.Source("", 1.0, tokens.prepare(**tokens.corpus_settings(d), **pretrained_tokens))]
-    data = sources[0].data
-    tokenizer_json = data.tokenizer.to_str()
+    tokenizer = stream_tokenizer if d.streaming else sources[0].data.tokenizer
+    tokenizer_json = tokenizer.to_str()
     for part in sources:
         log.info(
             "data%s: %s train / %s validation tokens, vocabulary %d (cache %s)",
             f" {part.name} (weight {part.weight:.3g})" if d.sources else "",
             f"{len(part.data.train):,}",
             f"{len(part.data.validation):,}",
-            data.tokenizer.get_vocab_size(),
+            tokenizer.get_vocab_size(),
             part.data.cache_path,
         )
 
@@ -65,7 +67,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         model = pretrained
         log.info("model: from %s (the model group is not used)", cfg.init_from)
     else:
-        model_config = TransformerConfig(vocab_size=data.tokenizer.get_vocab_size(), **dataclasses.asdict(m))
+        model_config = TransformerConfig(vocab_size=tokenizer.get_vocab_size(), **dataclasses.asdict(m))
         model = TransformerLM(model_config).to(device)
     seq_len = d.seq_len or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
@@ -77,21 +79,17 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     )
     accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, placement.world_size)
     trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer_json)
-    samplers = [
-        tokens.WindowSampler(
-            s.data.train,
-            seq_len,
-            t.seed,
-            s.data.train_documents if d.window == "bos_aligned" else None,
-            key=f"data.sources[{number}].path" if d.sources else "data.train",
-        )
-        for number, s in enumerate(sources)
-    ]
-    sampler = samplers[0] if not d.sources else mixture.MixtureSampler(samplers, *_names_weights(sources), t.seed)
-    validation = mixture.validation_sets(sources, seq_len, t.eval_batches, t.micro_batch_size)
-    separator = None
+    eos = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
+    if d.streaming:
+        settings, windows = tokens.corpus_settings(d), t.eval_batches * t.micro_batch_size
+        sampler, held_out = streaming.open_stream(settings, tokenizer, eos, seq_len, windows)
+        validation = {"": tokens.validation_batches(held_out, seq_len, t.eval_batches, t.micro_batch_size)}
+        sources = [mixture.Source("", 1.0, None)]
+    else:
+        sampler = _sampler(sources, seq_len, t.seed, d)
+        validation = mixture.validation_sets(sources, seq_len, t.eval_batches, t.micro_batch_size)
+    separator = eos if d.document_masking else None
     if d.document_masking:
-        separator = end_of_text if end_of_text is not None else end_of_text_id(data.tokenizer)
         validation = {k: [tokens.with_documents(batch, separator) for batch in v] for k, v in validation.items()}
 
     def next_step() -> list:
@@ -123,12 +121,29 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         max_steps=t.max_steps,
         eval_every=t.eval_every,
         started=started,
-        data_counts={f"skipped_{k.split('.')[1]}_records": n for s in sources for k, n in s.data.skipped.items()},
+        data_counts={
+            f"skipped_{k.split('.')[1]}_records": n for s in sources if s.data for k, n in s.data.skipped.items()
+        },
         accounting=sampler.accounting,
     )
     log.info("try: " + HINT, run_dir / "checkpoints" / "latest")
     return summary
 
 
-def _names_weights(sources: list[mixture.Source]) -> tuple[list[str], list[float]]:
-    return [s.name for s in sources], [s.weight for s in sources]
+def _sampler(
+    sources: list[mixture.Source], seq_len: int, seed: int, d
+) -> tokens.WindowSampler | mixture.MixtureSampler:
+    """Random windows of the one corpus, or of a mixture's sources; at document starts with data.window=bos_aligned."""
+    samplers = [
+        tokens.WindowSampler(
+            s.data.train,
+            seq_len,
+            seed,
+            s.data.train_documents if d.window == "bos_aligned" else None,
+            key=f"data.sources[{number}].path" if d.sources else "data.train",
+        )
+        for number, s in enumerate(sources)
+    ]
+    if not d.sources:
+        return samplers[0]
+    return mixture.MixtureSampler(samplers, [s.name for s in sources], [s.weight for s in sources], seed)

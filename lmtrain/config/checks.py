@@ -229,6 +229,10 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     d = cfg.data
     _positive(d, "data.", errors, "max_chars", "tokenizer_sample_chars", "num_workers", nullable=True)
     _positive(d, "data.", errors, "shard_tokens")
+    if d.streaming and (d.sources or d.window != "random" or d.validation):
+        errors.append(
+            "data.streaming: reads one stream of train; it takes no data.sources, data.validation or data.window"
+        )
     if not 0.0 < d.val_fraction < 1.0:
         errors.append(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     if d.tokenizer == "bpe" and d.vocab_size < 257:

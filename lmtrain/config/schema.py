@@ -101,6 +101,7 @@ class DataConfig:
     shard_tokens: int = 1 << 26  # tokens per token-shard file of a prepared corpus
     window: str = "random"  # random | bos_aligned: training windows start anywhere, or at a document start
     sources: list[SourceConfig] = field(default_factory=list)  # data=mixture: corpora and weights (replace train)
+    streaming: bool = False  # read train (a save_to_disk folder or `datasets` name) as a stream, tokenized on the fly
 
 
 @dataclass
