@@ -90,3 +90,11 @@ def test_mixture_run_reports_each_source_and_resumes_bitwise(tmp_path, sources, 
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert without_speed(tmp_path / "straight") == without_speed(tmp_path / "resumed")
+
+
+def test_a_mistyped_source_key_is_one_line():
+    from lmtrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose("data=mixture", "data.sources=[{path: a/, weigh: 0.7}]")
+    assert str(err.value) == "data.sources: a source has no key 'weigh'; it takes path, weight and name"

@@ -123,6 +123,8 @@ def _describe(err: OmegaConfBaseException, group: str, known: list[str]) -> str:
     if not full_key.startswith(group):
         full_key = f"{group}.{full_key}"
     message = str(getattr(err, "msg", err)).splitlines()[0]
+    if "not in 'SourceConfig'" in message:  # a key inside a data.sources entry
+        return f"data.sources: a source has no key '{full_key.rsplit('.', 1)[-1]}'; it takes path, weight and name"
     if "not in struct" in message:
         leaf = full_key.rsplit(".", 1)[-1]
         siblings = [k.rsplit(".", 1)[-1] for k in known if k.startswith(group + ".")]
