@@ -163,8 +163,9 @@ def _write_split(items: Items, encoder: Encoder, separator: int, writer: ShardWr
                 ids = np.concatenate([separator_ids, ids])
             offset = first_offset if index == first_item else 0
             writer.add(ids[offset:], index, offset, starts and offset == 0)
-            done += len(text.encode())
-            bar.update(len(text.encode()))
+            size = len(text.encode())
+            done += size
+            bar.update(size)
 
     with (
         tqdm(desc=f"tokenizing {name}", unit="B", unit_scale=True, leave=False, disable=None) as bar,
