@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup setup-optuna setup-joblib pretrain test test-fast lint format bench clean
+.PHONY: setup setup-optuna setup-joblib pretrain test test-fast lint format bench gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,13 @@ format: setup
 
 bench: setup
 	$(PY) scripts/bench_throughput.py $(ARGS)
+
+# scripts/gpu_check.sh on a machine without a package index: the Hydra wheels it lacks, fetched here first
+gpu-wheels: setup
+	$(PY) -m pip wheel -q --no-deps -w .wheels "hydra-core>=1.3,<1.4" "omegaconf>=2.3" "antlr4-python3-runtime==4.9.*"
+
+gpu-check:
+	bash scripts/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

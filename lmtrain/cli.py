@@ -47,6 +47,7 @@ TRAINING_COMMANDS = {"pretrain", "finetune"}  # commands whose runs record resul
 # command -> (primary config, schema); lmtrain.commands.<command>.run(cfg, run_dir) does the work
 COMMANDS: dict[str, tuple[str, type]] = {
     "pretrain": ("pretrain", PretrainConfig),
+    "prepare": ("prepare", PretrainConfig),
     "finetune": ("finetune", FinetuneConfig),
     "evaluate": ("evaluate", EvaluateConfig),
     "generate": ("generate", GenerateConfig),
@@ -58,6 +59,7 @@ USAGE = """usage: lmtrain <command> [hydra flags] [key=value ...]
 
 commands:
   pretrain   train a causal LM from scratch            (configs/pretrain.yaml)
+  prepare    tokenize pretrain's corpus into token shards, once; resumable   (configs/prepare.yaml)
   finetune   adapt a checkpoint to a task              (configs/finetune.yaml)
   evaluate   score a checkpoint on a split: eval.json  (configs/evaluate.yaml)
   generate   sample text from a checkpoint             (configs/generate.yaml)

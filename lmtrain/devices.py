@@ -140,3 +140,12 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def peak_flops(device, precision: str) -> float | None:
+    """Peak FLOP/s of one torch `device` in `precision`, what MFU divides by: the table's for a GPU it knows,
+    measured once for the CPU; None when unknown (MFU is then not reported)."""
+    if device.type == "cuda":
+        found = cuda_device(device.index or 0)
+        return found.peak_flops.get(precision) if found else None
+    return cpu_peak(precision) if device.type == "cpu" else None

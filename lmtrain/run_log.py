@@ -52,7 +52,7 @@ class MetricsFile:
         if self.tensorboard is not None:
             prefix = "val" if "val_loss" in record else "train"
             for key, value in record.items():
-                if key != "step":
+                if key != "step" and value is not None:
                     self.tensorboard.add_scalar(f"{prefix}/{key.removeprefix('val_')}", value, record["step"])
 
     def close(self) -> None:

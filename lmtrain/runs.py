@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lmtrain import checkpoint, distributed
+from lmtrain import checkpoint, devices, distributed
 from lmtrain.checkpointer import Checkpointer
 from lmtrain.config import LossConfig, TrainerConfig
 from lmtrain.distributed import Placement
@@ -24,7 +24,7 @@ from lmtrain.optim import build_optimizer, build_scheduler
 from lmtrain.pretrained import load_model
 from lmtrain.resume import Sampler, restore
 from lmtrain.run_dir import open_metrics, take_over
-from lmtrain.trainer import Trainer, TrainState
+from lmtrain.trainer import Trainer
 
 log = logging.getLogger("lmtrain")
 
@@ -81,6 +81,8 @@ def build_trainer(
         grad_clip=o.grad_clip,
         ignore_index=lo.ignore_index,
         compile=t.compile,
+        compile_eval=t.compile_eval,
+        peak_flops=devices.peak_flops(device, t.precision),
         teacher=teacher,
         placement=placement,
         parallel=parallel,
@@ -140,6 +142,7 @@ def train(
     higher_is_better: bool = False,
     keep_best: bool = False,
     data_counts: dict[str, int] | None = None,
+    accounting: Callable[[], dict] | None = None,
 ) -> dict:
     """Resume if asked, run `trainer.fit` with metrics and checkpoints in `run_dir`, and return the run's
     summary (the `result.json` body) with the `objective` Hydra sweepers minimise. `data_counts` (records
@@ -170,6 +173,7 @@ def train(
             main_metric=main_metric,
             higher_is_better=higher_is_better,
             progress_bar=settings.progress_bar,
+            accounting=accounting,
         )
     except Diverged as err:
         last = checkpoint.complete_steps(run_dir / "checkpoints")
@@ -179,29 +183,30 @@ def train(
         ) from None
     finally:
         metrics.close()
-    return _summary(
-        state, start_step, start_tokens, start_seconds, started, run_dir, main_metric, higher_is_better, keep_best
-    )
+    start = (start_step, start_tokens, start_seconds)
+    return _summary(trainer, start, started, run_dir, main_metric, higher_is_better, keep_best)
 
 
 def _summary(
-    state: TrainState,
-    start_step: int,
-    start_tokens: int,
-    start_seconds: float,
+    trainer: Trainer,
+    start: tuple[int, int, float],
     started: float,
     run_dir: Path,
     main_metric: str,
     higher_is_better: bool,
     keep_best: bool,
 ) -> dict:
-    """The run's result.json body (and its log line): best and final validation, throughput, checkpoints."""
+    """The run's result.json body (and its log line): best and final validation, throughput, MFU, checkpoints.
+    `start`: step, tokens seen and training seconds where this process began (after a resume, not 0)."""
+    state = trainer.state
+    start_step, start_tokens, start_seconds = start
     tokens, seconds = state.tokens_seen - start_tokens, state.train_seconds - start_seconds
     tokens_per_s = tokens / seconds if tokens and seconds > 0 else None
     best = state.best_metric if state.best_metric is not None else float("nan")
     final = state.last_metrics.get(main_metric)
+    mfu = trainer.mfu(tokens_per_s)
     log.info(
-        "done: %d steps, final val_%s %s, best val_%s %.4f, wall %.1fs, %s tokens/s, checkpoint %s",
+        "done: %d steps, final val_%s %s, best val_%s %.4f, wall %.1fs, %s tokens/s, MFU %s, checkpoint %s",
         state.step - start_step,
         main_metric,
         f"{final:.4f}" if final is not None else "-",
@@ -209,6 +214,7 @@ def _summary(
         best,
         time.perf_counter() - started,
         f"{tokens_per_s:,.0f}" if tokens_per_s else "-",
+        f"{mfu:.1%}" if mfu is not None else "-",
         run_dir / "checkpoints" / "latest",
     )
     summary = {
@@ -219,6 +225,12 @@ def _summary(
         "steps": state.step,
         "tokens": state.tokens_seen,
         "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        **(
+            {"peak_memory_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9}
+            if trainer.device.type == "cuda"
+            else {}
+        ),
         "skipped_steps": state.skipped_steps,
         "checkpoint": str(checkpoint.resolve(run_dir)),
     }

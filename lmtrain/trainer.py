@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,8 @@ from lmtrain.errors import Diverged
 from lmtrain.losses import scored
 from lmtrain.model import TransformerLM
 from lmtrain.run_log import ProgressBar
+
+log = logging.getLogger("lmtrain")
 
 # A micro-batch: model inputs (token ids [batch, seq], or a dict of keyword tensors) and targets
 # (token ids [batch, seq] or labels [batch]; ignore_index marks positions without loss).
@@ -63,6 +66,8 @@ class Trainer:
         grad_clip: float = 1.0,
         ignore_index: int = -100,
         compile: bool = False,
+        compile_eval: bool = False,
+        peak_flops: float | None = None,
         teacher: nn.Module | None = None,
         placement: Placement | None = None,
         parallel: nn.Module | None = None,
@@ -73,7 +78,11 @@ class Trainer:
         self.model = model  # the plain module: its parameters, its state
         self.placement = placement or Placement(device=device)
         self.parallel = parallel or model  # what runs forward/backward: model, DDP(model) or FSDP-sharded model
+        # compiled once for training; evaluation (no_grad: another graph) runs eagerly unless compile_eval
         self.compiled = torch.compile(self.parallel) if compile else self.parallel
+        self.evaluated = self.compiled if compile_eval else self.parallel
+        self.peak_flops = peak_flops  # FLOP/s of one process's device (lmtrain.devices): MFU's denominator
+        self.seq_len = 0  # tokens per sequence of the last step: the attention term of FLOPs per token
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_fn = loss_fn
@@ -172,7 +181,7 @@ class Trainer:
             batch = batches[index] if index < len(batches) else batches[0]
             inputs, targets = batch
             with self.autocast():
-                logits = self.forward(inputs)
+                logits = self.forward(inputs, self.evaluated)
             loss, targets_scored = scored(logits, targets.to(self.device), self.ignore_index)
             if index < len(batches):
                 total += loss
@@ -180,6 +189,14 @@ class Trainer:
         return distributed.all_reduce_sum(total.item(), self.device) / max(
             distributed.all_reduce_sum(count, self.device), 1
         )
+
+    def mfu(self, tokens_per_s: float | None) -> float | None:
+        """Model FLOPs utilisation: training FLOPs per token × tokens/s (all processes) over the peak FLOP/s of
+        all processes' devices; None when the device's peak or the model's FLOPs are unknown."""
+        flops_per_token = getattr(self.model, "flops_per_token", None)
+        if not (tokens_per_s and self.peak_flops and flops_per_token and self.seq_len):
+            return None
+        return flops_per_token(self.seq_len) * tokens_per_s / (self.peak_flops * self.placement.world_size)
 
     def _validate(self, evaluate, main_metric, higher_is_better, write_metrics, bar, save_best) -> None:
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
@@ -218,10 +235,12 @@ class Trainer:
         main_metric: str = "loss",
         higher_is_better: bool = False,
         progress_bar: bool = True,
+        accounting: Callable[[], dict] | None = None,
     ) -> None:
         """Train until `max_steps`: `next_step()` gives the micro-batches of one optimizer step; `evaluate()`
-        gives validation metrics (at step 0, every `eval_every` steps and at the end). With early stopping, the
-        run ends (with a checkpoint) at the validation that runs out of patience."""
+        gives validation metrics (at step 0, every `eval_every` steps and at the end); `accounting()` adds the
+        data sampler's counts (tokens drawn, epochs) to every log record. With early stopping, the run ends
+        (with a checkpoint) at the validation that runs out of patience."""
         bar = ProgressBar(max_steps, self.state.step, progress_bar, self.placement.is_main)
         state = self.state
         world = self.placement.world_size
@@ -258,9 +277,17 @@ class Trainer:
             if state.step == 0:  # where the run starts from
                 validate()
             window_start, window_start_tokens = time.perf_counter(), state.tokens_seen
+            compiling = self.compiled is not self.parallel
             while state.step < max_steps and not self.patience_ran_out():
                 lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm = self.train_step(next_step())
+                batches = next_step()
+                self.seq_len = _tokens(batches[0][0]).shape[-1]
+                step_started = time.perf_counter()
+                loss, grad_norm = self.train_step(batches)
+                if compiling:  # torch.compile traces and compiles in the first call, on the host
+                    compiling = False
+                    seconds = time.perf_counter() - step_started
+                    log.info("compile: training step compiled in %.1f s (its first step)", seconds)
                 step = state.step
                 if not self.last_step_skipped:
                     window_loss += loss
@@ -275,13 +302,16 @@ class Trainer:
                         torch.distributed.all_reduce(window_loss)
                     mean_loss = (window_loss / state.window_steps).item() if state.window_steps else float("nan")
                     elapsed = time.perf_counter() - window_start
+                    tokens_per_s = (state.tokens_seen - window_start_tokens) / max(elapsed, 1e-9)
                     record = {
                         "step": step,
                         "loss": mean_loss,
                         "lr": lr,
                         "grad_norm": grad_norm.item(),
-                        "tokens_per_s": (state.tokens_seen - window_start_tokens) / max(elapsed, 1e-9),
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": self.mfu(tokens_per_s),
                         "tokens_seen": state.tokens_seen,
+                        **(accounting() if accounting is not None else {}),
                     }
                     if self.on_nonfinite == "skip":
                         record["skipped_steps"] = state.skipped_steps

@@ -26,7 +26,8 @@ def test_pretrain_then_generate(tmp_path, corpus):
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
-    assert set(train[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"}
+    assert set(train[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen", "epochs"}
+    assert 0 < train[-1]["mfu"] < 1
     assert [r["step"] for r in val] == [0, 20, 40] and set(val[0]) == {"step", "val_loss", "val_ppl"}
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
     assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.5

@@ -123,7 +123,7 @@ def test_corpus_too_short_for_context(tmp_path):
         tokens.WindowSampler(np.arange(10, dtype=np.uint16), 64, seed=0)
 
 
-def test_meta_records_spans(tmp_path, corpus):
+def test_manifest_records_spans(tmp_path, corpus):
     data = prepare(tmp_path, train=str(corpus))
-    meta = json.loads((data.cache_path / "meta.json").read_text())
-    assert meta["train"][1] == meta["validation"][0] == len(data.train)
+    meta = json.loads((data.cache_path / "manifest.json").read_text())
+    assert meta["spans"]["train"][2] == meta["spans"]["validation"][1] == len(data.train)

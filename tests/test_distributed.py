@@ -250,3 +250,34 @@ def test_lora_finetune_on_two_processes_equals_one_with_accumulation(tmp_path, l
     two = lora_finetune(base, data, tmp_path, "trainer.nproc=2", f"trainer.strategy={strategy}")
     assert set(one) == set(two) and all(".lora_" in k for k in one)  # the adapters alone
     assert_close(two, one)
+
+
+def test_two_nodes_equal_one_process_and_one_writes_the_run_dir(tmp_path, corpus, single):
+    """Multi-node on one machine: two torchrun agents (--nnodes=2, one process each) meet by c10d rendezvous on
+    127.0.0.1 (gloo) and write one run dir on the "shared file system" (here: the same path)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "shared" / "run"
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+    agent += ["--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", "-m", "lmtrain"]
+    agent += ["pretrain", *TINY, f"data.train={corpus}", *STEPS, "trainer.micro_batch_size=4", "grad_accum.steps=1"]
+    agent.append(f"hydra.run.dir={run_dir}")
+    nodes = []
+    for node in range(2):  # each "node" starts in its own folder: what it writes outside the run dir stays there
+        (tmp_path / f"node{node}").mkdir()
+        nodes.append(
+            subprocess.Popen(agent, cwd=tmp_path / f"node{node}", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    for process in nodes:
+        output = process.communicate(timeout=300)[0].decode()
+        assert process.returncode == 0, output[-3000:]
+    assert_close(weights(run_dir / "checkpoints" / "latest"), weights(single / "checkpoints" / "latest"))
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "pretrain.log").read_text().count("done: ") == 1  # one process logs
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["run"]
+    assert not any(any((tmp_path / f"node{node}").iterdir()) for node in range(2))

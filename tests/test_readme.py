@@ -45,6 +45,8 @@ def sandbox(root: Path, runs: dict) -> Path:
         (work / "models" / model).symlink_to(runs["lm"] / "checkpoints" / "latest")
     make_corpus(work / "corpus/part-0.txt", 50)
     make_corpus(work / "wiki.txt", 50)
+    (work / "corpus_saved").mkdir()  # a `datasets` save_to_disk folder (only its path is checked)
+    (work / "corpus_saved" / "state.json").write_text("{}")
     write_jsonl(work / "instructions.jsonl", [{"prompt": "hi", "response": "hello"}])
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     write_jsonl(work / "chats.jsonl", [{"messages": chat}])

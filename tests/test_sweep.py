@@ -32,6 +32,7 @@ def test_two_by_two_sweep_and_its_report(tmp_path, corpus):
             "tokens",
             "wall_seconds",
             "tokens_per_s",
+            "mfu",
             "checkpoint",
         } <= set(r)
         assert r["steps"] == 6 and r["objective"] == r["best_val_loss"]

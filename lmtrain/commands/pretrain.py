@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from omegaconf import OmegaConf
 
 from lmtrain import distributed, runs
 from lmtrain.config import PretrainConfig, accumulation_steps
-from lmtrain.data import tokens
+from lmtrain.data import mixture, streaming, tokens
 from lmtrain.data.tokenizer import end_of_text_id
 from lmtrain.errors import UserError
 from lmtrain.metrics import perplexity
@@ -22,7 +21,6 @@ from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.pretrained import load_model, load_side_files, load_special_tokens
 from lmtrain.resume import resume_source
 from lmtrain.run_dir import claimed
-from lmtrain.trainer import Batch
 
 log = logging.getLogger("lmtrain")
 HINT = 'lmtrain generate ckpt=%s prompt="def "'  # printed at the end of a run; a test runs it as printed
@@ -45,23 +43,33 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     if cfg.init_from:  # continued pretraining: the model's own shape, weights and tokenizer
         pretrained, existing = load_model(cfg.init_from, device, key="init_from")
         end_of_text = load_special_tokens(cfg.init_from, existing, key="init_from").end_of_text
+    pretrained_tokens = {"existing": existing, "end_of_text": end_of_text}
+    sources = []  # data=mixture: every source's tokens, name and weight
     with distributed.main_first():  # one process tokenizes; the others read its cache
-        data = tokens.prepare(**tokens.corpus_settings(d), existing=existing, end_of_text=end_of_text)
-    tokenizer_json = data.tokenizer.to_str()
-    log.info(
-        "data: %s train / %s validation tokens, vocabulary %d (cache %s)",
-        f"{len(data.train):,}",
-        f"{len(data.validation):,}",
-        data.tokenizer.get_vocab_size(),
-        data.cache_path,
-    )
+        if d.streaming:
+            stream_tokenizer = streaming.tokenizer(tokens.corpus_settings(d), existing)
+        elif d.sources:
+            sources = mixture.prepare(d.sources, tokens.corpus_settings(d), existing, end_of_text)
+        else:
+            sources = [mixture.Source("", 1.0, tokens.prepare(**tokens.corpus_settings(d), **pretrained_tokens))]
+    tokenizer = stream_tokenizer if d.streaming else sources[0].data.tokenizer
+    tokenizer_json = tokenizer.to_str()
+    for part in sources:
+        log.info(
+            "data%s: %s train / %s validation tokens, vocabulary %d (cache %s)",
+            f" {part.name} (weight {part.weight:.3g})" if d.sources else "",
+            f"{len(part.data.train):,}",
+            f"{len(part.data.validation):,}",
+            tokenizer.get_vocab_size(),
+            part.data.cache_path,
+        )
 
     torch.manual_seed(t.seed)
     if pretrained is not None:
         model = pretrained
         log.info("model: from %s (the model group is not used)", cfg.init_from)
     else:
-        model_config = TransformerConfig(vocab_size=data.tokenizer.get_vocab_size(), **dataclasses.asdict(m))
+        model_config = TransformerConfig(vocab_size=tokenizer.get_vocab_size(), **dataclasses.asdict(m))
         model = TransformerLM(model_config).to(device)
     seq_len = d.seq_len or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
@@ -73,13 +81,18 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     )
     accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, placement.world_size)
     trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer_json)
-    sampler = tokens.WindowSampler(data.train, seq_len, t.seed)
-    val_windows = tokens.validation_batches(data.validation, seq_len, t.eval_batches, t.micro_batch_size)
-    validation: Sequence[Batch] = val_windows
-    separator = None
+    eos = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
+    if d.streaming:
+        settings, windows = tokens.corpus_settings(d), t.eval_batches * t.micro_batch_size
+        sampler, held_out = streaming.open_stream(settings, tokenizer, eos, seq_len, windows)
+        validation = {"": tokens.validation_batches(held_out, seq_len, t.eval_batches, t.micro_batch_size)}
+        sources = [mixture.Source("", 1.0, None)]
+    else:
+        sampler = _sampler(sources, seq_len, t.seed, d)
+        validation = mixture.validation_sets(sources, seq_len, t.eval_batches, t.micro_batch_size)
+    separator = eos if d.document_masking else None
     if d.document_masking:
-        separator = end_of_text if end_of_text is not None else end_of_text_id(data.tokenizer)
-        validation = [tokens.with_documents(batch, separator) for batch in val_windows]
+        validation = {k: [tokens.with_documents(batch, separator) for batch in v] for k, v in validation.items()}
 
     def next_step() -> list:
         windows = sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size)
@@ -93,8 +106,10 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     }
 
     def evaluate() -> dict[str, float]:
-        loss = trainer.evaluate_loss(validation)
-        return {"loss": loss, "ppl": perplexity(loss)}
+        losses = {name: trainer.evaluate_loss(batches) for name, batches in validation.items()}
+        loss = mixture.weighted_loss(losses, sources)
+        per_source = {f"{name}_loss": value for name, value in losses.items()} if d.sources else {}
+        return {"loss": loss, "ppl": perplexity(loss), **per_source}
 
     summary = runs.train(
         trainer,
@@ -108,7 +123,29 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         max_steps=t.max_steps,
         eval_every=t.eval_every,
         started=started,
-        data_counts={f"skipped_{k.split('.')[1]}_records": n for k, n in data.skipped.items()},
+        data_counts={
+            f"skipped_{k.split('.')[1]}_records": n for s in sources if s.data for k, n in s.data.skipped.items()
+        },
+        accounting=sampler.accounting,
     )
     log.info("try: " + HINT, run_dir / "checkpoints" / "latest")
     return summary
+
+
+def _sampler(
+    sources: list[mixture.Source], seq_len: int, seed: int, d
+) -> tokens.WindowSampler | mixture.MixtureSampler:
+    """Random windows of the one corpus, or of a mixture's sources; at document starts with data.window=bos_aligned."""
+    samplers = [
+        tokens.WindowSampler(
+            s.data.train,
+            seq_len,
+            seed,
+            s.data.train_documents if d.window == "bos_aligned" else None,
+            key=f"data.sources[{number}].path" if d.sources else "data.train",
+        )
+        for number, s in enumerate(sources)
+    ]
+    if not d.sources:
+        return samplers[0]
+    return mixture.MixtureSampler(samplers, [s.name for s in sources], [s.weight for s in sources], seed)

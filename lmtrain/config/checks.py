@@ -106,6 +106,8 @@ def _describe(err: OmegaConfBaseException, group: str, known: list[str]) -> str:
     if not full_key.startswith(group):
         full_key = f"{group}.{full_key}"
     message = str(getattr(err, "msg", err)).splitlines()[0]
+    if "not in 'SourceConfig'" in message:  # a key inside a data.sources entry
+        return f"data.sources: a source has no key '{full_key.rsplit('.', 1)[-1]}'; it takes path, weight and name"
     if "not in struct" in message:
         leaf = full_key.rsplit(".", 1)[-1]
         siblings = [k.rsplit(".", 1)[-1] for k in known if k.startswith(group + ".")]
@@ -233,7 +235,12 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     _check_model(cfg.model, errors)
     _check_training(cfg, errors)
     d = cfg.data
-    _positive(d, "data.", errors, "max_chars", nullable=True)
+    _positive(d, "data.", errors, "max_chars", "tokenizer_sample_chars", "num_workers", nullable=True)
+    _positive(d, "data.", errors, "shard_tokens")
+    if d.streaming and (d.sources or d.window != "random" or d.validation):
+        errors.append(
+            "data.streaming: reads one stream of train; it takes no data.sources, data.validation or data.window"
+        )
     if not 0.0 < d.val_fraction < 1.0:
         errors.append(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     if d.tokenizer == "bpe" and d.vocab_size < 257:

@@ -163,3 +163,8 @@ class ExportFormat(Choice):
 class Quantize(Choice):
     none = "none"
     int8 = "int8"
+
+
+class Window(Choice):
+    random = "random"
+    bos_aligned = "bos_aligned"

@@ -47,7 +47,12 @@ def _get(cfg: Any, key: str) -> Any:
 
 
 def check_data(key: str, value: str) -> str | None:
-    """A data source: a readable file or folder, or a `datasets` name."""
+    """A data source: a readable file or folder, a `datasets` name, or a folder written by save_to_disk."""
+    folder = Path(value).expanduser()
+    if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+        return (
+            None if os.access(folder, os.R_OK | os.X_OK) else f"{key}: cannot read folder '{value}': permission denied"
+        )
     try:
         files = corpus.resolve_files(value, key)
     except UserError as err:

@@ -36,6 +36,7 @@ from lmtrain.config.choices import (
     Strategy,
     TaskName,
     TokenizerKind,
+    Window,
 )
 
 
@@ -110,6 +111,13 @@ class LossConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = "python-stdlib"  # one corpus of a mixture: file, folder or `datasets` name
+    weight: float = 1.0  # its share of training windows (weights are normalised to sum to 1)
+    name: str | None = None  # in metrics (val_<name>_loss, epochs_<name>); null: the path's stem
+
+
+@dataclass
 class DataConfig:
     train: str = "python-stdlib"  # file, folder, `datasets` name, or python-stdlib (embedded)
     validation: str | None = None  # held-out file; null: the last val_fraction of train
@@ -122,6 +130,12 @@ class DataConfig:
     document_masking: bool = False  # attention never crosses an end-of-text into another document
     cache_dir: str = "${oc.env:LMTRAIN_CACHE,'~/.cache/lmtrain'}"  # where token files are cached (env LMTRAIN_CACHE)
     on_bad_record: OnBadRecord = OnBadRecord.skip  # a record whose text is missing, null or not text
+    tokenizer_sample_chars: int | None = 200_000_000  # bpe: train on the first N characters of train (null: all)
+    num_workers: int | None = None  # threads that encode text while preparing tokens (null: every core)
+    shard_tokens: int = 1 << 26  # tokens per token-shard file of a prepared corpus
+    window: Window = Window.random  # where training windows start: anywhere, or at a document start (bos_aligned)
+    sources: list[SourceConfig] = field(default_factory=list)  # data=mixture: corpora and weights (replace train)
+    streaming: bool = False  # read train (a save_to_disk folder or `datasets` name) as a stream, tokenized on the fly
 
 
 @dataclass
@@ -136,7 +150,8 @@ class TrainerConfig:
     seed: int = 1337  # seeds init, dropout and data order
     device: Device = Device.auto  # auto: CUDA when present, else CPU
     precision: Precision = Precision.fp32  # autocast dtype of the matmuls; the weights stay fp32
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the training step (compiled once; its time is logged)
+    compile_eval: bool = False  # also compile evaluation (a second graph); false: evaluate eagerly
     resume: Any = False  # false | true (this run dir's latest) | path to a checkpoint or run dir
     progress_bar: bool = True  # tqdm bar on a terminal
     tensorboard: bool = False  # also log scalars to <run dir>/tensorboard (needs the tensorboard package)

@@ -11,6 +11,9 @@ from pathlib import Path
 from lmtrain.errors import UserError
 
 EMBEDDED = "python-stdlib"
+PIECE_CHARS = 1 << 20  # a long document is encoded in pieces cut at the first line end after this many characters
+MAX_PIECE_CHARS = 1 << 26  # ... or after this many, in a line that long (a text never becomes one huge string)
+TEXT_SUFFIXES = (".txt", ".md")
 # file suffix -> `datasets` packaged builder
 BUILDERS = {
     ".txt": "text",
@@ -129,3 +132,47 @@ def iter_documents(
                 continue
             if text:
                 yield text
+
+
+def pieces(document: str) -> Iterator[str]:
+    """`document` cut into pieces of PIECE_CHARS characters extended to the next line end (at most
+    MAX_PIECE_CHARS): the cut points of reading the document as a stream (`read_text_pieces`)."""
+    start = 0
+    while start < len(document):
+        end = start + PIECE_CHARS
+        if end < len(document):
+            newline = document.find("\n", end, start + MAX_PIECE_CHARS)
+            end = start + MAX_PIECE_CHARS if newline < 0 else newline + 1
+        yield document[start:end]
+        start = end
+
+
+def read_text_pieces(path: Path, key: str) -> Iterator[str]:
+    """The pieces of a text file, read in bounded chunks (newlines translated as `open` does): the same pieces
+    as `pieces(path.read_text())`, without ever holding the whole file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            while chunk := f.read(PIECE_CHARS):
+                yield chunk + f.readline(MAX_PIECE_CHARS - PIECE_CHARS)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{key}: cannot read '{path}': not UTF-8 ({err.reason} at byte {err.start})") from None
+
+
+def iter_pieces(
+    source: str,
+    files: list[Path] | None,
+    text_field: str,
+    key: str,
+    on_bad_record: str = "skip",
+    skipped: dict[str, int] | None = None,
+) -> Iterator[tuple[bool, str]]:
+    """(starts_a_document, text) for every piece of every document of the corpus, in a fixed order. A .txt or
+    .md file is one document, read as a stream; records of other formats come from `iter_documents`."""
+    if files is not None and source != EMBEDDED and files[0].suffix in TEXT_SUFFIXES:
+        for path in files:
+            for number, piece in enumerate(read_text_pieces(path, key)):
+                yield number == 0, piece
+        return
+    for document in iter_documents(source, files, text_field, key, on_bad_record, skipped):
+        for number, piece in enumerate(pieces(document)):
+            yield number == 0, piece

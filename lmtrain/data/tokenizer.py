@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmtrain.errors import UserError
@@ -21,6 +22,20 @@ END_OF_TEXT = "<|endoftext|>"
 UNKNOWN = "<|unk|>"
 MAX_PIECE = 64  # BPE pieces longer than this many bytes are split: merges cost ~quadratic time in piece length
 _UNBROKEN = re.compile(r"\S{10000}")
+CODEPOINTS = 0x110000  # Unicode code points
+
+
+def codepoints(text: str) -> np.ndarray:
+    """The Unicode code points of `text`, uint32 [len(text)]."""
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def char_vocabulary(texts: Iterable[str]) -> list[str]:
+    """The distinct characters of `texts`, sorted (a flag per code point: no Python set of characters)."""
+    seen = np.zeros(CODEPOINTS, dtype=bool)
+    for text in texts:
+        seen[codepoints(text)] = True
+    return [chr(c) for c in np.flatnonzero(seen)]
 
 
 def _byte_symbols() -> list[str]:
@@ -49,10 +64,7 @@ def byte_tokenizer() -> Tokenizer:
 
 def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
     """One token per character seen in `texts` (sorted), plus unknown and end-of-text tokens."""
-    chars: set[str] = set()
-    for text in texts:
-        chars.update(text)
-    vocab = {ch: i for i, ch in enumerate(sorted(chars))}
+    vocab = {ch: i for i, ch in enumerate(char_vocabulary(texts))}
     vocab[UNKNOWN] = len(vocab)
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNKNOWN))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")

@@ -1,91 +1,61 @@
-"""Packed token files: the corpus tokenized once into a memory-mapped file, cached by content + tokenizer;
-and the samplers that cut training and validation windows out of it."""
+"""Packed token files: the corpus tokenized once into memory-mapped token shards, cached by content + tokenizer
+(`lmtrain.data.prepare` writes them); and the samplers that cut training and validation windows out of them."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from lmtrain.data import corpus
-from lmtrain.data.tokenizer import UNKNOWN, build_tokenizer, end_of_text_id, load_tokenizer, warn_unknown
+from lmtrain.data.prepare import FORMAT_VERSION, MANIFEST, Split, build
+from lmtrain.data.shards import TokenView, document_starts, open_split
+from lmtrain.data.tokenizer import build_tokenizer, load_tokenizer
 from lmtrain.errors import UserError
-from lmtrain.safe_io import writing
 
 log = logging.getLogger("lmtrain")
 
-FORMAT_VERSION = 1
-CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces cut at line ends
+TOKENIZER_SAMPLE_CHARS = 200_000_000  # a BPE learns from the first 200M characters of train by default
+SHARD_TOKENS = 1 << 26  # tokens per shard file (128 MiB of uint16 ids)
 
 
 @dataclass
 class TokenData:
-    train: np.ndarray  # 1-D memmap of token ids
-    validation: np.ndarray
+    train: np.ndarray | TokenView  # 1-D token ids: a memmap, or a view over several shards
+    validation: np.ndarray | TokenView
     tokenizer: Tokenizer
     cache_path: Path
     skipped: dict[str, int]  # data key -> records skipped for a missing, null or non-text field
+    train_documents: np.ndarray | None = None  # int64 positions in `train` where a document starts
 
 
-def _pieces(document: str) -> list[str]:
-    if len(document) <= CHUNK_CHARS:
-        return [document]
-    pieces, start = [], 0
-    while start < len(document):
-        end = document.find("\n", start + CHUNK_CHARS)
-        end = len(document) if end < 0 else end + 1
-        pieces.append(document[start:end])
-        start = end
-    return pieces
-
-
-def _capped(documents, max_chars: int | None):
+def capped(items, max_chars: int | None):
+    """The (starts_a_document, piece) items of at most `max_chars` characters in all, the last one cut."""
     total = 0
-    for document in documents:
-        if max_chars is not None and total + len(document) > max_chars:
+    for starts, text in items:
+        if max_chars is not None and total + len(text) > max_chars:
             if total < max_chars:
-                yield document[: max_chars - total]
+                yield starts, text[: max_chars - total]
             return
-        total += len(document)
-        yield document
+        total += len(text)
+        yield starts, text
 
 
-def _write_tokens(documents, tokenizer: Tokenizer, end_of_text: int, out, desc: str, key: str) -> int:
-    """Encode documents in batches (tokenizers encodes a batch in parallel) and append ids to `out`, with
-    `end_of_text` between documents."""
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
-    separator = np.array([end_of_text], dtype=dtype)
-    count, first = 0, True
-    documents = iter(documents)
-    chars: set[str] | None = set() if tokenizer.token_to_id(UNKNOWN) is not None else None
-    with tqdm(desc=desc, unit="doc", leave=False, disable=None) as bar:
-        while batch := list(islice(documents, 256)):
-            for document in batch:
-                if chars is not None:
-                    chars.update(document)
-                if not first:
-                    out.write(separator.tobytes())
-                    count += 1
-                first = False
-                for encoding in tokenizer.encode_batch(_pieces(document), add_special_tokens=False):
-                    ids = np.asarray(encoding.ids, dtype=dtype)
-                    out.write(ids.tobytes())
-                    count += len(ids)
-            bar.update(len(batch))
-    if chars:
-        warn_unknown(tokenizer, ["".join(chars)], key)
-    return count
+def sampled(texts, max_chars: int | None):
+    """The first `max_chars` characters of `texts` (all with None): what a BPE tokenizer learns from."""
+    total = 0
+    for text in texts:
+        if max_chars is not None and total >= max_chars:
+            return
+        total += len(text)
+        yield text
 
 
 # the data settings `prepare` reads (the pretraining data config holds more: seq_len, document_masking)
@@ -99,6 +69,9 @@ CORPUS_KEYS = (
     "max_chars",
     "cache_dir",
     "on_bad_record",
+    "tokenizer_sample_chars",
+    "num_workers",
+    "shard_tokens",
 )
 
 
@@ -113,7 +86,8 @@ def _cache_key(parts: dict) -> str:
 
 @dataclass
 class Corpus:
-    """Where a corpus is read from and how it is tokenized: everything its cache entry depends on."""
+    """Where a corpus is read from and how it is tokenized: everything its cache entry depends on (and how
+    fast it is prepared: num_workers and shard_tokens change the files' layout, never the tokens)."""
 
     train: str
     validation: str | None
@@ -126,6 +100,9 @@ class Corpus:
     existing: Tokenizer | None = None
     end_of_text: int | None = None
     on_bad_record: str = "skip"
+    tokenizer_sample_chars: int | None = TOKENIZER_SAMPLE_CHARS
+    num_workers: int | None = None
+    shard_tokens: int = SHARD_TOKENS
 
     def files(self) -> tuple[list[Path] | None, list[Path] | None]:
         train = corpus.resolve_files(self.train, "data.train")
@@ -134,6 +111,7 @@ class Corpus:
     def folder(self, train_files, val_files) -> Path:
         """The cache entry: a hash of the files' content and every setting that changes the tokens."""
         existing = self.existing
+        trains_bpe = self.tokenizer == "bpe" and existing is None
         parts = {
             "format": FORMAT_VERSION,
             "train": corpus.fingerprint(self.train, train_files),
@@ -141,39 +119,26 @@ class Corpus:
             "val_fraction": None if self.validation else self.val_fraction,
             "text_field": self.text_field,
             "tokenizer": self.tokenizer if existing is None else hashlib.sha256(existing.to_str().encode()).hexdigest(),
-            "vocab_size": self.vocab_size if self.tokenizer == "bpe" and existing is None else None,
+            "vocab_size": self.vocab_size if trains_bpe else None,
             "end_of_text": self.end_of_text,
             "max_chars": self.max_chars,
             **({"on_bad_record": self.on_bad_record} if self.on_bad_record != "skip" else {}),
+            **({"tokenizer_sample_chars": self.tokenizer_sample_chars} if trains_bpe else {}),
         }
         return Path(self.cache_dir).expanduser() / _cache_key(parts)
 
 
 def prepare(**settings) -> TokenData:
-    """Tokenize the corpus once into `cache_dir/<key>/` (tokenizer.json, tokens.bin, meta.json) and map it;
-    `settings` are the fields of `Corpus`.
+    """Tokenize the corpus once into `cache_dir/<key>/` (tokenizer.json, manifest.json, token shards) and map
+    it; `settings` are the fields of `Corpus`.
 
     With `existing` (a pretrained model's tokenizer, whose document separator is `end_of_text`) no tokenizer
     is trained: `tokenizer` and `vocab_size` are not used."""
     c = Corpus(**settings)
     train_files, val_files = c.files()
     folder = c.folder(train_files, val_files)
-    if not (folder / "meta.json").exists():
-        _build(
-            folder,
-            c.train,
-            train_files,
-            c.validation,
-            val_files,
-            c.val_fraction,
-            c.text_field,
-            c.tokenizer,
-            c.vocab_size,
-            c.max_chars,
-            c.existing,
-            c.end_of_text,
-            c.on_bad_record,
-        )
+    if not (folder / MANIFEST).exists():
+        _build(c, folder, train_files, val_files)
     data = _load(folder)
     for key, count in data.skipped.items():
         log.warning("%s: skipped %d records whose '%s' is missing, null or not text", key, count, c.text_field)
@@ -184,100 +149,94 @@ def cached_tokenizer(**settings) -> Tokenizer | None:
     """The tokenizer `prepare(**settings)` would use, if that corpus is already tokenized in the cache."""
     c = Corpus(**settings)
     folder = c.folder(*c.files())
-    return load_tokenizer(str(folder / "tokenizer.json")) if (folder / "meta.json").exists() else None
+    return load_tokenizer(str(folder / "tokenizer.json")) if (folder / MANIFEST).exists() else None
 
 
-def _build(
-    folder,
-    train,
-    train_files,
-    validation,
-    val_files,
-    val_fraction,
-    text_field,
-    kind,
-    vocab_size,
-    max_chars,
-    existing,
-    end_of_text,
-    on_bad,
-):
-    skipped: dict[str, int] = {}
+def _build(c: Corpus, folder: Path, train_files, val_files) -> None:
+    def train_items(skipped: dict) -> Iterator[tuple[bool, str]]:
+        items = corpus.iter_pieces(c.train, train_files, c.text_field, "data.train", c.on_bad_record, skipped)
+        return capped(items, c.max_chars)
 
-    def train_documents(counts=None):
-        documents = corpus.iter_documents(train, train_files, text_field, "data.train", on_bad, counts)
-        return _capped(documents, max_chars)
+    def make_tokenizer() -> Tokenizer:
+        texts = (text for _, text in train_items({}))
+        if c.tokenizer == "bpe":
+            texts = sampled(texts, c.tokenizer_sample_chars)
+        return build_tokenizer(c.tokenizer, texts, c.vocab_size)
 
-    tokenizer = existing or build_tokenizer(kind, train_documents(), vocab_size)
-    separator = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as err:
-        raise UserError(f"data.cache_dir: cannot write to '{folder.parent}': {err.strerror}") from None
-    staging.chmod(0o755)  # mkdtemp makes it private
-    try:
-        with writing(folder / "tokens.bin"), open(staging / "tokens.bin", "wb") as out:
-            num_train = _write_tokens(
-                train_documents(skipped), tokenizer, separator, out, "tokenizing train", "data.train"
-            )
-            num_val = 0
-            if validation:
-                documents = corpus.iter_documents(validation, val_files, text_field, "data.validation", on_bad, skipped)
-                num_val = _write_tokens(
-                    documents, tokenizer, separator, out, "tokenizing validation", "data.validation"
-                )
-        if num_train == 0:
-            raise UserError(f"data.train: '{train}' holds no text")
-        if validation and num_val == 0:
-            raise UserError(f"data.validation: '{validation}' holds no text")
-        if validation:
-            spans = {"train": [0, num_train], "validation": [num_train, num_train + num_val]}
-        else:
-            split = num_train - int(num_train * val_fraction)
-            spans = {"train": [0, split], "validation": [split, num_train]}
-        dtype = "uint16" if tokenizer.get_vocab_size() <= 1 << 16 else "uint32"
-        tokenizer.save(str(staging / "tokenizer.json"))
-        meta = {"dtype": dtype, **spans, "train_source": train, "skipped": skipped}
-        (staging / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(staging, folder)
-        except OSError:  # another process finished the same cache entry first; theirs is identical
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    splits = {"train": Split(train_items, "data.train", c.train)}
+    if c.validation:
+
+        def validation_items(skipped: dict) -> Iterator[tuple[bool, str]]:
+            key = "data.validation"
+            return corpus.iter_pieces(c.validation, val_files, c.text_field, key, c.on_bad_record, skipped)
+
+        splits["validation"] = Split(validation_items, "data.validation", c.validation)
+    build(
+        folder,
+        splits,
+        (lambda: c.existing) if c.existing is not None else make_tokenizer,
+        c.end_of_text,
+        c.val_fraction,
+        c.num_workers,
+        c.shard_tokens,
+        {"train_source": c.train},
+    )
 
 
 def _load(folder: Path) -> TokenData:
-    meta = json.loads((folder / "meta.json").read_text())
-    tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    streams = {
+        name: open_split(folder, name, record, manifest["shard_tokens"], manifest["dtype"])
+        for name, record in manifest["splits"].items()
+    }
+    (train_split, train_start, train_stop), (val_split, val_start, val_stop) = (
+        manifest["spans"]["train"],
+        manifest["spans"]["validation"],
+    )
+    starts = document_starts(folder, "train", manifest["splits"]["train"])
     return TokenData(
-        train=tokens[slice(*meta["train"])],
-        validation=tokens[slice(*meta["validation"])],
+        train=streams[train_split][train_start:train_stop],
+        validation=streams[val_split][val_start:val_stop],
         tokenizer=load_tokenizer(str(folder / "tokenizer.json")),
         cache_path=folder,
-        skipped=meta.get("skipped", {}),
+        skipped=manifest.get("skipped", {}),
+        train_documents=starts[starts < train_stop - train_start],
     )
 
 
 class WindowSampler:
     """Random contiguous windows of `seq_len + 1` tokens, drawn by a seeded generator whose state is saved.
 
-    All windows of one optimizer step are drawn at once and then cut into micro-batches, so accumulating
-    4 micro-batches of 4 sees exactly the windows of one batch of 16.
+    With `starts` (int64 token positions: document starts, for data.window=bos_aligned) a window begins only
+    at one of them; otherwise anywhere. All windows of one optimizer step are drawn at once and then cut into
+    micro-batches, so accumulating 4 micro-batches of 4 sees exactly the windows of one batch of 16.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, starts: np.ndarray | None = None, key="data.train"):
         if len(tokens) < seq_len + 2:
             raise UserError(
-                f"data.train: {len(tokens)} training tokens are too few for model.max_seq_len={seq_len}; "
+                f"{key}: {len(tokens)} training tokens are too few for model.max_seq_len={seq_len}; "
                 "use more text or a shorter context"
             )
         self.tokens = tokens
         self.seq_len = seq_len
         self.generator = torch.Generator().manual_seed(seed)
         self._offsets = np.arange(seq_len + 1)
+        self.starts = None if starts is None else starts[starts <= len(tokens) - seq_len - 1]
+        if self.starts is not None and not len(self.starts):
+            raise UserError(f"data.window=bos_aligned: no document of {key} starts {seq_len + 1} tokens before its end")
+        self.windows = torch.zeros((), dtype=torch.int64)  # windows drawn so far, all processes
+
+    def draw(self, count: int) -> np.ndarray:
+        """`count` window start positions, int64."""
+        self.windows += count
+        if self.starts is None:
+            return torch.randint(len(self.tokens) - self.seq_len, (count,), generator=self.generator).numpy()
+        return self.starts[torch.randint(len(self.starts), (count,), generator=self.generator).numpy()]
+
+    def windows_at(self, starts: np.ndarray) -> torch.Tensor:
+        """int64 [len(starts), seq_len + 1]: the windows beginning at `starts`."""
+        return torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
 
     def next_step(
         self, num_micro_batches: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
@@ -286,16 +245,19 @@ class WindowSampler:
         one step. Every process draws the windows of all processes and keeps its own slice, so N processes
         see exactly what one process with the same global batch would."""
         count = num_micro_batches * micro_batch_size
-        drawn = torch.randint(len(self.tokens) - self.seq_len, (count * world_size,), generator=self.generator)
-        starts = drawn[rank * count : (rank + 1) * count].numpy()
-        windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
-        return [(w[:, :-1], w[:, 1:]) for w in windows.split(micro_batch_size)]
+        starts = self.draw(count * world_size)[rank * count : (rank + 1) * count]
+        return [(w[:, :-1], w[:, 1:]) for w in self.windows_at(starts).split(micro_batch_size)]
+
+    def accounting(self) -> dict[str, float]:
+        """Token-exact progress through the data: epochs over the train split (input tokens drawn / its tokens)."""
+        return {"epochs": int(self.windows) * self.seq_len / len(self.tokens)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "windows": self.windows.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+        self.windows = state.get("windows", torch.zeros((), dtype=torch.int64)).clone()
 
 
 def with_documents(batch: tuple[torch.Tensor, torch.Tensor], end_of_text: int) -> tuple[dict, torch.Tensor]:
