@@ -14,7 +14,7 @@ import torch
 
 from lmtrain import checkpoint, devices, distributed
 from lmtrain.checkpointer import Checkpointer
-from lmtrain.config import LossConfig, TrainerConfig
+from lmtrain.config import LossConfig, SchedulerConfig, TrainerConfig
 from lmtrain.distributed import Placement
 from lmtrain.ema import EMA
 from lmtrain.errors import Diverged, UserError
@@ -57,19 +57,7 @@ def build_trainer(
         muon_lr=o.muon_lr,
         muon_adjust_lr_fn=o.muon_adjust_lr_fn,
     )
-    warmup = s.warmup_steps
-    if warmup > max_steps:  # a quick try (`trainer.max_steps=5`) warms up for the whole run
-        log.warning("scheduler.warmup_steps: %d is longer than the run; cut to its %d steps", warmup, max_steps)
-        warmup = max_steps
-    scheduler = build_scheduler(
-        optimizer,
-        name=s.name,
-        lr=o.lr,
-        warmup_steps=warmup,
-        max_steps=max_steps,
-        min_lr=s.min_lr,
-        decay_fraction=s.decay_fraction,
-    )
+    scheduler = _schedule(optimizer, o.lr, s, max_steps)
     ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
     return Trainer(
         model,
@@ -89,6 +77,23 @@ def build_trainer(
         on_nonfinite=t.on_nonfinite,
         ema=ema,
         early_stopping_patience=t.early_stopping_patience,
+    )
+
+
+def _schedule(optimizer: torch.optim.Optimizer, lr: float, s: SchedulerConfig, max_steps: int):
+    """The LR schedule; a warmup longer than the run (`trainer.max_steps=5`, a quick try) is cut to fit it."""
+    warmup = s.warmup_steps
+    if warmup > max_steps:
+        log.warning("scheduler.warmup_steps: %d is longer than the run; cut to its %d steps", warmup, max_steps)
+        warmup = max_steps
+    return build_scheduler(
+        optimizer,
+        name=s.name,
+        lr=lr,
+        warmup_steps=warmup,
+        max_steps=max_steps,
+        min_lr=s.min_lr,
+        decay_fraction=s.decay_fraction,
     )
 
 

@@ -106,7 +106,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def forward(self, inputs: Inputs, model: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, inputs: Inputs, model: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Inputs moved to the device and run through the (compiled) model, under autocast."""
         run = model or self.compiled
         non_blocking = self.device.type == "cuda"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from tokenizers import Tokenizer
 
 from lmtrain import distributed, runs
 from lmtrain.config import PretrainConfig, accumulation_steps
@@ -34,83 +35,38 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
 
 def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
-    t, m, d = cfg.trainer, cfg.model, cfg.data
+    t, d = cfg.trainer, cfg.data
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
-    device = placement.device
     source = resume_source(t.resume, run_dir)
-
     pretrained, existing, end_of_text = None, None, None
     if cfg.init_from:  # continued pretraining: the model's own shape, weights and tokenizer
-        pretrained, existing = load_model(cfg.init_from, device, key="init_from")
+        pretrained, existing = load_model(cfg.init_from, placement.device, key="init_from")
         end_of_text = load_special_tokens(cfg.init_from, existing, key="init_from").end_of_text
-    pretrained_tokens = {"existing": existing, "end_of_text": end_of_text}
-    sources = []  # data=mixture: every source's tokens, name and weight
-    with distributed.main_first():  # one process tokenizes; the others read its cache
-        if d.streaming:
-            stream_tokenizer = streaming.tokenizer(tokens.corpus_settings(d), existing)
-        elif d.sources:
-            sources = mixture.prepare(d.sources, tokens.corpus_settings(d), existing, end_of_text)
-        else:
-            sources = [mixture.Source("", 1.0, tokens.prepare(**tokens.corpus_settings(d), **pretrained_tokens))]
-    tokenizer = stream_tokenizer if d.streaming else sources[0].data.tokenizer
-    tokenizer_json = tokenizer.to_str()
-    for part in sources:
-        log.info(
-            "data%s: %s train / %s validation tokens, vocabulary %d (cache %s)",
-            f" {part.name} (weight {part.weight:.3g})" if d.sources else "",
-            f"{len(part.data.train):,}",
-            f"{len(part.data.validation):,}",
-            tokenizer.get_vocab_size(),
-            part.data.cache_path,
-        )
-
-    torch.manual_seed(t.seed)
-    if pretrained is not None:
-        model = pretrained
-        log.info("model: from %s (the model group is not used)", cfg.init_from)
-    else:
-        model_config = TransformerConfig(vocab_size=tokenizer.get_vocab_size(), **dataclasses.asdict(m))
-        model = TransformerLM(model_config).to(device)
-    seq_len = d.seq_len or model.config.max_seq_len
-    if seq_len > model.config.max_seq_len:
-        raise UserError(f"data.seq_len: {seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    log.info(
-        "model: %s parameters, %.2f MFLOPs per token (training)",
-        f"{model.num_parameters():,}",
-        model.flops_per_token(seq_len) / 1e6,
-    )
+    tokenizer, sources = _tokens(cfg, existing, end_of_text)
+    model, seq_len = _model(cfg, pretrained, tokenizer, placement.device)
     accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, placement.world_size)
-    trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer_json)
+    trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer.to_str())
     eos = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
-    if d.streaming:
-        settings, windows = tokens.corpus_settings(d), t.eval_batches * t.micro_batch_size
-        sampler, held_out = streaming.open_stream(settings, tokenizer, eos, seq_len, windows)
-        validation = {"": tokens.validation_batches(held_out, seq_len, t.eval_batches, t.micro_batch_size)}
-        sources = [mixture.Source("", 1.0, None)]
-    else:
-        sampler = _sampler(sources, seq_len, t.seed, d)
-        validation = mixture.validation_sets(sources, seq_len, t.eval_batches, t.micro_batch_size)
+    sampler, validation = _windows(cfg, sources, tokenizer, eos, seq_len)
     separator = eos if d.document_masking else None
-    if d.document_masking:
-        validation = {k: [tokens.with_documents(batch, separator) for batch in v] for k, v in validation.items()}
 
     def next_step() -> list:
         windows = sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size)
         return windows if separator is None else [tokens.with_documents(batch, separator) for batch in windows]
 
-    files = {
-        "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
-        "model.json": json.dumps(dataclasses.asdict(model.config), indent=2),
-        "tokenizer.json": tokenizer_json,
-        **(load_side_files(cfg.init_from, "init_from") if cfg.init_from else {}),
-    }
-
     def evaluate() -> dict[str, float]:
         losses = {name: trainer.evaluate_loss(batches) for name, batches in validation.items()}
-        loss = mixture.weighted_loss(losses, sources)
+        loss = mixture.weighted_loss(losses, sources) if sources else losses[""]
         per_source = {f"{name}_loss": value for name, value in losses.items()} if d.sources else {}
         return {"loss": loss, "ppl": perplexity(loss), **per_source}
 
+    files = {
+        "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+        "model.json": json.dumps(dataclasses.asdict(model.config), indent=2),
+        "tokenizer.json": tokenizer.to_str(),
+        **(load_side_files(cfg.init_from, "init_from") if cfg.init_from else {}),
+    }
+    skipped = {f"skipped_{k.split('.')[1]}_records": n for s in sources for k, n in s.data.skipped.items()}
     summary = runs.train(
         trainer,
         sampler,
@@ -123,13 +79,78 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         max_steps=t.max_steps,
         eval_every=t.eval_every,
         started=started,
-        data_counts={
-            f"skipped_{k.split('.')[1]}_records": n for s in sources if s.data for k, n in s.data.skipped.items()
-        },
+        data_counts=skipped,
         accounting=sampler.accounting,
     )
     log.info("try: " + HINT, run_dir / "checkpoints" / "latest")
     return summary
+
+
+def _tokens(
+    cfg: PretrainConfig, existing: Tokenizer | None, end_of_text: int | None
+) -> tuple[Tokenizer, list[mixture.Source]]:
+    """The tokenizer and the prepared sources (one, a mixture's several, or none when streaming): one process
+    tokenizes, the others then read its cache."""
+    d = cfg.data
+    with distributed.main_first():
+        if d.streaming:
+            return streaming.tokenizer(tokens.corpus_settings(d), existing), []
+        if d.sources:
+            sources = mixture.prepare(d.sources, tokens.corpus_settings(d), existing, end_of_text)
+        else:
+            data = tokens.prepare(**tokens.corpus_settings(d), existing=existing, end_of_text=end_of_text)
+            sources = [mixture.Source("", 1.0, data)]
+    for part in sources:
+        log.info(
+            "data%s: %s train / %s validation tokens, vocab %d (%s)",
+            f" {part.name} (weight {part.weight:.3g})" if d.sources else "",
+            f"{len(part.data.train):,}",
+            f"{len(part.data.validation):,}",
+            part.data.tokenizer.get_vocab_size(),
+            part.data.cache_path,
+        )
+    return sources[0].data.tokenizer, sources
+
+
+def _model(
+    cfg: PretrainConfig, pretrained: TransformerLM | None, tokenizer: Tokenizer, device: torch.device
+) -> tuple[TransformerLM, int]:
+    """The model (init_from's, or a new one of the model group's shape) and the training window."""
+    torch.manual_seed(cfg.trainer.seed)
+    if pretrained is not None:
+        model = pretrained
+        log.info("model: from %s (the model group is not used)", cfg.init_from)
+    else:
+        model_config = TransformerConfig(vocab_size=tokenizer.get_vocab_size(), **dataclasses.asdict(cfg.model))
+        model = TransformerLM(model_config).to(device)
+    seq_len = cfg.data.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise UserError(f"data.seq_len: {seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    log.info(
+        "model: %s parameters, %.2f MFLOPs per token (training)",
+        f"{model.num_parameters():,}",
+        model.flops_per_token(seq_len) / 1e6,
+    )
+    return model, seq_len
+
+
+def _windows(
+    cfg: PretrainConfig, sources: list[mixture.Source], tokenizer: Tokenizer, eos: int, seq_len: int
+) -> tuple[streaming.StreamSampler | tokens.WindowSampler | mixture.MixtureSampler, dict[str, list]]:
+    """The training sampler and the fixed validation batches of each source ("" for a single corpus)."""
+    t, d = cfg.trainer, cfg.data
+    validation: dict[str, list]
+    if d.streaming:
+        windows = t.eval_batches * t.micro_batch_size
+        stream, held_out = streaming.open_stream(tokens.corpus_settings(d), tokenizer, eos, seq_len, windows)
+        sampler: streaming.StreamSampler | tokens.WindowSampler | mixture.MixtureSampler = stream
+        validation = {"": tokens.validation_batches(held_out, seq_len, t.eval_batches, t.micro_batch_size)}
+    else:
+        sampler = _sampler(sources, seq_len, t.seed, d)
+        validation = mixture.validation_sets(sources, seq_len, t.eval_batches, t.micro_batch_size)
+    if d.document_masking:
+        validation = {k: [tokens.with_documents(batch, eos) for batch in v] for k, v in validation.items()}
+    return sampler, validation
 
 
 def _sampler(

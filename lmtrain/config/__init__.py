@@ -1,6 +1,7 @@
 """Config schemas and checks; `from lmtrain.config import ...` reaches both."""
 
-from lmtrain.config.checks import CHOICES, ConfigError, accumulation_steps, all_keys, nearest, string_keys, validate
+from lmtrain.config.checks import ConfigError, accumulation_steps, validate
+from lmtrain.config.keys import CHOICES, all_keys, nearest, string_keys
 from lmtrain.config.schema import (
     DataConfig,
     EvalDataConfig,

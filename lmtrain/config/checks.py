@@ -6,16 +6,13 @@ for a misspelling).
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import typing
 from collections.abc import Callable, Collection
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lmtrain.config.choices import Choice
+from lmtrain.config.keys import CHOICES, all_keys, nearest
 from lmtrain.config.schema import (
     EvaluateConfig,
     ExportConfig,
@@ -33,49 +30,6 @@ from lmtrain.errors import UserError
 
 class ConfigError(UserError):
     """A config value or key that cannot work; raised before any compute."""
-
-
-def _choices(schema: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
-    """Dotted key -> allowed values, for every key typed with a Choice enum (lmtrain.config.choices)."""
-    found = {}
-    for name, hint in typing.get_type_hints(schema).items():
-        options = [t for t in typing.get_args(hint) or (hint,) if isinstance(t, type)]
-        for kind in options:
-            if issubclass(kind, Choice):
-                found[prefix + name] = tuple(member.value for member in kind)
-            elif dataclasses.is_dataclass(kind):
-                found.update(_choices(kind, f"{prefix}{name}."))
-    return found
-
-
-def nearest(name: str, candidates: list[str]) -> str | None:
-    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return match[0] if match else None
-
-
-def all_keys(cfg: Any, prefix: str = "") -> list[str]:
-    """Dotted paths of every leaf and node in a config or dataclass schema."""
-    node = OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg
-    keys = []
-    for key in map(str, node.keys()):
-        path = f"{prefix}{key}"
-        keys.append(path)
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            keys.extend(all_keys(child, path + "."))
-    return keys
-
-
-def string_keys(schema: type) -> set[str]:
-    """Dotted paths of the schema's string-typed leaves (prompt, text, paths, names)."""
-    node = OmegaConf.structured(schema)
-    keys = set()
-    for key in all_keys(schema):
-        parent, _, leaf = key.rpartition(".")
-        owner = OmegaConf.select(node, parent) if parent else node
-        if isinstance(owner._get_node(leaf), StringNode):
-            keys.add(key)
-    return keys
 
 
 def _typed(schema: type, cfg: DictConfig, errors: list[str]) -> Any:
@@ -352,9 +306,6 @@ CHECKS: dict[type, Callable[[Any, list[str]], None]] = {
     EvaluateConfig: _check_evaluate,
     PredictConfig: _check_predict,
 }
-
-
-CHOICES = {key: values for schema in CHECKS for key, values in _choices(schema).items()}
 
 
 def accumulation_steps(grad_accum: GradAccumConfig, micro_batch_size: int, seq_len: int, world_size: int) -> int:

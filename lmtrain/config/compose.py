@@ -8,7 +8,8 @@ import importlib.resources
 import re
 from typing import Any
 
-from lmtrain.config.checks import CHOICES, ConfigError, all_keys, nearest, string_keys, validate
+from lmtrain.config.checks import ConfigError, validate
+from lmtrain.config.keys import CHOICES, all_keys, nearest, string_keys
 from lmtrain.config.paths import check_out_folder
 
 CONFIG_PACKAGE = "lmtrain.configs"

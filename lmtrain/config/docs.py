@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from lmtrain.config import schema as schema_module
-from lmtrain.config.checks import CHOICES
+from lmtrain.config.keys import CHOICES
 
 
 @functools.cache

@@ -53,10 +53,12 @@ class Encoder:
     def _chars(self, texts: list[str]) -> list[np.ndarray]:
         out = []
         unknown = self.tokenizer.token_to_id(UNKNOWN)
+        table, seen = self._table, self._unknown_seen
+        assert table is not None and seen is not None, "set up for a character tokenizer"
         for text in texts:
             points = codepoints(text)
-            ids = self._table[points]
-            self._unknown_seen[points[ids == unknown]] = True
+            ids = table[points]
+            seen[points[ids == unknown]] = True
             out.append(ids)
         return out
 

@@ -130,7 +130,7 @@ class MixtureSampler:
 
     def accounting(self) -> dict[str, float]:
         """Training tokens drawn from each source and epochs over each."""
-        record = {}
+        record: dict[str, float] = {}
         for name, sampler in zip(self.names, self.samplers, strict=True):
             record[f"tokens_{name}"] = int(sampler.windows) * self.seq_len
             record[f"epochs_{name}"] = sampler.accounting()["epochs"]

@@ -98,6 +98,7 @@ def build(
                 _write_split(split.items(skipped), encoder, separator, writer, threads * BATCH_CHARS_PER_WORKER, name)
                 encoder.finish()
                 writer.finish({"skipped": skipped})
+            assert writer.record is not None, "a finished split has its record"
             records[name] = writer.record
             if records[name]["tokens"] == 0:
                 raise UserError(f"{split.key}: '{split.source}' holds no text")

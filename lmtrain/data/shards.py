@@ -15,6 +15,7 @@ import json
 import os
 from array import array
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -37,13 +38,14 @@ class ShardWriter:
         self.shards = state.get("shards", 0)  # finished shards
         self.resume_at = (state.get("item", 0), state.get("offset", 0))
         self.position = self.shards * shard_tokens  # stream position of the next token
-        self._file = None
+        self._file: BinaryIO | None = None
         self._starts = array("q")
 
-    def _open(self) -> None:
+    def _open(self) -> BinaryIO:
         path = self.folder / f"{shard_name(self.name, self.shards)}.bin.partial"
         with writing(path):
             self._file = open(path, "wb")
+        return self._file
 
     def add(self, ids: np.ndarray, item: int, offset: int, starts_document: bool) -> None:
         """Append `ids`, tokens `offset`.. of input item `item`; `starts_document`: they open a document."""
@@ -51,12 +53,11 @@ class ShardWriter:
             self._starts.append(self.position)
         ids = ids.astype(self.dtype, copy=False)
         while len(ids):
-            if self._file is None:
-                self._open()
+            file = self._file if self._file is not None else self._open()
             room = (self.shards + 1) * self.shard_tokens - self.position
             part, ids = ids[:room], ids[room:]
-            with writing(self._file.name):
-                self._file.write(part.tobytes())
+            with writing(file.name):
+                file.write(part.tobytes())
             self.position += len(part)
             offset += len(part)
             if self.position == (self.shards + 1) * self.shard_tokens:
@@ -65,10 +66,12 @@ class ShardWriter:
     def _close_shard(self, item: int, offset: int) -> None:
         """Finish the open shard; the next one starts at token `offset` of input item `item`."""
         base = self.folder / shard_name(self.name, self.shards)
+        file = self._file
+        assert file is not None, "a shard is open whenever tokens were added"
         with writing(base.with_suffix(".bin")):
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            file.flush()
+            os.fsync(file.fileno())
+            file.close()
             self._file = None
             np.asarray(self._starts, dtype=np.int64).tofile(base.with_suffix(".idx"))
             os.replace(base.with_suffix(".bin.partial"), base.with_suffix(".bin"))

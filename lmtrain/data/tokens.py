@@ -165,16 +165,23 @@ def _build(c: Corpus, folder: Path, train_files, val_files) -> None:
 
     splits = {"train": Split(train_items, "data.train", c.train)}
     if c.validation:
+        validation = c.validation
 
         def validation_items(skipped: dict) -> Iterator[tuple[bool, str]]:
             key = "data.validation"
-            return corpus.iter_pieces(c.validation, val_files, c.text_field, key, c.on_bad_record, skipped)
+            return corpus.iter_pieces(validation, val_files, c.text_field, key, c.on_bad_record, skipped)
 
         splits["validation"] = Split(validation_items, "data.validation", c.validation)
+    existing = c.existing
+
+    def given_tokenizer() -> Tokenizer:
+        assert existing is not None
+        return existing
+
     build(
         folder,
         splits,
-        (lambda: c.existing) if c.existing is not None else make_tokenizer,
+        given_tokenizer if existing is not None else make_tokenizer,
         c.end_of_text,
         c.val_fraction,
         c.num_workers,
@@ -212,7 +219,14 @@ class WindowSampler:
     micro-batches, so accumulating 4 micro-batches of 4 sees exactly the windows of one batch of 16.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, starts: np.ndarray | None = None, key="data.train"):
+    def __init__(
+        self,
+        tokens: np.ndarray | TokenView,
+        seq_len: int,
+        seed: int,
+        starts: np.ndarray | None = None,
+        key="data.train",
+    ):
         if len(tokens) < seq_len + 2:
             raise UserError(
                 f"{key}: {len(tokens)} training tokens are too few for model.max_seq_len={seq_len}; "
@@ -268,7 +282,7 @@ def with_documents(batch: tuple[torch.Tensor, torch.Tensor], end_of_text: int) -
 
 
 def validation_batches(
-    tokens: np.ndarray, seq_len: int, num_batches: int, batch_size: int
+    tokens: np.ndarray | TokenView, seq_len: int, num_batches: int, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed set of windows spread evenly over the validation tokens (the same at every evaluation)."""
     if len(tokens) < seq_len + 1:
