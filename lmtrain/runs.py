@@ -24,7 +24,7 @@ from lmtrain.optim import build_optimizer, build_scheduler
 from lmtrain.pretrained import load_model
 from lmtrain.resume import Sampler, restore
 from lmtrain.run_dir import open_metrics, take_over
-from lmtrain.trainer import Trainer
+from lmtrain.trainer import Cadence, Trainer
 
 log = logging.getLogger("lmtrain")
 
@@ -168,10 +168,7 @@ def train(
         trainer.fit(
             next_step,
             evaluate,
-            max_steps=max_steps,
-            eval_every=eval_every,
-            log_every=settings.log_every,
-            checkpoint_every=settings.checkpoint_every,
+            cadence=Cadence(max_steps, eval_every, settings.log_every, settings.checkpoint_every),
             write_metrics=metrics.write,
             save_checkpoint=checkpointer.save,
             save_best=checkpointer.save_best if keep_best else None,

@@ -53,6 +53,69 @@ def _tokens(inputs: Inputs) -> torch.Tensor:
     return inputs["tokens"] if isinstance(inputs, dict) else inputs
 
 
+@dataclass
+class Cadence:
+    """When the loop logs, validates and checkpoints: every N steps, and always at the last step."""
+
+    max_steps: int
+    eval_every: int
+    log_every: int
+    checkpoint_every: int
+
+    def logs(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.max_steps
+
+    def validates(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.max_steps
+
+    def checkpoints(self, step: int) -> bool:
+        return step % self.checkpoint_every == 0 or step == self.max_steps
+
+
+@dataclass
+class _Window:
+    """The log window: its summed loss (this process's share, on the device), start time and tokens."""
+
+    loss: torch.Tensor
+    start_tokens: int
+    started: float = field(default_factory=time.perf_counter)
+
+    def restart(self, tokens_seen: int) -> None:
+        self.started, self.start_tokens = time.perf_counter(), tokens_seen
+
+    def total(self, world: int) -> float:
+        """The window's loss summed over processes (saved with a checkpoint, so a resumed window continues)."""
+        total = self.loss.clone()
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        return total.item()
+
+
+class _Divergence:
+    """The first step with a non-finite loss or grad norm, kept on the device (no sync per step) and read only
+    where the loop syncs anyway: at the log interval, before validating and before checkpointing."""
+
+    def __init__(self, never: int, device: torch.device, world: int, enabled: bool):
+        self.never, self.world, self.enabled = never, world, enabled
+        self.first = torch.full((), never, dtype=torch.int64, device=device)
+
+    def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        nonfinite = ~torch.isfinite(loss)
+        if grad_norm is not None:
+            nonfinite |= ~torch.isfinite(grad_norm)
+        self.first = torch.minimum(self.first, torch.where(nonfinite, step, self.never))
+
+    def check(self) -> None:
+        """Raise Diverged naming the first non-finite step (trainer.on_nonfinite=stop)."""
+        if not self.enabled:
+            return
+        if self.world > 1:
+            torch.distributed.all_reduce(self.first, op=torch.distributed.ReduceOp.MIN)
+        step = int(self.first.item())
+        if step != self.never:
+            raise Diverged(f"training diverged: non-finite loss or gradient norm at step {step}")
+
+
 class Trainer:
     def __init__(
         self,
@@ -220,15 +283,57 @@ class Trainer:
         patience = self.early_stopping_patience
         return patience is not None and self.state.validations_since_best >= patience
 
+    def _step(
+        self, next_step: Callable[[], list[Batch]], window: _Window, divergence: _Divergence, compiling: bool
+    ) -> tuple[float, torch.Tensor]:
+        """One optimizer step; its loss joins the log window. Returns the step's LR and gradient norm."""
+        lr = float(self.scheduler.get_last_lr()[0])
+        batches = next_step()
+        self.seq_len = _tokens(batches[0][0]).shape[-1]
+        started = time.perf_counter()
+        loss, grad_norm = self.train_step(batches)
+        if compiling:  # torch.compile traces and compiles in the first call, on the host
+            log.info("compile: training step compiled in %.1f s (its first step)", time.perf_counter() - started)
+        if not self.last_step_skipped:
+            window.loss += loss
+            self.state.window_steps += 1
+        # with fp16 an overflowing gradient is routine: the scaler skips it
+        divergence.observe(self.state.step, loss, None if self.scaler.is_enabled() else grad_norm)
+        return lr, grad_norm
+
+    def _log_record(
+        self, step: int, lr: float, grad_norm: torch.Tensor, window: _Window, accounting: Callable[[], dict] | None
+    ) -> dict:
+        """The metrics.jsonl record closing a log window (the mean loss over its steps, on every process)."""
+        state = self.state
+        if self.placement.world_size > 1:  # each process holds its share of the mean
+            torch.distributed.all_reduce(window.loss)
+        mean_loss = (window.loss / state.window_steps).item() if state.window_steps else float("nan")
+        elapsed = time.perf_counter() - window.started
+        tokens_per_s = (state.tokens_seen - window.start_tokens) / max(elapsed, 1e-9)
+        record = {
+            "step": step,
+            "loss": mean_loss,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.mfu(tokens_per_s),
+            "tokens_seen": state.tokens_seen,
+            **(accounting() if accounting is not None else {}),
+        }
+        if self.on_nonfinite == "skip":
+            record["skipped_steps"] = state.skipped_steps
+        state.train_seconds += elapsed
+        window.loss.zero_()
+        state.window_steps = 0
+        return record
+
     def fit(
         self,
         next_step: Callable[[], list[Batch]],
         evaluate: Callable[[], dict[str, float]] | None,
         *,
-        max_steps: int,
-        eval_every: int,
-        log_every: int,
-        checkpoint_every: int,
+        cadence: Cadence,
         write_metrics: Callable[[dict], None],
         save_checkpoint: Callable[[], None],
         save_best: Callable[[], None] | None = None,
@@ -237,96 +342,42 @@ class Trainer:
         progress_bar: bool = True,
         accounting: Callable[[], dict] | None = None,
     ) -> None:
-        """Train until `max_steps`: `next_step()` gives the micro-batches of one optimizer step; `evaluate()`
-        gives validation metrics (at step 0, every `eval_every` steps and at the end); `accounting()` adds the
-        data sampler's counts (tokens drawn, epochs) to every log record. With early stopping, the run ends
-        (with a checkpoint) at the validation that runs out of patience."""
+        """Train until `cadence.max_steps`: `next_step()` gives the micro-batches of one optimizer step;
+        `evaluate()` gives validation metrics (at step 0 and when the cadence says); `accounting()` adds the data
+        sampler's counts to every log record. Early stopping ends the run (with a checkpoint) at the validation
+        that runs out of patience."""
+        max_steps = cadence.max_steps
         bar = ProgressBar(max_steps, self.state.step, progress_bar, self.placement.is_main)
-        state = self.state
-        world = self.placement.world_size
-        window_loss = torch.tensor(state.window_loss / world, device=self.device)  # this process's share
-        # the first step with a non-finite loss or grad norm (max_steps + 1: none), kept on the device and read
-        # only where the loop syncs anyway: at the log interval, before validating and before checkpointing
-        never = max_steps + 1
-        first_nonfinite = torch.full((), never, dtype=torch.int64, device=self.device)
+        state, world = self.state, self.placement.world_size
+        window = _Window(torch.tensor(state.window_loss / world, device=self.device), state.tokens_seen)
+        divergence = _Divergence(max_steps + 1, self.device, world, enabled=self.on_nonfinite == "stop")
 
-        def stop_if_diverged() -> None:
-            if self.on_nonfinite != "stop":
-                return
-            if world > 1:
-                torch.distributed.all_reduce(first_nonfinite, op=torch.distributed.ReduceOp.MIN)
-            step = int(first_nonfinite.item())
-            if step != never:
-                raise Diverged(f"training diverged: non-finite loss or gradient norm at step {step}")
-
-        validate = (
-            (lambda: self._validate(evaluate, main_metric, higher_is_better, write_metrics, bar, save_best))
-            if evaluate is not None
-            else (lambda: None)
-        )
-
-        def checkpoint() -> None:
-            stop_if_diverged()
-            total = window_loss.clone()
-            if world > 1:
-                torch.distributed.all_reduce(total)
-            state.window_loss = total.item()
-            save_checkpoint()
+        def validate() -> None:
+            if evaluate is not None:
+                divergence.check()
+                self._validate(evaluate, main_metric, higher_is_better, write_metrics, bar, save_best)
 
         try:
             if state.step == 0:  # where the run starts from
                 validate()
-            window_start, window_start_tokens = time.perf_counter(), state.tokens_seen
             compiling = self.compiled is not self.parallel
             while state.step < max_steps and not self.patience_ran_out():
-                lr = self.scheduler.get_last_lr()[0]
-                batches = next_step()
-                self.seq_len = _tokens(batches[0][0]).shape[-1]
-                step_started = time.perf_counter()
-                loss, grad_norm = self.train_step(batches)
-                if compiling:  # torch.compile traces and compiles in the first call, on the host
-                    compiling = False
-                    seconds = time.perf_counter() - step_started
-                    log.info("compile: training step compiled in %.1f s (its first step)", seconds)
+                lr, grad_norm = self._step(next_step, window, divergence, compiling)
+                compiling = False
                 step = state.step
-                if not self.last_step_skipped:
-                    window_loss += loss
-                    state.window_steps += 1
-                nonfinite = ~torch.isfinite(loss)
-                if not self.scaler.is_enabled():  # with fp16 an overflowing gradient is routine: the scaler skips it
-                    nonfinite |= ~torch.isfinite(grad_norm)
-                first_nonfinite = torch.minimum(first_nonfinite, torch.where(nonfinite, step, never))
                 record = None
-                if step % log_every == 0 or step == max_steps:
-                    if world > 1:  # each process holds its share of the mean
-                        torch.distributed.all_reduce(window_loss)
-                    mean_loss = (window_loss / state.window_steps).item() if state.window_steps else float("nan")
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_s = (state.tokens_seen - window_start_tokens) / max(elapsed, 1e-9)
-                    record = {
-                        "step": step,
-                        "loss": mean_loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm.item(),
-                        "tokens_per_s": tokens_per_s,
-                        "mfu": self.mfu(tokens_per_s),
-                        "tokens_seen": state.tokens_seen,
-                        **(accounting() if accounting is not None else {}),
-                    }
-                    if self.on_nonfinite == "skip":
-                        record["skipped_steps"] = state.skipped_steps
-                    state.train_seconds += elapsed
+                if cadence.logs(step):
+                    record = self._log_record(step, lr, grad_norm, window, accounting)
                     write_metrics(record)
-                    stop_if_diverged()
-                    window_loss.zero_()
-                    state.window_steps = 0
+                    divergence.check()
                 bar.update(1, record)
-                if step % eval_every == 0 or step == max_steps:
-                    stop_if_diverged()
+                if cadence.validates(step):
                     validate()
                 stop = self.patience_ran_out()
-                if step % checkpoint_every == 0 or step == max_steps or stop:
-                    checkpoint()
+                if cadence.checkpoints(step) or stop:
+                    divergence.check()
+                    state.window_loss = window.total(world)
+                    save_checkpoint()
                 if stop:
                     bar.write(
                         f"step {step}: stopping early, no better val_{main_metric} in "
@@ -334,6 +385,6 @@ class Trainer:
                     )
                     break
                 if record is not None:  # time spent evaluating and saving between windows is not counted
-                    window_start, window_start_tokens = time.perf_counter(), state.tokens_seen
+                    window.restart(state.tokens_seen)
         finally:
             bar.close()

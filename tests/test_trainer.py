@@ -7,7 +7,7 @@ from lmtrain.data.tokens import WindowSampler
 from lmtrain.losses import cross_entropy
 from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.optim import build_optimizer, build_scheduler
-from lmtrain.trainer import Trainer
+from lmtrain.trainer import Cadence, Trainer
 
 CPU = torch.device("cpu")
 
@@ -102,10 +102,7 @@ def test_early_stopping_stops_at_the_validation_that_runs_out_of_patience():
     trainer.fit(
         lambda: [(x, x)],
         lambda: {"loss": next(scores)},
-        max_steps=20,
-        eval_every=2,
-        log_every=1,
-        checkpoint_every=100,
+        cadence=Cadence(max_steps=20, eval_every=2, log_every=1, checkpoint_every=100),
         write_metrics=records.append,
         save_checkpoint=lambda: saved.append(trainer.state.step),
         progress_bar=False,
@@ -117,10 +114,7 @@ def test_early_stopping_stops_at_the_validation_that_runs_out_of_patience():
     trainer.fit(
         lambda: [(x, x)],
         lambda: {"loss": next(scores)},
-        max_steps=20,
-        eval_every=2,
-        log_every=1,
-        checkpoint_every=100,
+        cadence=Cadence(max_steps=20, eval_every=2, log_every=1, checkpoint_every=100),
         write_metrics=records.append,
         save_checkpoint=lambda: saved.append(trainer.state.step),
         progress_bar=False,
