@@ -16,13 +16,16 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from tokenizers import Tokenizer
 
 from lmtrain import checkpoint, distributed, runs
 from lmtrain.config import FinetuneConfig
-from lmtrain.data.examples import ExampleBatches, read_records, split_off, usable_records
+from lmtrain.data.examples import Example, ExampleBatches, read_records, split_off, usable_records
+from lmtrain.data.tokenizer import SpecialTokens
 from lmtrain.dtypes import autocast_dtype
 from lmtrain.errors import UserError
 from lmtrain.lora import add_lora
+from lmtrain.model import TransformerLM
 from lmtrain.pretrained import (
     adapter_record,
     load_model,
@@ -33,7 +36,7 @@ from lmtrain.pretrained import (
 from lmtrain.resume import resume_source
 from lmtrain.run_dir import claimed
 from lmtrain.task_data import data_fields
-from lmtrain.tasks import TaskInfo, build_task_info, field_roles, field_types, load_task_info, task_for, text_unit
+from lmtrain.tasks import Task, TaskInfo, build_task_info, field_roles, field_types, load_task_info, task_for, text_unit
 
 log = logging.getLogger("lmtrain")
 
@@ -53,102 +56,15 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     device = placement.device
     source = resume_source(t.resume, run_dir)
     model, tokenizer = load_model(cfg.init_from, device, key="init_from")
-
-    fields = data_fields(cfg.data)
-    txt_by = text_unit(cfg.task.name)
-    train_records = read_records(d.train, "data.train", txt_by=txt_by)
-    instruction = cfg.task.name == "lm" and fields["prompt"] in train_records[0]
-    required = [fields[role] for role in field_roles(cfg.task.name, instruction)]
-    missing = [f for f in required if f not in train_records[0]]
-    if missing:
-        raise UserError(
-            f"data.train: '{d.train}' has no field '{missing[0]}'; its fields are "
-            f"{', '.join(train_records[0])} (set data.<role>_field to the right name)"
-        )
-    types = field_types(TaskInfo(cfg.task.name, fields, instruction=instruction))
-    train_records, skipped = usable_records(train_records, types, "data.train", d.train, d.on_bad_record)
-    counts = {"skipped_train_records": skipped}
-    info = build_task_info(cfg.task, fields, train_records)
     special = load_special_tokens(cfg.init_from, tokenizer, key="init_from")
-    task = task_for(info, tokenizer, model.config.max_seq_len, special)
-    train_examples = task.encode(train_records, "data.train")
-    if d.validation:
-        records = read_records(d.validation, "data.validation", required, txt_by)
-        records, counts["skipped_validation_records"] = usable_records(
-            records, types, "data.validation", d.validation, d.on_bad_record
-        )
-        val_examples = task.encode(records, "data.validation")
-    else:  # held out after encoding, so evaluate/export can hold out the same examples again
-        train_examples, val_examples = split_off(train_examples, d.val_fraction, t.seed)
-    if cfg.task.max_eval_examples:
-        val_examples = val_examples[: cfg.task.max_eval_examples]
-    log.info("data: %d train / %d validation examples, task %s", len(train_examples), len(val_examples), info.name)
-
-    torch.manual_seed(t.seed)
-    start_info = load_task_info(cfg.init_from, "init_from")
-    if task.classify:
-        assert info.labels is not None, "build_task_info reads the labels from data.train"
-        same_labels = start_info is not None and start_info.labels == info.labels
-        if model.config.num_classes != len(info.labels) or not same_labels:
-            model.add_classifier(len(info.labels), cfg.task.pooling)  # a fresh head for this label set
-        else:
-            model.config = dataclasses.replace(model.config, pooling=cfg.task.pooling)
-        if not model.config.tie_embeddings:
-            model.lm_head.requires_grad_(False)  # unused by class logits (and DDP needs every trained grad)
-    elif model.classifier is not None:
-        model.remove_classifier()
-    if cfg.dropout is not None:
-        model.set_dropout(cfg.dropout)
-    if cfg.freeze_blocks > model.config.num_layers:
-        raise UserError(f"freeze_blocks: {cfg.freeze_blocks} exceeds the {model.config.num_layers} blocks of init_from")
-    model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
-    adapter_json = None
-    if cfg.adapter.name == "lora":  # the base is frozen; only the adapters (and a fresh task head) train
-        a = cfg.adapter
-        digest = weights_digest(cfg.init_from, "init_from")
-        layers = add_lora(model, list(a.target_modules), a.rank, a.alpha, a.dropout)
-        if model.classifier is not None:
-            model.classifier.requires_grad_(True)
-        settings = {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout}
-        adapter_json = adapter_record(cfg.init_from, digest, settings, layers)
+    info, task, train_examples, val_examples, counts = _examples(cfg, tokenizer, special, model.config.max_seq_len)
+    adapter_json = _prepare_model(cfg, model, info)
     accum_steps = cfg.grad_accum.steps
-    pack_width = (d.pack_len or model.config.max_seq_len) if d.packing else None
-    if pack_width is not None and pack_width > model.config.max_seq_len:
-        raise UserError(f"data.pack_len: {pack_width} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    batches = ExampleBatches(
-        train_examples, t.micro_batch_size, t.seed, task.eot, cfg.loss.ignore_index, task.classify, pack_width
-    )
-    steps_per_epoch = batches.steps_per_epoch(accum_steps, placement.world_size)
-    max_steps, eval_every = t.max_steps, t.eval_every
-    if cfg.epochs is not None:  # epochs set the length, trainer.max_steps caps it (a large dataset stays quick)
-        max_steps = min(math.ceil(cfg.epochs * steps_per_epoch), t.max_steps)
-        if max_steps < cfg.epochs * steps_per_epoch:
-            log.info(
-                "epochs=%s would be %d steps; trainer.max_steps caps the run at %d",
-                cfg.epochs,
-                math.ceil(cfg.epochs * steps_per_epoch),
-                max_steps,
-            )
-        eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
-    class_weights = None
-    if task.classify and cfg.task.class_weights == "balanced":  # inverse class frequency, mean weight 1
-        assert info.labels is not None, "build_task_info reads the labels from data.train"
-        per_class = torch.bincount(torch.tensor([e.label for e in train_examples]), minlength=len(info.labels))
-        class_weights = len(train_examples) / (len(info.labels) * per_class.clamp(min=1).float())
-        log.info("class weights: %s", dict(zip(map(str, info.labels), class_weights.tolist(), strict=True)))
+    batches, max_steps, eval_every = _schedule(cfg, model, task, train_examples, placement.world_size)
+    class_weights = _class_weights(cfg, info, train_examples) if task.classify else None
     trainer = runs.build_trainer(
         model, cfg, placement, max_steps, tokenizer_json=tokenizer.to_str(), class_weights=class_weights
     )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(
-        "model: %s parameters (%s trainable); %d steps of %d micro-batches (%d steps per epoch)",
-        f"{model.num_parameters():,}",
-        f"{trainable:,}",
-        max_steps,
-        accum_steps,
-        steps_per_epoch,
-    )
-
     files = {
         "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
         "model.json": json.dumps(dataclasses.asdict(model.config), indent=2),
@@ -159,14 +75,8 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     }
 
     def evaluate() -> dict[str, float]:
-        result = task.evaluate(
-            model,
-            val_examples,
-            batch_size=t.micro_batch_size,
-            device=device,
-            amp_dtype=autocast_dtype(t.precision),
-            seed=t.seed,
-        )
+        amp, size = autocast_dtype(t.precision), t.micro_batch_size
+        result = task.evaluate(model, val_examples, batch_size=size, device=device, amp_dtype=amp, seed=t.seed)
         return {k: v for k, v in result.items() if isinstance(v, int | float)}
 
     summary = runs.train(
@@ -193,3 +103,122 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
         summary["best_checkpoint"],
     )
     return summary
+
+
+def _examples(
+    cfg: FinetuneConfig, tokenizer: Tokenizer, special: SpecialTokens, max_seq_len: int
+) -> tuple[TaskInfo, Task, list[Example], list[Example], dict[str, int]]:
+    """The task, read from data.train (fields, labels), and its train and validation examples, with the
+    counts of records skipped."""
+    t, d = cfg.trainer, cfg.data
+    assert d.train is not None, "data.train is checked before the run"
+    fields = data_fields(cfg.data)
+    txt_by = text_unit(cfg.task.name)
+    train_records = read_records(d.train, "data.train", txt_by=txt_by)
+    instruction = cfg.task.name == "lm" and fields["prompt"] in train_records[0]
+    required = [fields[role] for role in field_roles(cfg.task.name, instruction)]
+    missing = [f for f in required if f not in train_records[0]]
+    if missing:
+        raise UserError(
+            f"data.train: '{d.train}' has no field '{missing[0]}'; its fields are "
+            f"{', '.join(train_records[0])} (set data.<role>_field to the right name)"
+        )
+    types = field_types(TaskInfo(cfg.task.name, fields, instruction=instruction))
+    train_records, skipped = usable_records(train_records, types, "data.train", d.train, d.on_bad_record)
+    counts = {"skipped_train_records": skipped}
+    info = build_task_info(cfg.task, fields, train_records)
+    task = task_for(info, tokenizer, max_seq_len, special)
+    train_examples = task.encode(train_records, "data.train")
+    if d.validation:
+        records = read_records(d.validation, "data.validation", required, txt_by)
+        records, counts["skipped_validation_records"] = usable_records(
+            records, types, "data.validation", d.validation, d.on_bad_record
+        )
+        val_examples = task.encode(records, "data.validation")
+    else:  # held out after encoding, so evaluate/export can hold out the same examples again
+        train_examples, val_examples = split_off(train_examples, d.val_fraction, t.seed)
+    if cfg.task.max_eval_examples:
+        val_examples = val_examples[: cfg.task.max_eval_examples]
+    log.info("data: %d train / %d validation examples, task %s", len(train_examples), len(val_examples), info.name)
+    return info, task, train_examples, val_examples, counts
+
+
+def _prepare_model(cfg: FinetuneConfig, model: TransformerLM, info: TaskInfo) -> str | None:
+    """The model made ready for the task: its head, dropout, frozen parts and LoRA adapters; returns the
+    adapter record (adapter.json) of a LoRA run."""
+    assert cfg.init_from is not None, "init_from is checked before the run"
+    torch.manual_seed(cfg.trainer.seed)
+    start_info = load_task_info(cfg.init_from, "init_from")
+    if info.name == "classification":
+        assert info.labels is not None, "build_task_info reads the labels from data.train"
+        same_labels = start_info is not None and start_info.labels == info.labels
+        if model.config.num_classes != len(info.labels) or not same_labels:
+            model.add_classifier(len(info.labels), cfg.task.pooling)  # a fresh head for this label set
+        else:
+            model.config = dataclasses.replace(model.config, pooling=cfg.task.pooling)
+        if not model.config.tie_embeddings:
+            model.lm_head.requires_grad_(False)  # unused by class logits (and DDP needs every trained grad)
+    elif model.classifier is not None:
+        model.remove_classifier()
+    if cfg.dropout is not None:
+        model.set_dropout(cfg.dropout)
+    if cfg.freeze_blocks > model.config.num_layers:
+        raise UserError(f"freeze_blocks: {cfg.freeze_blocks} exceeds the {model.config.num_layers} blocks of init_from")
+    model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
+    adapter_json = None
+    if cfg.adapter.name == "lora":  # the base is frozen; only the adapters (and a fresh task head) train
+        a = cfg.adapter
+        digest = weights_digest(cfg.init_from, "init_from")
+        layers = add_lora(model, list(a.target_modules), a.rank, a.alpha, a.dropout)
+        if model.classifier is not None:
+            model.classifier.requires_grad_(True)
+        settings = {"rank": a.rank, "alpha": a.alpha, "dropout": a.dropout}
+        adapter_json = adapter_record(cfg.init_from, digest, settings, layers)
+    return adapter_json
+
+
+def _schedule(
+    cfg: FinetuneConfig, model: TransformerLM, task: Task, train_examples: list[Example], world_size: int
+) -> tuple[ExampleBatches, int, int]:
+    """The training batches, the run's length in steps (epochs capped by trainer.max_steps) and the
+    validation interval (evals_per_epoch)."""
+    t, d = cfg.trainer, cfg.data
+    accum_steps = cfg.grad_accum.steps
+    pack_width = (d.pack_len or model.config.max_seq_len) if d.packing else None
+    if pack_width is not None and pack_width > model.config.max_seq_len:
+        raise UserError(f"data.pack_len: {pack_width} exceeds the model's max_seq_len={model.config.max_seq_len}")
+    batches = ExampleBatches(
+        train_examples, t.micro_batch_size, t.seed, task.eot, cfg.loss.ignore_index, task.classify, pack_width
+    )
+    steps_per_epoch = batches.steps_per_epoch(accum_steps, world_size)
+    max_steps, eval_every = t.max_steps, t.eval_every
+    if cfg.epochs is not None:  # epochs set the length, trainer.max_steps caps it (a large dataset stays quick)
+        max_steps = min(math.ceil(cfg.epochs * steps_per_epoch), t.max_steps)
+        if max_steps < cfg.epochs * steps_per_epoch:
+            log.info(
+                "epochs=%s would be %d steps; trainer.max_steps caps the run at %d",
+                cfg.epochs,
+                math.ceil(cfg.epochs * steps_per_epoch),
+                max_steps,
+            )
+        eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    log.info(
+        "model: %s parameters (%s trainable); %d steps of %d micro-batches (%d steps per epoch)",
+        f"{model.num_parameters():,}",
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}",
+        max_steps,
+        accum_steps,
+        steps_per_epoch,
+    )
+    return batches, max_steps, eval_every
+
+
+def _class_weights(cfg: FinetuneConfig, info: TaskInfo, train_examples: list[Example]) -> torch.Tensor | None:
+    """task.class_weights=balanced: each class weighed by its inverse frequency (mean weight 1)."""
+    if cfg.task.class_weights != "balanced":
+        return None
+    assert info.labels is not None, "build_task_info reads the labels from data.train"
+    per_class = torch.bincount(torch.tensor([e.label for e in train_examples]), minlength=len(info.labels))
+    class_weights = len(train_examples) / (len(info.labels) * per_class.clamp(min=1).float())
+    log.info("class weights: %s", dict(zip(map(str, info.labels), class_weights.tolist(), strict=True)))
+    return class_weights
