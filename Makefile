@@ -27,12 +27,15 @@ setup-joblib: setup
 pretrain: setup
 	$(VENV)/bin/lmtrain pretrain $(ARGS)
 
+# Test processes (pytest-xdist): one per core, at most 4; each runs torch on one thread (tests/conftest.py).
+XDIST := -n auto --maxprocesses=4
+
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(XDIST) $(ARGS)
 
 # The edit loop: everything but the tests that start processes (marked slow in tests/conftest.py).
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check lmtrain tests scripts

@@ -9,6 +9,9 @@ import pytest
 # Packed token files of all tests share one cache, away from the user's.
 os.environ.setdefault("LMTRAIN_CACHE", str(Path(__file__).parent.parent / ".pytest_cache" / "lmtrain-tokens"))
 os.environ.pop("LMTRAIN_DEBUG", None)
+# Tiny models run faster on one thread, and `make test` runs two test processes (pytest-xdist) on 2 cores;
+# subprocesses (the CLI, torchrun ranks) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SLOW_CALLS = ("lmtrain(", "lmtrain_many(", "subprocess.", "torchrun")
 

@@ -195,7 +195,7 @@ def test_seq2seq_learns_a_string_transformation_and_evaluate_reproduces_it(tmp_p
 
 
 def test_qa_copies_the_answer_out_of_the_context(tmp_path, data, base):
-    summary = finetune_run(tmp_path, base, "qa", *data["qa"], "epochs=3")
+    summary = finetune_run(tmp_path, base, "qa", *data["qa"], "epochs=5")
     assert summary["best_val_exact_match"] >= 0.9
     out = lmtrain(
         "generate",
