@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import statistics
 import time
-from functools import partial
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from lmtrain.distributed import Placement, resolve_device
 from lmtrain.dtypes import autocast_dtype
 from lmtrain.model import TransformerConfig, TransformerLM
 from lmtrain.optim import lr_at, parameter_groups
+from lmtrain.trainer import Cadence
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per device
 
@@ -93,17 +93,17 @@ def lmtrain_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> floa
         model, cfg, Placement(device=device), warmup + steps, tokenizer_json=data.tokenizer.to_str()
     )
     sampler = tokens.WindowSampler(data.train, cfg.model.max_seq_len, cfg.trainer.seed)
-    run = partial(
-        trainer.fit,
-        lambda: sampler.next_step(1, cfg.trainer.micro_batch_size),
-        None,
-        eval_every=10**9,
-        log_every=cfg.trainer.log_every,
-        checkpoint_every=10**9,
-        write_metrics=lambda record: None,
-        save_checkpoint=lambda: None,
-        progress_bar=False,
-    )
+
+    def run(max_steps: int) -> None:
+        trainer.fit(
+            lambda: sampler.next_step(1, cfg.trainer.micro_batch_size),
+            None,
+            cadence=Cadence(max_steps, eval_every=10**9, log_every=cfg.trainer.log_every, checkpoint_every=10**9),
+            write_metrics=lambda record: None,
+            save_checkpoint=lambda: None,
+            progress_bar=False,
+        )
+
     run(max_steps=warmup)
     if device.type == "cuda":
         torch.cuda.synchronize()
