@@ -62,6 +62,8 @@ def init_process_group(device_name: str = "auto", timeout_s: float = 600.0, join
     if dist.is_initialized() or torchrun_world_size() == 1:
         return
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if cuda:  # NCCL's first barrier runs on this process's GPU, the one resolve_device picks later too
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=join_timeout_s))
         dist.barrier()
