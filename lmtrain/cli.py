@@ -16,19 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from lmtrain.config import (
-    ConfigError,
-    EvaluateConfig,
-    ExportConfig,
-    FinetuneConfig,
-    GenerateConfig,
-    InspectConfig,
-    PredictConfig,
-    PretrainConfig,
-    all_keys,
-    nearest,
-    validate,
-)
+from lmtrain.config import SCHEMAS, ConfigError, PretrainConfig, all_keys, nearest, validate
 from lmtrain.config.compose import (
     CONFIG_PACKAGE,
     check,
@@ -45,16 +33,8 @@ from lmtrain.errors import RunRefused, UserError
 log = logging.getLogger("lmtrain")
 TRAINING_COMMANDS = {"pretrain", "finetune"}  # commands whose runs record result.json
 # command -> (primary config, schema); lmtrain.commands.<command>.run(cfg, run_dir) does the work
-COMMANDS: dict[str, tuple[str, type]] = {
-    "pretrain": ("pretrain", PretrainConfig),
-    "prepare": ("prepare", PretrainConfig),
-    "finetune": ("finetune", FinetuneConfig),
-    "evaluate": ("evaluate", EvaluateConfig),
-    "generate": ("generate", GenerateConfig),
-    "predict": ("predict", PredictConfig),
-    "export": ("export", ExportConfig),
-    "inspect": ("inspect", InspectConfig),
-}
+COMMANDS: dict[str, tuple[str, type]] = {name: (name, schema) for name, schema in SCHEMAS.items()}
+COMMANDS["prepare"] = ("prepare", PretrainConfig)  # pretrain's config, its data part only
 USAGE = """usage: lmtrain <command> [hydra flags] [key=value ...]
 
 commands:

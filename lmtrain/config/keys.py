@@ -11,15 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, StringNode
 
 from lmtrain.config.choices import Choice
-from lmtrain.config.schema import (
-    EvaluateConfig,
-    ExportConfig,
-    FinetuneConfig,
-    GenerateConfig,
-    InspectConfig,
-    PredictConfig,
-    PretrainConfig,
-)
+from lmtrain.config.store import SCHEMAS
 
 
 def _choices(schema: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
@@ -66,16 +58,4 @@ def string_keys(schema: type) -> set[str]:
 
 
 # every command's keys with a fixed set of values: key -> the values, in declaration order
-CHOICES = {
-    key: values
-    for schema in (
-        PretrainConfig,
-        FinetuneConfig,
-        EvaluateConfig,
-        GenerateConfig,
-        PredictConfig,
-        ExportConfig,
-        InspectConfig,
-    )
-    for key, values in _choices(schema).items()
-}
+CHOICES = {key: values for schema in SCHEMAS.values() for key, values in _choices(schema).items()}
