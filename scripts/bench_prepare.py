@@ -82,24 +82,15 @@ def measure_library(folder: str, tokenizer_json: str, cap_mb: str, method: str) 
 
 def measure_lmtrain(folder: str, tokenizer_json: str, cache: str) -> dict:
     """lmtrain's whole preparation of the corpus with an existing tokenizer: wall time and peak memory."""
+    from lmtrain.config import DataConfig
     from lmtrain.data import tokens
     from lmtrain.data.tokenizer import end_of_text_id, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_json)
     size = sum(p.stat().st_size for p in Path(folder).glob("*.txt"))
     started = time.perf_counter()
-    data = tokens.prepare(
-        train=folder,
-        validation=None,
-        val_fraction=0.01,
-        text_field="text",
-        tokenizer="bpe",
-        vocab_size=0,
-        max_chars=None,
-        cache_dir=cache,
-        existing=tokenizer,
-        end_of_text=end_of_text_id(tokenizer),
-    )
+    settings = tokens.corpus_settings(DataConfig(train=folder, val_fraction=0.01, cache_dir=cache))
+    data = tokens.prepare(**settings, existing=tokenizer, end_of_text=end_of_text_id(tokenizer))
     seconds = time.perf_counter() - started
     tokens_count = len(data.train) + len(data.validation)
     return {"mb_per_s": size / 1e6 / seconds, "seconds": seconds, "peak_mb": _peak_mb(), "tokens": tokens_count}

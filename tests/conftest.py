@@ -63,6 +63,18 @@ TINY = [
 ]
 
 
+def prepare_tokens(cache_dir: Path, train, **settings):
+    """tokens.prepare on `train` with the schema's data defaults, a char tokenizer and `settings` over them
+    (`existing`, `end_of_text` go to prepare itself)."""
+    from lmtrain.config import DataConfig
+    from lmtrain.data import tokens
+
+    given = {k: settings.pop(k) for k in ("existing", "end_of_text") if k in settings}
+    data = DataConfig(**{"train": str(train), "tokenizer": "char", "vocab_size": 300, **settings})
+    data.cache_dir = str(cache_dir)
+    return tokens.prepare(**tokens.corpus_settings(data), **given)
+
+
 def compose(*overrides: str):
     """The typed config the CLI would build for `lmtrain pretrain <overrides>`."""
     from lmtrain.cli import check

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import prepare_tokens
 
 from lmtrain.data import tokens
 from lmtrain.data.corpus import stdlib_files
@@ -12,18 +13,8 @@ from lmtrain.errors import UserError
 TEXT = "déjà vu — naïve café\n\tdef f(x):\n    return x  # ✓\n"
 
 
-def prepare(tmp_path, **kw):
-    args = dict(
-        validation=None,
-        val_fraction=0.1,
-        text_field="text",
-        tokenizer="char",
-        vocab_size=300,
-        max_chars=None,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    args.update(kw)
-    return tokens.prepare(**args)
+def prepare(tmp_path, train, **kw):
+    return prepare_tokens(tmp_path / "cache", train, **kw)
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "bpe"])

@@ -2,6 +2,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import prepare_tokens
 
 from lmtrain.data import corpus, tokens
 from lmtrain.data.encoder import Encoder
@@ -12,17 +13,7 @@ TRICKY = "déjà vu — naïve\r\n café\t<|endoftext|> ✓ 𝄞 \x00 end\n"
 
 
 def prepare(tmp_path, train, cache="cache", **kw):
-    args = dict(
-        train=str(train),
-        validation=None,
-        val_fraction=0.1,
-        text_field="text",
-        tokenizer="char",
-        vocab_size=300,
-        max_chars=None,
-        cache_dir=str(tmp_path / cache),
-    )
-    return tokens.prepare(**{**args, **kw})
+    return prepare_tokens(tmp_path / cache, train, **kw)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lmtrain import checkpoint
-from lmtrain.config import ExportConfig
+from lmtrain.config import DataConfig, ExportConfig
 from lmtrain.data import tokens
 from lmtrain.distributed import resolve_device
 from lmtrain.dtypes import DTYPES
@@ -48,17 +48,10 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
             task = task_for(info, tokenizer, model.config.max_seq_len, load_special_tokens(str(source), tokenizer))
             result = task.evaluate(model, split_examples(trained, task, "validation")[0], batch_size=32, device=device)
             return {k: v for k, v in result.items() if isinstance(v, float)}
-        d = trained["data"]
-        data = tokens.prepare(
-            train=d["train"],
-            validation=d["validation"],
-            val_fraction=d["val_fraction"],
-            text_field=d["text_field"],
-            tokenizer=d["tokenizer"],
-            vocab_size=d["vocab_size"],
-            max_chars=d["max_chars"],
-            cache_dir=d["cache_dir"],
-        )
+        # the run's whole data config (an older run's lacks newer keys: the schema's defaults fill them)
+        saved = {k: v for k, v in trained["data"].items() if k in DataConfig.__dataclass_fields__}
+        d = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved))
+        data = tokens.prepare(**tokens.corpus_settings(d))
         batches = tokens.validation_batches(data.validation, model.config.max_seq_len, eval_batches, 16)
     except Exception as err:  # the training data moved or changed: report size only
         log.warning("no validation score: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)

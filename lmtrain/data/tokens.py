@@ -22,9 +22,6 @@ from lmtrain.errors import UserError
 
 log = logging.getLogger("lmtrain")
 
-TOKENIZER_SAMPLE_CHARS = 200_000_000  # a BPE learns from the first 200M characters of train by default
-SHARD_TOKENS = 1 << 26  # tokens per shard file (128 MiB of uint16 ids)
-
 
 @dataclass
 class TokenData:
@@ -97,12 +94,12 @@ class Corpus:
     vocab_size: int
     max_chars: int | None
     cache_dir: str
+    on_bad_record: str
+    tokenizer_sample_chars: int | None
+    num_workers: int | None
+    shard_tokens: int
     existing: Tokenizer | None = None
     end_of_text: int | None = None
-    on_bad_record: str = "skip"
-    tokenizer_sample_chars: int | None = TOKENIZER_SAMPLE_CHARS
-    num_workers: int | None = None
-    shard_tokens: int = SHARD_TOKENS
 
     def files(self) -> tuple[list[Path] | None, list[Path] | None]:
         train = corpus.resolve_files(self.train, "data.train")
