@@ -75,6 +75,49 @@ def prepare_tokens(cache_dir: Path, train, **settings):
     return tokens.prepare(**tokens.corpus_settings(data), **given)
 
 
+def assert_resume_is_exact(run, root: Path, monkeypatch, kill_after: int, checkpoint_at: str, files=None):
+    """`run(run_dir, *overrides)` trains a run; `root/"straight"` already holds it uninterrupted. The run is
+    killed after step `kill_after` (its newest checkpoint: `checkpoint_at`) and resumed with
+    trainer.resume=true: its `files` (default model.safetensors) must equal the straight run's bitwise, and
+    its metrics.jsonl records too, the measured speed aside."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from lmtrain import checkpoint
+    from lmtrain.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def killed(self, batches):
+        if self.state.step == kill_after:
+            raise KeyboardInterrupt  # the process dies after this step was logged
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(root / "resumed")
+    assert checkpoint.resolve(root / "resumed").name == checkpoint_at
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    run(root / "resumed", "trainer.resume=true")
+    for file in files or ["model.safetensors"]:
+        a, b = (load_file(str(checkpoint.resolve(root / run) / file)) for run in ("straight", "resumed"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{file}: {key}"
+    assert without_speed(root / "straight") == without_speed(root / "resumed")
+
+
+def without_speed(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's records without what the clock measures (tokens/s, MFU)."""
+    from lmtrain.run_log import read_metrics
+
+    return [
+        {k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}
+        for r in read_metrics(run_dir / "metrics.jsonl")
+    ]
+
+
 def compose(*overrides: str):
     """The typed config the CLI would build for `lmtrain pretrain <overrides>`."""
     from lmtrain.cli import check

@@ -2,14 +2,12 @@ import os
 
 import pytest
 import torch
-from conftest import TINY, compose
+from conftest import TINY, assert_resume_is_exact, compose
 from safetensors.torch import load_file
 
 from lmtrain import checkpoint
 from lmtrain.commands import pretrain
 from lmtrain.errors import UserError
-from lmtrain.run_log import read_metrics
-from lmtrain.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -31,37 +29,14 @@ MODERN += ["model.logit_softcap=30", "model.qk_norm=true", "model.tie_embeddings
 @pytest.mark.parametrize("log_every, options", [(1, []), (2, []), (1, MODERN)], ids=["log1", "log2", "modern"])
 def test_resume_equals_uninterrupted_run(tmp_path, corpus, monkeypatch, log_every, options):
     """Also when the checkpoint falls inside a log window (log_every=2, checkpoint at step 3)."""
-    train(tmp_path / "straight", corpus, f"trainer.log_every={log_every}", *options)
 
-    real_step = Trainer.train_step
+    def run(run_dir, *extra):
+        return train(run_dir, corpus, f"trainer.log_every={log_every}", *options, *extra)
 
-    def crash_after_step_4(self, batches):
-        if self.state.step == 4:
-            raise KeyboardInterrupt  # the process dies after step 4 was logged, checkpoint at 3
-        return real_step(self, batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "resumed", corpus, f"trainer.log_every={log_every}", *options)
-    assert checkpoint.resolve(tmp_path / "resumed").name == "step_0000003"
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    train(tmp_path / "resumed", corpus, f"trainer.log_every={log_every}", "trainer.resume=true", *options)
-
+    run(tmp_path / "straight")
+    # the process dies after step 4 was logged, with its checkpoint at 3; optimizer and average resume too
     files = ["model.safetensors", "optimizer.safetensors"] + (["ema.safetensors"] if options else [])
-    for file in files:
-        a, b = (load_file(str(checkpoint.resolve(tmp_path / run) / file)) for run in ("straight", "resumed"))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{file}: {key}"
-    # the same records (losses, lr, grad norms, validation), only the measured speed differs
-    assert without_speed(tmp_path / "straight") == without_speed(tmp_path / "resumed")
-
-
-def without_speed(run_dir):
-    return [
-        {k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}
-        for r in read_metrics(run_dir / "metrics.jsonl")
-    ]
+    assert_resume_is_exact(run, tmp_path, monkeypatch, 4, "step_0000003", files)
 
 
 def test_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path, corpus):

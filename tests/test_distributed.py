@@ -85,21 +85,32 @@ def test_muon_on_two_processes_equals_one_and_resumes_in_one(tmp_path, corpus):
     assert_close(weights(tmp_path / "one" / "checkpoints" / "latest"), single)
 
 
-def test_a_failing_rank_stops_the_run_and_is_named(tmp_path, corpus):
+def on_rank_1(tmp_path, code: str) -> dict:
+    """The environment of a run whose rank 1 runs `code` as it starts (a sitecustomize on its PYTHONPATH)."""
     hook = tmp_path / "hook"
     hook.mkdir()
+    body = "".join(f"    {line}\n" for line in code.splitlines())
     (hook / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    from lmtrain import trainer\n"
-        "    real = trainer.Trainer.train_step\n"
-        "    def failing(self, batches):\n"
-        "        if self.state.step == 2:\n"
-        "            raise RuntimeError('injected failure')\n"
-        "        return real(self, batches)\n"
-        "    trainer.Trainer.train_step = failing\n"
+        "import os, time\nif os.environ.get('RANK') == '1' and os.environ.get('LOCAL_RANK'):\n" + body
     )
-    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def at_step_2(action: str) -> str:
+    """Code that makes the trainer run `action` instead of its third optimizer step (state.step == 2)."""
+    return (
+        "from lmtrain import trainer\n"
+        "real = trainer.Trainer.train_step\n"
+        "def patched(self, batches):\n"
+        "    if self.state.step == 2:\n"
+        f"        {action}\n"
+        "    return real(self, batches)\n"
+        "trainer.Trainer.train_step = patched\n"
+    )
+
+
+def test_a_failing_rank_stops_the_run_and_is_named(tmp_path, corpus):
+    env = on_rank_1(tmp_path, at_step_2("raise RuntimeError('injected failure')"))
     started = time.monotonic()
     result = lmtrain(
         "pretrain",
@@ -153,20 +164,7 @@ def test_strategy_without_torchrun_is_one_process(tmp_path, corpus):
 
 def test_a_rank_stuck_outside_the_collectives_times_out(tmp_path, corpus):
     """Rank 1 stops taking part without dying: rank 0's all-reduce gives up after trainer.dist_timeout_s."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, time\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    from lmtrain import trainer\n"
-        "    real = trainer.Trainer.train_step\n"
-        "    def stuck(self, batches):\n"
-        "        if self.state.step == 2:\n"
-        "            time.sleep(600)\n"
-        "        return real(self, batches)\n"
-        "    trainer.Trainer.train_step = stuck\n"
-    )
-    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = on_rank_1(tmp_path, at_step_2("time.sleep(600)"))
     started = time.monotonic()
     result = lmtrain(
         "pretrain",
@@ -186,12 +184,7 @@ def test_a_rank_stuck_outside_the_collectives_times_out(tmp_path, corpus):
 
 def test_a_rank_that_never_joins_fails_after_the_join_timeout(tmp_path, corpus):
     """Rank 1 hangs before it joins: rank 0 gives up after trainer.dist_join_timeout_s, not dist_timeout_s."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, time\nif os.environ.get('RANK') == '1' and os.environ.get('LOCAL_RANK'):\n    time.sleep(600)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = on_rank_1(tmp_path, "time.sleep(600)")
     started = time.monotonic()
     result = lmtrain(
         "pretrain",

@@ -1,15 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose, make_corpus
-from test_checkpoint import weights, without_speed
+from conftest import TINY, assert_resume_is_exact, compose, make_corpus
 
-from lmtrain import checkpoint
 from lmtrain.commands import pretrain
 from lmtrain.data import tokens
 from lmtrain.data.mixture import MixtureSampler
 from lmtrain.run_log import read_metrics
-from lmtrain.trainer import Trainer
 
 
 def samplers(seed=0):
@@ -74,22 +71,9 @@ def test_mixture_run_reports_each_source_and_resumes_bitwise(tmp_path, sources, 
     assert train[-1]["tokens_web"] + train[-1]["tokens_code"] == train[-1]["tokens_seen"]
     assert summary["mfu"] is not None
 
-    real_step = Trainer.train_step
-
-    def crash_after_step_3(self, batches):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        mixture_run(tmp_path / "resumed", sources)
-    assert checkpoint.resolve(tmp_path / "resumed").name == "step_0000002"
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    mixture_run(tmp_path / "resumed", sources, "trainer.resume=true")
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
-    assert all(torch.equal(a[key], b[key]) for key in a)
-    assert without_speed(tmp_path / "straight") == without_speed(tmp_path / "resumed")
+    assert_resume_is_exact(
+        lambda run_dir, *extra: mixture_run(run_dir, sources, *extra), tmp_path, monkeypatch, 3, "step_0000002"
+    )
 
 
 def test_a_mistyped_source_key_is_one_line():

@@ -1,16 +1,12 @@
 import numpy as np
 import pytest
-import torch
-from conftest import TINY, compose
-from test_checkpoint import weights, without_speed
+from conftest import TINY, assert_resume_is_exact, compose
 
-from lmtrain import checkpoint
 from lmtrain.commands import pretrain
 from lmtrain.data import streaming
 from lmtrain.data.encoder import Encoder
 from lmtrain.data.tokenizer import build_tokenizer
 from lmtrain.run_log import read_metrics
-from lmtrain.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +43,6 @@ def stream_run(run_dir, saved, *extra):
 def test_streaming_run_resumes_bitwise(tmp_path, saved, monkeypatch):
     stream_run(tmp_path / "straight", saved)
     assert [r["step"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
-    real_step = Trainer.train_step
-
-    def crash_after_step_3(self, batches):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, batches)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        stream_run(tmp_path / "resumed", saved)
-    assert checkpoint.resolve(tmp_path / "resumed").name == "step_0000002"
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    stream_run(tmp_path / "resumed", saved, "trainer.resume=true")
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
-    assert all(torch.equal(a[key], b[key]) for key in a)
-    assert without_speed(tmp_path / "straight") == without_speed(tmp_path / "resumed")
+    assert_resume_is_exact(
+        lambda run_dir, *extra: stream_run(run_dir, saved, *extra), tmp_path, monkeypatch, 3, "step_0000002"
+    )

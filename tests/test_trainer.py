@@ -99,24 +99,21 @@ def test_early_stopping_stops_at_the_validation_that_runs_out_of_patience():
     scores = iter([9.0, 5.0, 3.0, 3.0, 4.0, 1.0])  # steps 0, 2, 4, 6, 8, (10)
     x = torch.arange(16).repeat(2, 1)
     saved, records = [], []
-    trainer.fit(
-        lambda: [(x, x)],
-        lambda: {"loss": next(scores)},
-        cadence=Cadence(max_steps=20, eval_every=2, log_every=1, checkpoint_every=100),
-        write_metrics=records.append,
-        save_checkpoint=lambda: saved.append(trainer.state.step),
-        progress_bar=False,
-    )
+
+    def fit():
+        trainer.fit(
+            lambda: [(x, x)],
+            lambda: {"loss": next(scores)},
+            cadence=Cadence(max_steps=20, eval_every=2, log_every=1, checkpoint_every=100),
+            write_metrics=records.append,
+            save_checkpoint=lambda: saved.append(trainer.state.step),
+            progress_bar=False,
+        )
+
+    fit()
     assert trainer.state.step == 8 and saved == [8]
     assert trainer.state.best_metric == 3.0 and trainer.state.validations_since_best == 2
     assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4, 6, 8]
     # a resumed run that already ran out of patience trains no further
-    trainer.fit(
-        lambda: [(x, x)],
-        lambda: {"loss": next(scores)},
-        cadence=Cadence(max_steps=20, eval_every=2, log_every=1, checkpoint_every=100),
-        write_metrics=records.append,
-        save_checkpoint=lambda: saved.append(trainer.state.step),
-        progress_bar=False,
-    )
+    fit()
     assert trainer.state.step == 8
