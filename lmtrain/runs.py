@@ -3,6 +3,8 @@ loss, teacher) and runs it in its run dir, resuming first when asked; returns th
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -11,17 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from lmtrain import checkpoint, devices, distributed
 from lmtrain.checkpointer import Checkpointer
-from lmtrain.config import LossConfig, SchedulerConfig, TrainerConfig
+from lmtrain.config import FinetuneConfig, LossConfig, PretrainConfig, SchedulerConfig, TrainerConfig
 from lmtrain.distributed import Placement
 from lmtrain.ema import EMA
 from lmtrain.errors import Diverged, UserError
 from lmtrain.losses import cross_entropy, distillation
 from lmtrain.model import TransformerLM
 from lmtrain.optim import build_optimizer, build_scheduler
-from lmtrain.pretrained import load_model
+from lmtrain.pretrained import load_model, load_side_files
 from lmtrain.resume import Sampler, restore
 from lmtrain.run_dir import open_metrics, take_over
 from lmtrain.trainer import Cadence, Trainer
@@ -78,6 +81,17 @@ def build_trainer(
         ema=ema,
         early_stopping_patience=t.early_stopping_patience,
     )
+
+
+def run_files(cfg: PretrainConfig | FinetuneConfig, model: TransformerLM, tokenizer_json: str) -> dict[str, str]:
+    """The text files every checkpoint of the run carries: its config, the model's shape, the tokenizer, and
+    init_from's tokenizer/generation files (a Hugging Face model's)."""
+    return {
+        "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
+        "model.json": json.dumps(dataclasses.asdict(model.config), indent=2),
+        "tokenizer.json": tokenizer_json,
+        **(load_side_files(cfg.init_from, "init_from") if cfg.init_from else {}),
+    }
 
 
 def _schedule(optimizer: torch.optim.Optimizer, lr: float, s: SchedulerConfig, max_steps: int):

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from lmtrain import checkpoint, distributed, runs
@@ -29,7 +28,6 @@ from lmtrain.model import TransformerLM
 from lmtrain.pretrained import (
     adapter_record,
     load_model,
-    load_side_files,
     load_special_tokens,
     weights_digest,
 )
@@ -58,21 +56,17 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     model, tokenizer = load_model(cfg.init_from, device, key="init_from")
     special = load_special_tokens(cfg.init_from, tokenizer, key="init_from")
     info, task, train_examples, val_examples, counts = _examples(cfg, tokenizer, special, model.config.max_seq_len)
-    adapter_json = _prepare_model(cfg, model, info)
+    adapter_json = _prepare_model(cfg, model, info, task)
+    tokenizer_json = tokenizer.to_str()
     accum_steps = cfg.grad_accum.steps
     batches, max_steps, eval_every = _schedule(cfg, model, task, train_examples, placement.world_size)
     class_weights = _class_weights(cfg, info, train_examples) if task.classify else None
     trainer = runs.build_trainer(
-        model, cfg, placement, max_steps, tokenizer_json=tokenizer.to_str(), class_weights=class_weights
+        model, cfg, placement, max_steps, tokenizer_json=tokenizer_json, class_weights=class_weights
     )
-    files = {
-        "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
-        "model.json": json.dumps(dataclasses.asdict(model.config), indent=2),
-        "tokenizer.json": tokenizer.to_str(),
-        "task.json": json.dumps(info.to_dict(), indent=2),
-        **load_side_files(cfg.init_from, "init_from"),
-        **({checkpoint.ADAPTER_FILE: adapter_json} if adapter_json else {}),
-    }
+    files = runs.run_files(cfg, model, tokenizer_json) | {"task.json": json.dumps(info.to_dict(), indent=2)}
+    if adapter_json:
+        files[checkpoint.ADAPTER_FILE] = adapter_json
 
     def evaluate() -> dict[str, float]:
         amp, size = autocast_dtype(t.precision), t.micro_batch_size
@@ -143,13 +137,13 @@ def _examples(
     return info, task, train_examples, val_examples, counts
 
 
-def _prepare_model(cfg: FinetuneConfig, model: TransformerLM, info: TaskInfo) -> str | None:
+def _prepare_model(cfg: FinetuneConfig, model: TransformerLM, info: TaskInfo, task: Task) -> str | None:
     """The model made ready for the task: its head, dropout, frozen parts and LoRA adapters; returns the
     adapter record (adapter.json) of a LoRA run."""
     assert cfg.init_from is not None, "init_from is checked before the run"
     torch.manual_seed(cfg.trainer.seed)
     start_info = load_task_info(cfg.init_from, "init_from")
-    if info.name == "classification":
+    if task.classify:
         assert info.labels is not None, "build_task_info reads the labels from data.train"
         same_labels = start_info is not None and start_info.labels == info.labels
         if model.config.num_classes != len(info.labels) or not same_labels:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from lmtrain import distributed, runs
@@ -19,7 +17,7 @@ from lmtrain.data.tokenizer import end_of_text_id
 from lmtrain.errors import UserError
 from lmtrain.metrics import perplexity
 from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.pretrained import load_model, load_side_files, load_special_tokens
+from lmtrain.pretrained import load_model, load_special_tokens
 from lmtrain.resume import resume_source
 from lmtrain.run_dir import claimed
 
@@ -45,7 +43,8 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     tokenizer, sources = _tokens(cfg, existing, end_of_text)
     model, seq_len = _model(cfg, pretrained, tokenizer, placement.device)
     accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, placement.world_size)
-    trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer.to_str())
+    tokenizer_json = tokenizer.to_str()
+    trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer_json)
     eos = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
     sampler, validation = _windows(cfg, sources, tokenizer, eos, seq_len)
     separator = eos if d.document_masking else None
@@ -60,12 +59,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         per_source = {f"{name}_loss": value for name, value in losses.items()} if d.sources else {}
         return {"loss": loss, "ppl": perplexity(loss), **per_source}
 
-    files = {
-        "config.yaml": OmegaConf.to_yaml(OmegaConf.structured(cfg)),
-        "model.json": json.dumps(dataclasses.asdict(model.config), indent=2),
-        "tokenizer.json": tokenizer.to_str(),
-        **(load_side_files(cfg.init_from, "init_from") if cfg.init_from else {}),
-    }
+    files = runs.run_files(cfg, model, tokenizer_json)
     skipped = {f"skipped_{k.split('.')[1]}_records": n for s in sources for k, n in s.data.skipped.items()}
     summary = runs.train(
         trainer,
