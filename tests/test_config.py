@@ -236,3 +236,15 @@ def test_help_lists_each_key_with_type_value_and_doc():
     with contextlib.redirect_stdout(io.StringIO()) as full:
         assert main(["finetune", "--help"]) == 0
     assert "adapter.target_modules" in full.getvalue() and "init_from" in full.getvalue()
+
+
+def test_every_bad_choice_is_reported_at_once_beside_other_type_errors():
+    """Choices are checked before the typed merge and taken out of it, so each bad key is one line, once."""
+    with pytest.raises(ConfigError) as err:
+        compose("model.activation=rleu", "model.norm=x", "trainer.max_steps=abc")
+    lines = str(err.value).splitlines()
+    assert lines == [
+        "model.activation: 'rleu' is not one of relu, gelu, gelu_tanh, swiglu, relu2 (did you mean 'relu'?)",
+        "model.norm: 'x' is not one of layernorm, rmsnorm",
+        "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer",
+    ]

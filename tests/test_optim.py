@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.optim import build_optimizer, build_scheduler, lr_at, parameter_groups
+from lmtrain.optim import build_optimizer, build_scheduler, lr_at, parameter_groups, resume_schedule
 
 LR, MIN, WARM, MAX = 1e-3, 1e-4, 10, 110
+CPU = torch.device("cpu")
 
 
 def at(name, step, **kw):
@@ -173,3 +174,27 @@ def test_the_schedule_scales_muon_and_adamw_alike():
         assert opt.param_groups[-1]["lr"] == pytest.approx(0.02 * factor)
         opt.step()
         sched.step()
+
+
+def test_resume_schedule_sets_the_next_steps_lr_under_the_new_schedule():
+    """A run resumed with a longer max_steps continues on the new schedule: its next LR is lr_at(step) of the
+    new length, not the saved one's, and the scheduler reports it too."""
+    model = TransformerLM(TransformerConfig(vocab_size=20, d_model=16, num_heads=2, num_layers=1))
+
+    def schedule(max_steps):
+        opt = build_optimizer(
+            model, name="adamw", lr=LR, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, momentum=0.9, device=CPU
+        )
+        return build_scheduler(opt, name="cosine", lr=LR, warmup_steps=WARM, max_steps=max_steps, min_lr=MIN)
+
+    saved = schedule(MAX)
+    for _ in range(40):
+        saved.optimizer.step()
+        saved.step()
+    resumed = schedule(2 * MAX)
+    resume_schedule(resumed, saved.state_dict())
+    expected = lr_at(40, name="cosine", lr=LR, warmup_steps=WARM, max_steps=2 * MAX, min_lr=MIN)
+    assert expected != pytest.approx(at("cosine", 40))  # the two schedules differ at this step
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([expected, expected])
+    assert resumed.get_last_lr() == pytest.approx([expected, expected])
+    assert resumed.last_epoch == 40
