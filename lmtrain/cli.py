@@ -28,7 +28,7 @@ from lmtrain.config.compose import (
     literal_strings,
 )
 from lmtrain.config.paths import check_paths
-from lmtrain.errors import RunRefused, UserError
+from lmtrain.core.errors import RunRefused, UserError
 
 log = logging.getLogger("lmtrain")
 TRAINING_COMMANDS = {"pretrain", "finetune"}  # commands whose runs record result.json
@@ -96,8 +96,8 @@ def _task(command: str, schema: type):
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        from lmtrain import distributed
-        from lmtrain.sweep import write_result
+        from lmtrain.core import distributed
+        from lmtrain.train.sweep import write_result
 
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -189,7 +189,7 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 def _torchrun_overrides(command: str, overrides: list[str], trainer) -> list[str]:
     """Under torchrun every process must use one run dir: the main process picks it and tells the others;
     only the main process writes Hydra's files and logs."""
-    from lmtrain import distributed
+    from lmtrain.core import distributed
 
     distributed.init_process_group(trainer.device, trainer.dist_timeout_s, trainer.dist_join_timeout_s)
     extra = []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 MEASURE = """
 import json, resource, sys, time, torch
-from lmtrain.pretrained import load_model
+from lmtrain.checkpoint.load import load_model
 def rss_mb():  # current resident set
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 1e6

@@ -13,10 +13,10 @@ import sys
 
 MEASURE = """
 import json, resource, sys, time, torch
-from lmtrain.lora import add_lora
-from lmtrain.losses import cross_entropy
-from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.optim import parameter_groups
+from lmtrain.model.lora import add_lora
+from lmtrain.train.losses import cross_entropy
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
+from lmtrain.train.optim import parameter_groups
 mode, d_model, layers, steps, rank = sys.argv[1], *map(int, sys.argv[2:])
 def rss_mb():
     with open("/proc/self/statm") as f:

@@ -17,9 +17,9 @@ import torch
 
 from lmtrain.data.examples import ExampleBatches
 from lmtrain.data.tokenizer import byte_tokenizer, end_of_text_id
-from lmtrain.losses import cross_entropy
-from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.tasks import Task, TaskInfo
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
+from lmtrain.tasks.base import Task, TaskInfo
+from lmtrain.train.losses import cross_entropy
 
 
 def examples(data: Path, name: str, tokenizer, context: int) -> list:

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmtrain import runs
 from lmtrain.cli import check
 from lmtrain.config import PretrainConfig
+from lmtrain.core.distributed import Placement, resolve_device
+from lmtrain.core.dtypes import autocast_dtype
 from lmtrain.data import tokens
-from lmtrain.distributed import Placement, resolve_device
-from lmtrain.dtypes import autocast_dtype
-from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.optim import lr_at, parameter_groups
-from lmtrain.trainer import Cadence
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
+from lmtrain.train import build as runs
+from lmtrain.train.optim import lr_at, parameter_groups
+from lmtrain.train.trainer import Cadence
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per device
 

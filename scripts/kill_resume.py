@@ -52,7 +52,7 @@ def due():
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if where == "save_file":  # inside a checkpoint write: some files staged, some not
-    import lmtrain.checkpoint as ckpt
+    import lmtrain.checkpoint.files as ckpt
     real_save = ckpt.save_file
     def save_file(*a, **k):
         if due(): die()
@@ -116,7 +116,7 @@ def start(run_dir: Path, corpus: Path, resume: bool, env: dict) -> subprocess.Po
 
 
 def records(run_dir: Path) -> list[dict]:
-    from lmtrain.run_log import read_metrics
+    from lmtrain.train.run_log import read_metrics
 
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run_dir / "metrics.jsonl")]
 

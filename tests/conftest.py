@@ -84,8 +84,8 @@ def assert_resume_is_exact(run, root: Path, monkeypatch, kill_after: int, checkp
     import torch
     from safetensors.torch import load_file
 
-    from lmtrain import checkpoint
-    from lmtrain.trainer import Trainer
+    from lmtrain.checkpoint import files as checkpoint
+    from lmtrain.train.trainer import Trainer
 
     real_step = Trainer.train_step
 
@@ -110,7 +110,7 @@ def assert_resume_is_exact(run, root: Path, monkeypatch, kill_after: int, checkp
 
 def without_speed(run_dir: Path) -> list[dict]:
     """metrics.jsonl's records without what the clock measures (tokens/s, MFU)."""
-    from lmtrain.run_log import read_metrics
+    from lmtrain.train.run_log import read_metrics
 
     return [
         {k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}

@@ -7,8 +7,8 @@ import json
 import pytest
 from hf_models import build, tokenizer_for
 
-from lmtrain import chat
-from lmtrain.tasks import Task, TaskInfo
+from lmtrain.data import chat
+from lmtrain.tasks.base import Task, TaskInfo
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"

@@ -5,9 +5,9 @@ import torch
 from conftest import TINY, assert_resume_is_exact, compose
 from safetensors.torch import load_file
 
-from lmtrain import checkpoint
+from lmtrain.checkpoint import files as checkpoint
 from lmtrain.commands import pretrain
-from lmtrain.errors import UserError
+from lmtrain.core.errors import UserError
 
 CPU = torch.device("cpu")
 
@@ -98,7 +98,7 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, corpus, damage):
         (source / "model.safetensors").write_bytes(b"\x00\x01")
     else:
         (source / "model.json").unlink()
-    from lmtrain.pretrained import load_model
+    from lmtrain.checkpoint.load import load_model
 
     said = (
         "is damaged .shorter than a safetensors header" if damage == "truncated weights" else "model.json' is missing"
@@ -128,7 +128,7 @@ def test_checkpoint_round_trip_is_bitwise_and_needs_no_pickle(tmp_path, corpus):
         "tokenizer.json",
         "trainer_state.json",
     ]
-    from lmtrain.pretrained import load_model
+    from lmtrain.checkpoint.load import load_model
 
     model, _ = load_model(str(tmp_path), torch.device("cpu"))
     saved = load_file(str(source / "model.safetensors"))
@@ -149,10 +149,10 @@ def test_architecture_options_train_and_round_trip_a_checkpoint(tmp_path, option
     import dataclasses
     import json
 
+    from lmtrain.checkpoint.load import load_model
     from lmtrain.data.tokenizer import byte_tokenizer
-    from lmtrain.model import TransformerConfig, TransformerLM
-    from lmtrain.optim import build_optimizer
-    from lmtrain.pretrained import load_model
+    from lmtrain.model.transformer import TransformerConfig, TransformerLM
+    from lmtrain.train.optim import build_optimizer
 
     torch.manual_seed(0)
     config = TransformerConfig(vocab_size=257, d_model=32, num_heads=2, num_layers=2, max_seq_len=16, **option)

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import prepare_tokens
 
+from lmtrain.core.errors import UserError
 from lmtrain.data import tokens
 from lmtrain.data.corpus import stdlib_files
 from lmtrain.data.tokenizer import build_tokenizer
-from lmtrain.errors import UserError
 
 TEXT = "déjà vu — naïve café\n\tdef f(x):\n    return x  # ✓\n"
 

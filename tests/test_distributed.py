@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, lmtrain
 from safetensors.torch import load_file
 
-from lmtrain.run_log import read_metrics
+from lmtrain.train.run_log import read_metrics
 
 STEPS = ["trainer.max_steps=6", "trainer.log_every=1", "trainer.checkpoint_every=3", "trainer.keep_last=0"]
 
@@ -99,7 +99,7 @@ def on_rank_1(tmp_path, code: str) -> dict:
 def at_step_2(action: str) -> str:
     """Code that makes the trainer run `action` instead of its third optimizer step (state.step == 2)."""
     return (
-        "from lmtrain import trainer\n"
+        "from lmtrain.train import trainer\n"
         "real = trainer.Trainer.train_step\n"
         "def patched(self, batches):\n"
         "    if self.state.step == 2:\n"

@@ -6,10 +6,10 @@ from conftest import TINY, compose
 from safetensors.torch import load_file
 from test_trainer import make_trainer
 
-from lmtrain import checkpoint
+from lmtrain.checkpoint import files as checkpoint
+from lmtrain.checkpoint.load import load_model
 from lmtrain.commands import pretrain
-from lmtrain.ema import EMA, decay_at
-from lmtrain.pretrained import load_model
+from lmtrain.train.ema import EMA, decay_at
 
 
 def repetitive_batch():

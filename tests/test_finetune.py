@@ -8,12 +8,12 @@ import torch
 from conftest import lmtrain
 from safetensors.torch import load_file
 
+from lmtrain.checkpoint.load import load_model
 from lmtrain.cli import check
 from lmtrain.commands import finetune, pretrain
 from lmtrain.config import FinetuneConfig, PretrainConfig
-from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model
-from lmtrain.run_log import read_metrics
+from lmtrain.core.errors import UserError
+from lmtrain.train.run_log import read_metrics
 
 NOUNS = "cat dog mat log sun moon tree bird fish".split()
 COLORS = "red blue green black white".split()
@@ -209,11 +209,11 @@ def test_qa_copies_the_answer_out_of_the_context(tmp_path, data, base):
 
 
 def test_instruction_tuning_puts_no_loss_on_the_prompt(tmp_path, base):
+    from lmtrain.checkpoint.load import load_model
     from lmtrain.config import TaskConfig
     from lmtrain.data.examples import collate
-    from lmtrain.losses import cross_entropy
-    from lmtrain.pretrained import load_model
-    from lmtrain.tasks import Task, build_task_info
+    from lmtrain.tasks.base import Task, build_task_info
+    from lmtrain.train.losses import cross_entropy
 
     records = [{"prompt": "say cat", "response": "cat"}, {"prompt": "say the big dog", "response": "dog dog"}]
     fields = {"text": "text", "prompt": "prompt", "response": "response"}
@@ -300,7 +300,7 @@ def test_vocabulary_mismatch_is_refused(tmp_path, base):
     shutil.copytree(base.resolve(), broken)
     model = json.loads((broken / "model.json").read_text())
     (broken / "model.json").write_text(json.dumps({**model, "vocab_size": model["vocab_size"] + 1}))
-    from lmtrain.pretrained import load_model
+    from lmtrain.checkpoint.load import load_model
 
     # model.json is checked against the weights' shapes first: the vocabulary it claims is not the weights'
     with pytest.raises(UserError, match=r"init_from: .*model.json' does not match .*model.json says \[258, "):
@@ -309,9 +309,9 @@ def test_vocabulary_mismatch_is_refused(tmp_path, base):
 
 @pytest.mark.parametrize("name", ["classification", "seq2seq"])
 def test_overlong_examples_are_truncated_and_counted(base, caplog, name):
+    from lmtrain.checkpoint.load import load_model
     from lmtrain.config import TaskConfig
-    from lmtrain.pretrained import load_model
-    from lmtrain.tasks import Task, build_task_info
+    from lmtrain.tasks.base import Task, build_task_info
 
     fields = {"text": "text", "label": "label", "source": "en", "target": "fr"}
     fits = {"text": "a" * 10, "label": 0, "en": "a" * 10, "fr": "b"}

@@ -12,12 +12,12 @@ from conftest import lmtrain
 from hf_models import build
 from safetensors.torch import load_file, save_file
 
+from lmtrain.checkpoint.load import load_model, load_special_tokens
+from lmtrain.core.errors import UserError
 from lmtrain.data.tokenizer import special_tokens
-from lmtrain.errors import UserError
-from lmtrain.generate import generate
 from lmtrain.hf.save import write_hf
-from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.pretrained import load_model, load_special_tokens
+from lmtrain.model.generate import generate
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
 
 transformers = pytest.importorskip("transformers")
 FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3"]

@@ -20,13 +20,13 @@ from lmtrain.config import (
 )
 from lmtrain.config.compose import check, first_values, literal_strings
 from lmtrain.config.paths import check_paths
+from lmtrain.core.errors import UserError
 from lmtrain.data import corpus as corpus_module
 from lmtrain.data.examples import Example, usable_records
 from lmtrain.data.tokenizer import END_OF_TEXT, MAX_PIECE, build_tokenizer, load_tokenizer, warn_unknown
-from lmtrain.errors import UserError
-from lmtrain.generate import filter_logits, scale
-from lmtrain.run_log import read_metrics
-from lmtrain.tasks import Task, TaskInfo, build_task_info
+from lmtrain.model.generate import filter_logits, scale
+from lmtrain.tasks.base import Task, TaskInfo, build_task_info
+from lmtrain.train.run_log import read_metrics
 
 GOOD = [{"text": "the red cat", "label": 1}, {"text": "a dog", "label": 0}] * 4
 FAST = ["trainer.device=cpu", "trainer.progress_bar=false", "trainer.micro_batch_size=4"]

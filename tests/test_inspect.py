@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from conftest import lmtrain
 
-from lmtrain import interpret
+from lmtrain.analysis import interpret
+from lmtrain.checkpoint.load import load_model
 from lmtrain.cli import check
 from lmtrain.commands import evaluate, inspect
 from lmtrain.config import EvaluateConfig, InspectConfig
-from lmtrain.pretrained import load_model
 
 TEXT = "the big cat sat on the mat."
 

@@ -16,12 +16,14 @@ import torch
 from conftest import TINY, compose, lmtrain
 from safetensors.torch import load_file
 
-from lmtrain import checkpoint, resume, run_lock, safe_io
+from lmtrain.checkpoint import files as checkpoint
+from lmtrain.checkpoint.load import load_model
 from lmtrain.commands import pretrain
-from lmtrain.errors import Diverged, RunRefused, UserError
-from lmtrain.pretrained import load_model
-from lmtrain.run_log import MetricsFile, read_metrics
-from lmtrain.trainer import Trainer
+from lmtrain.core import safe_io
+from lmtrain.core.errors import Diverged, RunRefused, UserError
+from lmtrain.train import resume, run_lock
+from lmtrain.train.run_log import MetricsFile, read_metrics
+from lmtrain.train.trainer import Trainer
 
 
 def train(run_dir, corpus, *extra):
@@ -162,7 +164,7 @@ def test_a_run_dir_in_use_is_refused_and_names_the_holder(tmp_path, corpus):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from lmtrain.run_lock import locked\n"
+            "import sys, time; from pathlib import Path; from lmtrain.train.run_lock import locked\n"
             "with locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(300)",
             str(tmp_path),
         ],
@@ -229,7 +231,7 @@ def test_full_disk_in_metrics_and_result_is_one_line(tmp_path, monkeypatch):
     monkeypatch.undo()
     metrics.close()
 
-    from lmtrain.sweep import write_result
+    from lmtrain.train.sweep import write_result
 
     write_result(tmp_path, "completed", {"objective": 1.0}, [])
     before = (tmp_path / "result.json").read_text()

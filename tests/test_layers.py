@@ -1,5 +1,5 @@
-"""The import graph goes one way: each module imports only its own layer or those below it, and no
-command imports another. A new module takes its place in LAYERS (bottom first)."""
+"""The import graph goes one way: each folder of lmtrain imports only its own layer or those below it, and no
+command imports another. A new folder takes its place in LAYERS (bottom first)."""
 
 import ast
 from pathlib import Path
@@ -7,28 +7,12 @@ from pathlib import Path
 import lmtrain
 
 LAYERS = [
-    {"errors", "dtypes", "safe_io"},
-    # building blocks: config, data, the model and what trains it, each standing alone
-    {
-        "config",
-        "data",
-        "model",
-        "optim",
-        "ema",
-        "losses",
-        "lora",
-        "chat",
-        "metrics",
-        "devices",
-        "plan",
-        "inspect_plots",
-    },
-    {"sweep", "run_lock", "generate", "interpret", "export", "distributed"},
-    # formats and loops: checkpoints, Hugging Face folders, the metrics log, the trainer, tasks
-    {"checkpoint_meta", "checkpoint", "hf", "run_log", "trainer", "tasks"},
-    # a run's pieces: loading models, task data, resume, checkpoint writing, the run dir, report plots
-    {"pretrained", "task_data", "resume", "checkpointer", "run_dir", "plots"},
-    {"runs"},  # assembly: builds a run from its config
+    {"core"},  # errors, dtypes, safe file writes, devices, process groups
+    {"config", "data", "model"},  # typed configs; corpora, tokenizers, chat formatting; the Transformer
+    {"hf"},  # Hugging Face folders, one module per family
+    {"checkpoint"},  # the checkpoint format, its checks, loading for use, export
+    {"train"},  # the loop and what it is built from: optimizers, schedules, losses, run dir, sinks
+    {"tasks", "analysis"},  # finetuning tasks; plan estimates, interpretation, plots
     {"commands"},
     {"cli", "__main__"},
 ]
@@ -36,7 +20,7 @@ ROOT = Path(lmtrain.__file__).parent
 
 
 def unit(module: str) -> str:
-    """lmtrain.data.tokens -> data; lmtrain.commands.plan -> commands; lmtrain.runs -> runs."""
+    """lmtrain.data.tokens -> data; lmtrain.commands.plan -> commands; lmtrain.train.build -> runs."""
     return module.split(".")[1] if "." in module else module
 
 

@@ -10,13 +10,13 @@ import torch
 from hf_models import build
 from safetensors.torch import load_file, save_file
 
+from lmtrain.checkpoint.load import load_model
 from lmtrain.cli import check
 from lmtrain.commands import export, finetune
 from lmtrain.config import ExportConfig, FinetuneConfig
-from lmtrain.errors import UserError
-from lmtrain.lora import LoRALinear, add_lora, merge_lora
-from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.pretrained import load_model
+from lmtrain.core.errors import UserError
+from lmtrain.model.lora import LoRALinear, add_lora, merge_lora
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
 
 CPU = torch.device("cpu")
 TEXT = "the quick brown fox def f(x): return x + 1"

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmtrain.losses import cross_entropy, distillation
+from lmtrain.train.losses import cross_entropy, distillation
 
 
 def test_matches_torch_mean_with_label_smoothing_and_ignore():

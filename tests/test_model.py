@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lmtrain.generate import filter_logits, generate
-from lmtrain.model import KVCache, TransformerConfig, TransformerLM
+from lmtrain.model.generate import filter_logits, generate
+from lmtrain.model.transformer import KVCache, TransformerConfig, TransformerLM
 
 VARIANTS = [
     {},

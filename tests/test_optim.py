@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.optim import build_optimizer, build_scheduler, lr_at, parameter_groups, resume_schedule
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
+from lmtrain.train.optim import build_optimizer, build_scheduler, lr_at, parameter_groups, resume_schedule
 
 LR, MIN, WARM, MAX = 1e-3, 1e-4, 10, 110
 CPU = torch.device("cpu")
@@ -145,7 +145,7 @@ def test_muon_updates_the_block_matrices_and_adamw_the_rest():
 
 
 def test_muon_state_round_trips_through_the_checkpoint_format_bitwise():
-    from lmtrain.checkpoint import _join_optimizer_state, _split_optimizer_state
+    from lmtrain.checkpoint.files import _join_optimizer_state, _split_optimizer_state
 
     model, opt = muon_setup()
     for seed in range(2):

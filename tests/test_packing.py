@@ -7,8 +7,8 @@ import torch
 
 from lmtrain.data.examples import Example, ExampleBatches, collate, collate_packed, pack
 from lmtrain.data.tokens import with_documents
-from lmtrain.losses import cross_entropy
-from lmtrain.model import TransformerConfig, TransformerLM, document_layout
+from lmtrain.model.transformer import TransformerConfig, TransformerLM, document_layout
+from lmtrain.train.losses import cross_entropy
 
 
 def examples(count: int = 12, seed: int = 0) -> list[Example]:

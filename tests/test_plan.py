@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import compose, lmtrain
 
-from lmtrain import plan as costs
+from lmtrain.analysis import costs
+from lmtrain.checkpoint.load import load_model
 from lmtrain.commands.plan import build
 from lmtrain.config import FinetuneConfig
 from lmtrain.config.compose import check, group_options
-from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.pretrained import load_model
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
 
 
 @pytest.mark.parametrize("preset", group_options("model"))
@@ -104,7 +104,7 @@ def test_plan_errors_are_one_line():
 
 
 def test_finetune_plan_counts_lora_adapters(tmp_path, tiny_checkpoint):
-    from lmtrain.lora import add_lora
+    from lmtrain.model.lora import add_lora
 
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": f"the cat {i}", "label": i % 2}) + "\n" for i in range(40)))

@@ -72,7 +72,7 @@ def test_report_on_a_single_run_and_plots(tmp_path, corpus):
     for lr in ("1e-3", "3e-3", "1e-2"):
         run_dir = tmp_path / f"lr{lr}"
         summary = pretrain.run(compose(*TINY, f"data.train={corpus}", f"optimizer.lr={lr}"), str(run_dir))
-        from lmtrain.sweep import write_result
+        from lmtrain.train.sweep import write_result
 
         write_result(run_dir, "completed", summary, [f"optimizer.lr={lr}"])
 
@@ -81,7 +81,7 @@ def test_report_on_a_single_run_and_plots(tmp_path, corpus):
     assert header[:2] == ["run", "optimizer.lr"] and len(table) == 1
     assert lmtrain("report", str(tmp_path / "lr1e-3"), "--no-plots").returncode == 0
 
-    from lmtrain import plots
+    from lmtrain.analysis import plots
 
     runs = report.sort_runs(report.find_runs([str(tmp_path / d) for d in ("lr1e-3", "lr3e-3", "lr1e-2")]))
     figures = plots.figures(runs, ["optimizer.lr"])

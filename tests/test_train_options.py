@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, compose
 
 from lmtrain.commands import pretrain
-from lmtrain.run_log import read_metrics
+from lmtrain.train.run_log import read_metrics
 
 
 def options(group):
@@ -55,7 +55,7 @@ def test_option_trains(tmp_path, corpus, overrides, request):
 
 
 def test_teacher_with_another_vocabulary_is_refused(tmp_path, corpus, teacher):
-    from lmtrain.errors import UserError
+    from lmtrain.core.errors import UserError
 
     cfg = compose(*TINY, f"data.train={corpus}", "data.tokenizer=byte", "loss=distill", f"loss.teacher={teacher}")
     with pytest.raises(UserError, match=r"loss.teacher: its tokenizer \(\d+ entries\) is not the student's"):
@@ -73,8 +73,8 @@ def test_int8_export_loads_and_generates(tmp_path, teacher):
     report = json.loads((tmp_path / "int8" / "report.json").read_text())
     assert report["bytes"] < 0.6 * report["fp32_bytes"]
     assert abs(report["validation_after"]["loss"] - report["validation_before"]["loss"]) < 0.05
-    from lmtrain.export import Int8Linear
-    from lmtrain.pretrained import load_model
+    from lmtrain.checkpoint.export import Int8Linear
+    from lmtrain.checkpoint.load import load_model
 
     model, _ = load_model(str(tmp_path / "int8"), torch.device("cpu"))
     assert model.blocks[0].attn.qkv.weight.dtype == torch.int8 and isinstance(model.blocks[0].ffn.up, Int8Linear)

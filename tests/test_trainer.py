@@ -4,10 +4,10 @@ import numpy as np
 import torch
 
 from lmtrain.data.tokens import WindowSampler
-from lmtrain.losses import cross_entropy
-from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.optim import build_optimizer, build_scheduler
-from lmtrain.trainer import Cadence, Trainer
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
+from lmtrain.train.losses import cross_entropy
+from lmtrain.train.optim import build_optimizer, build_scheduler
+from lmtrain.train.trainer import Cadence, Trainer
 
 CPU = torch.device("cpu")
 

@@ -9,12 +9,12 @@ from typing import Any, cast
 
 from omegaconf import OmegaConf
 
-from lmtrain import checkpoint
+from lmtrain.checkpoint import files as checkpoint
+from lmtrain.checkpoint.load import load_model, load_special_tokens
 from lmtrain.config import EvaluateConfig
-from lmtrain.distributed import resolve_device
-from lmtrain.pretrained import load_model, load_special_tokens
-from lmtrain.task_data import split_examples
-from lmtrain.tasks import TaskInfo, load_task_info, task_for
+from lmtrain.core.distributed import resolve_device
+from lmtrain.tasks.base import TaskInfo, load_task_info, task_for
+from lmtrain.tasks.records import split_examples
 
 log = logging.getLogger("lmtrain")
 

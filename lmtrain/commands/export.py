@@ -13,20 +13,20 @@ from typing import Any, cast
 import torch
 from omegaconf import OmegaConf
 
-from lmtrain import checkpoint
+from lmtrain.checkpoint import files as checkpoint
+from lmtrain.checkpoint.export import EXPORT_MARKER, staged, write_export
+from lmtrain.checkpoint.load import load_model, load_side_files, load_special_tokens
 from lmtrain.config import DataConfig, ExportConfig
+from lmtrain.core.distributed import resolve_device
+from lmtrain.core.dtypes import DTYPES
+from lmtrain.core.errors import UserError
 from lmtrain.data import tokens
-from lmtrain.distributed import resolve_device
-from lmtrain.dtypes import DTYPES
-from lmtrain.errors import UserError
-from lmtrain.export import EXPORT_MARKER, staged, write_export
 from lmtrain.hf.families import family_of
 from lmtrain.hf.save import write_hf, write_peft
-from lmtrain.lora import merge_lora
-from lmtrain.losses import scored
-from lmtrain.pretrained import load_model, load_side_files, load_special_tokens
-from lmtrain.task_data import split_examples
-from lmtrain.tasks import load_task_info
+from lmtrain.model.lora import merge_lora
+from lmtrain.tasks.base import load_task_info
+from lmtrain.tasks.records import split_examples
+from lmtrain.train.losses import scored
 
 log = logging.getLogger("lmtrain")
 
@@ -43,7 +43,7 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
     try:
         info = load_task_info(str(source))
         if info is not None:
-            from lmtrain.tasks import task_for
+            from lmtrain.tasks.base import task_for
 
             task = task_for(info, tokenizer, model.config.max_seq_len, load_special_tokens(str(source), tokenizer))
             result = task.evaluate(model, split_examples(trained, task, "validation")[0], batch_size=32, device=device)

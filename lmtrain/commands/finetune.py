@@ -17,24 +17,35 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from lmtrain import checkpoint, distributed, runs
-from lmtrain.config import FinetuneConfig
-from lmtrain.data.examples import Example, ExampleBatches, read_records, split_off, usable_records
-from lmtrain.data.tokenizer import SpecialTokens
-from lmtrain.dtypes import autocast_dtype
-from lmtrain.errors import UserError
-from lmtrain.lora import add_lora
-from lmtrain.model import TransformerLM
-from lmtrain.pretrained import (
+from lmtrain.checkpoint import files as checkpoint
+from lmtrain.checkpoint.load import (
     adapter_record,
     load_model,
     load_special_tokens,
     weights_digest,
 )
-from lmtrain.resume import resume_source
-from lmtrain.run_dir import claimed
-from lmtrain.task_data import data_fields
-from lmtrain.tasks import Task, TaskInfo, build_task_info, field_roles, field_types, load_task_info, task_for, text_unit
+from lmtrain.config import FinetuneConfig
+from lmtrain.core import distributed
+from lmtrain.core.dtypes import autocast_dtype
+from lmtrain.core.errors import UserError
+from lmtrain.data.examples import Example, ExampleBatches, read_records, split_off, usable_records
+from lmtrain.data.tokenizer import SpecialTokens
+from lmtrain.model.lora import add_lora
+from lmtrain.model.transformer import TransformerLM
+from lmtrain.tasks.base import (
+    Task,
+    TaskInfo,
+    build_task_info,
+    field_roles,
+    field_types,
+    load_task_info,
+    task_for,
+    text_unit,
+)
+from lmtrain.tasks.records import data_fields
+from lmtrain.train import build as runs
+from lmtrain.train.resume import resume_source
+from lmtrain.train.run_dir import claimed
 
 log = logging.getLogger("lmtrain")
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
+from lmtrain.checkpoint.load import load_model, load_special_tokens
 from lmtrain.config import GenerateConfig
+from lmtrain.core.distributed import resolve_device
+from lmtrain.core.errors import UserError
 from lmtrain.data.tokenizer import SpecialTokens, warn_unknown
-from lmtrain.distributed import resolve_device
-from lmtrain.errors import UserError
-from lmtrain.generate import generate
-from lmtrain.pretrained import load_model, load_special_tokens
-from lmtrain.tasks import TaskInfo, load_task_info, task_for
+from lmtrain.model.generate import generate
+from lmtrain.tasks.base import TaskInfo, load_task_info, task_for
 
 DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 1.0}
 

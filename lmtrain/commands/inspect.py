@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from lmtrain import interpret
+from lmtrain.analysis import interpret
+from lmtrain.checkpoint.load import load_model
 from lmtrain.config import InspectConfig
+from lmtrain.core.distributed import resolve_device
+from lmtrain.core.errors import UserError
 from lmtrain.data.tokenizer import end_of_text_id
-from lmtrain.distributed import resolve_device
-from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model
-from lmtrain.tasks import Task, TaskInfo, load_task_info
+from lmtrain.tasks.base import Task, TaskInfo, load_task_info
 
 log = logging.getLogger("lmtrain")
 LM_VIEWS = ["loss", "attention", "logit_lens"]
@@ -82,9 +82,9 @@ def _indices(requested: list[int] | None, count: int, key: str, what: str) -> li
 
 
 def _plots():
-    """lmtrain.inspect_plots, or None (with a warning) without matplotlib."""
+    """lmtrain.analysis.attention_plots, or None (with a warning) without matplotlib."""
     try:
-        from lmtrain import inspect_plots
+        from lmtrain.analysis import attention_plots as inspect_plots
     except ImportError:
         log.warning("PNGs skipped: matplotlib is not installed (pip install 'lmtrain[plots]')")
         return None

@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtrain import plan as costs
-from lmtrain.errors import UserError
+from lmtrain.analysis import costs
+from lmtrain.core.errors import UserError
 
 if TYPE_CHECKING:
-    from lmtrain.trainer import Batch
+    from lmtrain.train.trainer import Batch
 
 PLAN_COMMANDS = ("pretrain", "finetune")
 
@@ -74,7 +74,7 @@ def _pretrain_model(cfg) -> tuple[Any, str]:
 
     d = cfg.data
     if cfg.init_from:  # continued pretraining: that model's shape
-        from lmtrain.pretrained import model_config
+        from lmtrain.checkpoint.load import model_config
 
         return _meta_model(**dataclasses.asdict(model_config(cfg.init_from, "init_from"))), f"init_from={cfg.init_from}"
     cached = tokens.cached_tokenizer(**tokens.corpus_settings(d))
@@ -93,7 +93,7 @@ def _meta_model(**config):
     """A TransformerLM of this config on the meta device: shapes, no memory."""
     import torch
 
-    from lmtrain.model import TransformerConfig, TransformerLM
+    from lmtrain.model.transformer import TransformerConfig, TransformerLM
 
     with torch.device("meta"):
         return TransformerLM(TransformerConfig(**config))
@@ -102,11 +102,11 @@ def _meta_model(**config):
 def _finetune_model(cfg) -> tuple[Any, list[int]]:
     """The model finetune would train (init_from's shape, the task's head, frozen parts, adapters) and the
     lengths of its training examples in tokens. init_from may be any checkpoint or a Hugging Face folder."""
+    from lmtrain.checkpoint.load import load_special_tokens, load_tokenizer, model_config
     from lmtrain.data.examples import read_records
-    from lmtrain.lora import add_lora
-    from lmtrain.pretrained import load_special_tokens, load_tokenizer, model_config
-    from lmtrain.task_data import data_fields
-    from lmtrain.tasks import build_task_info, task_for, text_unit
+    from lmtrain.model.lora import add_lora
+    from lmtrain.tasks.base import build_task_info, task_for, text_unit
+    from lmtrain.tasks.records import data_fields
 
     config = dataclasses.asdict(model_config(cfg.init_from, "init_from"))
     tokenizer = load_tokenizer(cfg.init_from, "init_from")
@@ -253,7 +253,7 @@ def _memory(cfg, work: _Workload, parameters: dict[str, int], strategy: str, wor
 
 def _device(name: str, precision: str):
     """The device of the peak table to plan for: cpu, this machine's GPU (auto, cuda), or a GPU by name."""
-    from lmtrain import devices
+    from lmtrain.core import devices
 
     if name == "cpu":
         return devices.cpu_device(precision)
@@ -304,8 +304,9 @@ def measure(plan: dict, cfg, steps: int) -> dict:
     (VmHWM, reset before the model is built) over its RSS at that moment."""
     import torch
 
-    from lmtrain import distributed, runs
-    from lmtrain.model import TransformerConfig, TransformerLM
+    from lmtrain.core import distributed
+    from lmtrain.model.transformer import TransformerConfig, TransformerLM
+    from lmtrain.train import build as runs
 
     if plan["tokens"]["processes"] > 1:
         raise UserError("--measure runs one process; plan trainer.nproc > 1 without it (or run torchrun yourself)")
@@ -356,7 +357,7 @@ def measure(plan: dict, cfg, steps: int) -> dict:
 
 def plan_config(cfg, model: dict) -> dict:
     """The TransformerConfig fields of the planned model."""
-    from lmtrain.pretrained import model_config
+    from lmtrain.checkpoint.load import model_config
 
     if cfg.__class__.__name__ == "PretrainConfig" and not cfg.init_from:
         return {"vocab_size": model["vocab_size"], **dataclasses.asdict(cfg.model)}
@@ -368,7 +369,7 @@ def _warm_up() -> None:
     """One tiny training step first, so the libraries' lazily built kernels and thread pools are not counted."""
     import torch
 
-    from lmtrain.model import TransformerConfig, TransformerLM
+    from lmtrain.model.transformer import TransformerConfig, TransformerLM
 
     model = TransformerLM(TransformerConfig(vocab_size=11, d_model=16, num_heads=2, num_layers=1, max_seq_len=8))
     tokens = torch.randint(11, (2, 8))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from lmtrain.checkpoint.load import load_model, load_special_tokens
 from lmtrain.config import PredictConfig
+from lmtrain.core.distributed import resolve_device
+from lmtrain.core.errors import UserError
 from lmtrain.data.examples import fixed_batches, read_records, usable_records
-from lmtrain.distributed import resolve_device
-from lmtrain.errors import UserError
-from lmtrain.pretrained import load_model, load_special_tokens
-from lmtrain.tasks import IGNORE, Task, load_task_info
+from lmtrain.tasks.base import IGNORE, Task, load_task_info
 
 
 @torch.no_grad()

@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import time
 
+from lmtrain.checkpoint.load import load_special_tokens, load_tokenizer
 from lmtrain.config import PretrainConfig
 from lmtrain.data import mixture, streaming, tokens
-from lmtrain.pretrained import load_special_tokens, load_tokenizer
 
 log = logging.getLogger("lmtrain")
 

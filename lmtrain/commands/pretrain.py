@@ -10,16 +10,17 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from lmtrain import distributed, runs
+from lmtrain.checkpoint.load import load_model, load_special_tokens
 from lmtrain.config import PretrainConfig, accumulation_steps
+from lmtrain.core import distributed
+from lmtrain.core.errors import UserError
 from lmtrain.data import mixture, streaming, tokens
 from lmtrain.data.tokenizer import end_of_text_id
-from lmtrain.errors import UserError
-from lmtrain.metrics import perplexity
-from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.pretrained import load_model, load_special_tokens
-from lmtrain.resume import resume_source
-from lmtrain.run_dir import claimed
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
+from lmtrain.tasks.metrics import perplexity
+from lmtrain.train import build as runs
+from lmtrain.train.resume import resume_source
+from lmtrain.train.run_dir import claimed
 
 log = logging.getLogger("lmtrain")
 HINT = 'lmtrain generate ckpt=%s prompt="def "'  # printed at the end of a run; a test runs it as printed

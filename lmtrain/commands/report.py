@@ -15,9 +15,9 @@ import re
 import sys
 from pathlib import Path
 
-from lmtrain.errors import UserError
-from lmtrain.run_log import Run, load_run
-from lmtrain.sweep import RESULT_FILE
+from lmtrain.core.errors import UserError
+from lmtrain.train.run_log import Run, load_run
+from lmtrain.train.sweep import RESULT_FILE
 
 log = logging.getLogger("lmtrain")
 
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
     if args.no_plots:
         return 0
     try:
-        from lmtrain import plots
+        from lmtrain.analysis import plots
     except ImportError:
         print(
             "lmtrain report: plots skipped: matplotlib is not installed (pip install 'lmtrain[plots]')",

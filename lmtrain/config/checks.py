@@ -25,7 +25,7 @@ from lmtrain.config.schema import (
     PretrainConfig,
     TaskConfig,
 )
-from lmtrain.errors import UserError
+from lmtrain.core.errors import UserError
 
 
 class ConfigError(UserError):
@@ -324,7 +324,7 @@ def accumulation_steps(grad_accum: GradAccumConfig, micro_batch_size: int, seq_l
 
 def _check_warmup(cfg: Any, errors: list[str]) -> None:
     """A warmup given explicitly that outlasts the run is an error; a default one is shortened to fit when
-    the trainer is built (lmtrain.runs.build_trainer), with a warning."""
+    the trainer is built (lmtrain.train.build.build_trainer), with a warning."""
     steps_known = isinstance(cfg, PretrainConfig) or isinstance(cfg, FinetuneConfig) and cfg.epochs is None
     if steps_known and cfg.scheduler.warmup_steps > cfg.trainer.max_steps > 0:
         errors.append(

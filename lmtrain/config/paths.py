@@ -16,8 +16,8 @@ from lmtrain.config.schema import (
     PredictConfig,
     PretrainConfig,
 )
+from lmtrain.core.errors import UserError
 from lmtrain.data import corpus
-from lmtrain.errors import UserError
 
 # schema -> the keys it reads as data (file, folder or `datasets` name), checkpoints, text files,
 # and writes as a file or a folder

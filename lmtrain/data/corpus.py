@@ -8,7 +8,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmtrain.errors import UserError
+from lmtrain.core.errors import UserError
 
 EMBEDDED = "python-stdlib"
 PIECE_CHARS = 1 << 20  # a long document is encoded in pieces cut at the first line end after this many characters

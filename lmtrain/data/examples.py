@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from lmtrain.core.errors import UserError
 from lmtrain.data import corpus
-from lmtrain.errors import UserError
 
 log = logging.getLogger("lmtrain")
 

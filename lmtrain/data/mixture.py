@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from lmtrain.core.errors import UserError
+from lmtrain.core.safe_io import write_text_atomic
 from lmtrain.data import corpus, tokens
 from lmtrain.data.prepare import locked
 from lmtrain.data.tokenizer import build_tokenizer, end_of_text_id, load_tokenizer
-from lmtrain.errors import UserError
-from lmtrain.safe_io import write_text_atomic
 
 
 @dataclass

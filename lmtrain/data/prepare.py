@@ -24,11 +24,11 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from lmtrain.core.errors import UserError
+from lmtrain.core.safe_io import write_text_atomic, writing
 from lmtrain.data.encoder import Encoder, token_dtype
 from lmtrain.data.shards import ShardWriter
 from lmtrain.data.tokenizer import end_of_text_id, load_tokenizer
-from lmtrain.errors import UserError
-from lmtrain.safe_io import write_text_atomic, writing
 
 log = logging.getLogger("lmtrain")
 MANIFEST = "manifest.json"

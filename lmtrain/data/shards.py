@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from lmtrain.safe_io import write_text_atomic, writing
+from lmtrain.core.safe_io import write_text_atomic, writing
 
 
 def shard_name(name: str, index: int) -> str:

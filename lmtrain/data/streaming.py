@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from lmtrain.core.errors import UserError
+from lmtrain.core.safe_io import write_text_atomic
 from lmtrain.data.encoder import Encoder
 from lmtrain.data.prepare import locked
 from lmtrain.data.tokenizer import build_tokenizer, load_tokenizer
-from lmtrain.errors import UserError
-from lmtrain.safe_io import write_text_atomic
 
 BATCH_RECORDS = 256  # documents per encode call
 AHEAD = 16  # encoded batches waiting for the trainer

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmtrain.errors import UserError
+from lmtrain.core.errors import UserError
 
 log = logging.getLogger("lmtrain")
 END_OF_TEXT = "<|endoftext|>"
@@ -177,7 +177,7 @@ class SpecialTokens:
     bos: int | None = None  # the model's declared beginning-of-sequence token
     adds_bos: bool = False  # its tokenizer puts `bos` in front of every encoded text (Llama)
     generation: dict = field(default_factory=dict)
-    chat_template: str | None = None  # Jinja; None: lmtrain's default (see lmtrain.chat)
+    chat_template: str | None = None  # Jinja; None: lmtrain's default (see lmtrain.data.chat)
 
 
 def _ids(value: Any) -> list[int]:

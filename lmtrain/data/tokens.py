@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from lmtrain.core.errors import UserError
 from lmtrain.data import corpus
 from lmtrain.data.prepare import FORMAT_VERSION, MANIFEST, Split, build
 from lmtrain.data.shards import TokenView, document_starts, open_split
 from lmtrain.data.tokenizer import build_tokenizer, load_tokenizer
-from lmtrain.errors import UserError
 
 log = logging.getLogger("lmtrain")
 

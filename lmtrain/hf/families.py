@@ -12,8 +12,8 @@ import logging
 import re
 from dataclasses import dataclass
 
-from lmtrain.errors import UserError
-from lmtrain.model import TransformerConfig
+from lmtrain.core.errors import UserError
+from lmtrain.model.transformer import TransformerConfig
 
 log = logging.getLogger("lmtrain")
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")

@@ -13,10 +13,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
+from lmtrain.core.errors import UserError
 from lmtrain.data.tokenizer import SIDE_FILES, plain_text, read_json
-from lmtrain.errors import UserError
 from lmtrain.hf.families import IGNORED, config_from_hf, source
-from lmtrain.model import TransformerConfig, TransformerLM
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
 
 CONVERT_HINT = (
     "convert it once with transformers: AutoModelForCausalLM.from_pretrained(path).save_pretrained(path) "

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from lmtrain.core.dtypes import HF_NAMES
 from lmtrain.data.tokenizer import SpecialTokens
-from lmtrain.dtypes import HF_NAMES
 from lmtrain.hf.families import config_to_hf, family_of, source, split_sizes
-from lmtrain.model import TransformerLM
+from lmtrain.model.transformer import TransformerLM
 
 
 def hf_state(model: TransformerLM, family: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -108,7 +108,7 @@ def write_peft(model: TransformerLM, record: dict, folder: Path) -> int:
     """A LoRA-wrapped `model`'s adapters in PEFT's layout (adapter_config.json, adapter_model.safetensors),
     named for the Hugging Face model of its family; `record` is the run's adapter.json. A fused q/k/v adapter
     becomes three that share A (B split by rows), which computes the same update. Returns bytes written."""
-    from lmtrain.lora import LoRALinear
+    from lmtrain.model.lora import LoRALinear
 
     family = family_of(model.config)
     prefix = "transformer." if family == "gpt2" else ""

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmtrain.errors import UserError
+from lmtrain.core.errors import UserError
 
 # Errors that say "this machine cannot take the write", not "lmtrain has a bug": one line, no traceback.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lmtrain.errors import UserError
-from lmtrain.safe_io import write_text_atomic, writing
-from lmtrain.sweep import RESULT_FILE
+from lmtrain.core.errors import UserError
+from lmtrain.core.safe_io import write_text_atomic, writing
+from lmtrain.train.sweep import RESULT_FILE
 
 log = logging.getLogger("lmtrain")
 

@@ -15,19 +15,20 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from lmtrain import checkpoint, devices, distributed
-from lmtrain.checkpointer import Checkpointer
+from lmtrain.checkpoint import files as checkpoint
+from lmtrain.checkpoint.load import load_model, load_side_files
 from lmtrain.config import FinetuneConfig, LossConfig, PretrainConfig, SchedulerConfig, TrainerConfig
-from lmtrain.distributed import Placement
-from lmtrain.ema import EMA
-from lmtrain.errors import Diverged, UserError
-from lmtrain.losses import cross_entropy, distillation
-from lmtrain.model import TransformerLM
-from lmtrain.optim import build_optimizer, build_scheduler
-from lmtrain.pretrained import load_model, load_side_files
-from lmtrain.resume import Sampler, restore
-from lmtrain.run_dir import open_metrics, take_over
-from lmtrain.trainer import Cadence, Trainer
+from lmtrain.core import devices, distributed
+from lmtrain.core.distributed import Placement
+from lmtrain.core.errors import Diverged, UserError
+from lmtrain.model.transformer import TransformerLM
+from lmtrain.train.checkpointer import Checkpointer
+from lmtrain.train.ema import EMA
+from lmtrain.train.losses import cross_entropy, distillation
+from lmtrain.train.optim import build_optimizer, build_scheduler
+from lmtrain.train.resume import Sampler, restore
+from lmtrain.train.run_dir import open_metrics, take_over
+from lmtrain.train.trainer import Cadence, Trainer
 
 log = logging.getLogger("lmtrain")
 

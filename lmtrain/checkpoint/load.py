@@ -1,4 +1,4 @@
-"""Loading a trained model for use: from a checkpoint, a run dir, an export (see lmtrain.export) or a Hugging
+"""Loading a trained model for use: from a checkpoint, a run dir, an export (see lmtrain.checkpoint.export) or a Hugging
 Face model folder (see lmtrain.hf)."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from lmtrain import checkpoint, checkpoint_meta
+from lmtrain.checkpoint import files as checkpoint
+from lmtrain.checkpoint import meta as checkpoint_meta
+from lmtrain.checkpoint.export import EXPORT_MARKER, load_export_weights
+from lmtrain.core.errors import UserError
 from lmtrain.data.tokenizer import SpecialTokens, side_files, special_tokens
-from lmtrain.errors import UserError
-from lmtrain.export import EXPORT_MARKER, load_export_weights
 from lmtrain.hf.load import is_hf_folder, load_hf, read_config, side_files_from_hf
 from lmtrain.hf.load import load_tokenizer as hf_tokenizer
-from lmtrain.lora import add_lora
-from lmtrain.model import TransformerConfig, TransformerLM
+from lmtrain.model.lora import add_lora
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
 
 
 def load_model(path: str, device: torch.device, key: str = "ckpt") -> tuple[TransformerLM, Tokenizer]:

@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lmtrain.safe_io import write_text_atomic
+from lmtrain.core.safe_io import write_text_atomic
 
 RESULT_FILE = "result.json"
 

@@ -11,11 +11,13 @@ from typing import Protocol
 import torch
 import yaml
 
-from lmtrain import checkpoint, checkpoint_meta, distributed
-from lmtrain.errors import RunRefused, UserError
-from lmtrain.optim import resume_schedule
-from lmtrain.safe_io import read_text_capped
-from lmtrain.trainer import Trainer
+from lmtrain.checkpoint import files as checkpoint
+from lmtrain.checkpoint import meta as checkpoint_meta
+from lmtrain.core import distributed
+from lmtrain.core.errors import RunRefused, UserError
+from lmtrain.core.safe_io import read_text_capped
+from lmtrain.train.optim import resume_schedule
+from lmtrain.train.trainer import Trainer
 
 log = logging.getLogger("lmtrain")
 

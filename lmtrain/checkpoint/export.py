@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmtrain.dtypes import DTYPES
-from lmtrain.model import TransformerLM
+from lmtrain.core.dtypes import DTYPES
+from lmtrain.model.transformer import TransformerLM
 
 EXPORT_MARKER = "export.json"
 

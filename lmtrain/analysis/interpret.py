@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lmtrain.model import CausalSelfAttention, TransformerLM, apply_rope
+from lmtrain.model.transformer import CausalSelfAttention, TransformerLM, apply_rope
 
 
 def attention_probs(

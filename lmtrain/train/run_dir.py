@@ -8,10 +8,12 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmtrain import checkpoint, distributed, run_lock
-from lmtrain.errors import UserError
-from lmtrain.run_log import MetricsFile
-from lmtrain.safe_io import clean_temporaries, write_text_atomic
+from lmtrain.checkpoint import files as checkpoint
+from lmtrain.core import distributed
+from lmtrain.core.errors import UserError
+from lmtrain.core.safe_io import clean_temporaries, write_text_atomic
+from lmtrain.train import run_lock
+from lmtrain.train.run_log import MetricsFile
 
 log = logging.getLogger("lmtrain")
 

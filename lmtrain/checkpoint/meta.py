@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from lmtrain.core.errors import UserError
+from lmtrain.core.safe_io import read_text_capped
 from lmtrain.data.tokenizer import plain_text
-from lmtrain.errors import UserError
-from lmtrain.model import TransformerConfig, TransformerLM
-from lmtrain.safe_io import read_text_capped
+from lmtrain.model.transformer import TransformerConfig, TransformerLM
 
 MAX_JSON_BYTES = 64 << 20  # a 250k-entry BPE tokenizer.json is ~20 MB
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit

@@ -11,14 +11,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lmtrain import distributed
-from lmtrain.distributed import Placement
-from lmtrain.dtypes import autocast_dtype
-from lmtrain.ema import EMA
-from lmtrain.errors import Diverged
-from lmtrain.losses import scored
-from lmtrain.model import TransformerLM
-from lmtrain.run_log import ProgressBar
+from lmtrain.core import distributed
+from lmtrain.core.distributed import Placement
+from lmtrain.core.dtypes import autocast_dtype
+from lmtrain.core.errors import Diverged
+from lmtrain.model.transformer import TransformerLM
+from lmtrain.train.ema import EMA
+from lmtrain.train.losses import scored
+from lmtrain.train.run_log import ProgressBar
 
 log = logging.getLogger("lmtrain")
 
@@ -144,7 +144,7 @@ class Trainer:
         # compiled once for training; evaluation (no_grad: another graph) runs eagerly unless compile_eval
         self.compiled = torch.compile(self.parallel) if compile else self.parallel
         self.evaluated = self.compiled if compile_eval else self.parallel
-        self.peak_flops = peak_flops  # FLOP/s of one process's device (lmtrain.devices): MFU's denominator
+        self.peak_flops = peak_flops  # FLOP/s of one process's device (lmtrain.core.devices): MFU's denominator
         self.seq_len = 0  # tokens per sequence of the last step: the attention term of FLOPs per token
         self.optimizer = optimizer
         self.scheduler = scheduler

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmtrain.errors import RunRefused
+from lmtrain.core.errors import RunRefused
 
 LOCK_FILE = ".lock"
 

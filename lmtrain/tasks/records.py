@@ -4,9 +4,9 @@ held out again exactly as finetune held them out when the split is part of train
 from __future__ import annotations
 
 from lmtrain.config import ExampleDataConfig
+from lmtrain.core.errors import UserError
 from lmtrain.data.examples import read_records, split_off, usable_records
-from lmtrain.errors import UserError
-from lmtrain.tasks import Task, field_roles, field_types, text_unit
+from lmtrain.tasks.base import Task, field_roles, field_types, text_unit
 
 
 def data_fields(d: ExampleDataConfig) -> dict[str, str]:

@@ -10,17 +10,13 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmtrain.dtypes import autocast_dtype
-from lmtrain.errors import UserError
-
-if TYPE_CHECKING:
-    from lmtrain.model import TransformerLM
+from lmtrain.core.dtypes import autocast_dtype
+from lmtrain.core.errors import UserError
 
 
 @dataclass
@@ -90,7 +86,7 @@ def place(strategy: str, device_name: str, timeout_s: float = 600.0, join_timeou
     return Placement(dist.get_rank(), world, local_rank, resolve_device(device_name, local_rank=local_rank), strategy)
 
 
-def wrap(model: TransformerLM, placement: Placement, precision: str) -> nn.Module:
+def wrap(model: nn.Module, placement: Placement, precision: str) -> nn.Module:
     """The module to run forward/backward through: the model itself, DDP around it, or FSDP-sharded in place."""
     if placement.strategy == "ddp":
         ids = [placement.device.index] if placement.device.type == "cuda" else None
@@ -100,7 +96,7 @@ def wrap(model: TransformerLM, placement: Placement, precision: str) -> nn.Modul
 
         low = autocast_dtype(precision)
         policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
-        for block in model.blocks:
+        for block in model.blocks:  # type: ignore[union-attr]
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
     return model

@@ -21,14 +21,16 @@ from typing import cast
 import torch
 from tokenizers import Tokenizer
 
-from lmtrain import chat, checkpoint, metrics
+from lmtrain.checkpoint import files as checkpoint
 from lmtrain.config import TaskConfig
+from lmtrain.core.errors import UserError
+from lmtrain.data import chat
 from lmtrain.data.examples import Example, fixed_batches
 from lmtrain.data.tokenizer import SpecialTokens, end_of_text_id, warn_unknown
-from lmtrain.errors import UserError
-from lmtrain.generate import beam_search, generate
-from lmtrain.losses import scored
-from lmtrain.model import TransformerLM
+from lmtrain.model.generate import beam_search, generate
+from lmtrain.model.transformer import TransformerLM
+from lmtrain.tasks import metrics
+from lmtrain.train.losses import scored
 
 log = logging.getLogger("lmtrain")
 IGNORE = -100

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from lmtrain import checkpoint, distributed
-from lmtrain.model import TransformerLM
-from lmtrain.resume import Sampler
-from lmtrain.trainer import Trainer
+from lmtrain.checkpoint import files as checkpoint
+from lmtrain.core import distributed
+from lmtrain.model.transformer import TransformerLM
+from lmtrain.train.resume import Sampler
+from lmtrain.train.trainer import Trainer
 
 
 class Checkpointer:

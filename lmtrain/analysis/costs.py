@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lmtrain.devices import ASSUMED_MFU, Device
-from lmtrain.errors import UserError
+from lmtrain.core.devices import ASSUMED_MFU, Device
+from lmtrain.core.errors import UserError
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 

@@ -6,7 +6,7 @@ from collections.abc import Collection
 
 import torch
 
-from lmtrain.model import KVCache, TransformerLM
+from lmtrain.model.transformer import KVCache, TransformerLM
 
 TOP_P_TOLERANCE = 1e-6  # float32 sums of probabilities are off by a few ulps: 0.5 + 0.3 gives 0.79999995
 

@@ -8,7 +8,7 @@ Layout of `checkpoints/step_NNNNNNN/`:
   config.yaml            the run's resolved config
   tokenizer.json         the tokenizer, so a checkpoint stands alone
   trainer_state.json     step, counters, scheduler; written last: its presence marks a complete checkpoint
-  ema.safetensors        trainer.ema_decay runs only: the average of the trained weights (lmtrain.ema); loading
+  ema.safetensors        trainer.ema_decay runs only: the average of the trained weights (lmtrain.train.ema); loading
                          the checkpoint for use (generate, evaluate, export, init_from) takes these weights
   adapter.json           adapter runs only: the base model (path and content hash) and the LoRA settings;
                          model.safetensors then holds only the trained tensors
@@ -32,9 +32,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from lmtrain import checkpoint_meta
-from lmtrain.errors import UserError
-from lmtrain.safe_io import share, writing
+from lmtrain.checkpoint import meta as checkpoint_meta
+from lmtrain.core.errors import UserError
+from lmtrain.core.safe_io import share, writing
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 COMPLETE_MARKER = "trainer_state.json"

@@ -88,7 +88,7 @@ def measure_cpu_peak(precision: str = "fp32", size: int = 1024, seconds: float =
     """FLOP/s of a square matmul (2·n³ FLOPs each) in `precision` on this CPU, over ~`seconds`."""
     import torch
 
-    from lmtrain.dtypes import DTYPES
+    from lmtrain.core.dtypes import DTYPES
 
     dtype = DTYPES[precision]
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
