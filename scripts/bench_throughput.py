@@ -29,6 +29,7 @@ from lmtrain.data import tokens
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
 from lmtrain.train import build as runs
 from lmtrain.train.optim import lr_at, parameter_groups
+from lmtrain.train.sinks import Sinks
 from lmtrain.train.trainer import Cadence
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per device
@@ -99,7 +100,7 @@ def lmtrain_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> floa
             lambda: sampler.next_step(1, cfg.trainer.micro_batch_size),
             None,
             cadence=Cadence(max_steps, eval_every=10**9, log_every=cfg.trainer.log_every, checkpoint_every=10**9),
-            write_metrics=lambda record: None,
+            sink=Sinks([]),
             save_checkpoint=lambda: None,
             progress_bar=False,
         )

@@ -116,7 +116,7 @@ def start(run_dir: Path, corpus: Path, resume: bool, env: dict) -> subprocess.Po
 
 
 def records(run_dir: Path) -> list[dict]:
-    from lmtrain.train.run_log import read_metrics
+    from lmtrain.train.sinks import read_metrics
 
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run_dir / "metrics.jsonl")]
 

@@ -110,7 +110,7 @@ def assert_resume_is_exact(run, root: Path, monkeypatch, kill_after: int, checkp
 
 def without_speed(run_dir: Path) -> list[dict]:
     """metrics.jsonl's records without what the clock measures (tokens/s, MFU)."""
-    from lmtrain.train.run_log import read_metrics
+    from lmtrain.train.sinks import read_metrics
 
     return [
         {k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}

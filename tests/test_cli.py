@@ -4,7 +4,7 @@ import json
 
 from conftest import TINY, lmtrain
 
-from lmtrain.train.run_log import read_metrics
+from lmtrain.train.sinks import read_metrics
 
 
 def test_pretrain_then_generate(tmp_path, corpus):

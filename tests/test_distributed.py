@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, lmtrain
 from safetensors.torch import load_file
 
-from lmtrain.train.run_log import read_metrics
+from lmtrain.train.sinks import read_metrics
 
 STEPS = ["trainer.max_steps=6", "trainer.log_every=1", "trainer.checkpoint_every=3", "trainer.keep_last=0"]
 

@@ -13,7 +13,7 @@ from lmtrain.cli import check
 from lmtrain.commands import finetune, pretrain
 from lmtrain.config import FinetuneConfig, PretrainConfig
 from lmtrain.core.errors import UserError
-from lmtrain.train.run_log import read_metrics
+from lmtrain.train.sinks import read_metrics
 
 NOUNS = "cat dog mat log sun moon tree bird fish".split()
 COLORS = "red blue green black white".split()

@@ -26,7 +26,7 @@ from lmtrain.data.examples import Example, usable_records
 from lmtrain.data.tokenizer import END_OF_TEXT, MAX_PIECE, build_tokenizer, load_tokenizer, warn_unknown
 from lmtrain.model.generate import filter_logits, scale
 from lmtrain.tasks.base import Task, TaskInfo, build_task_info
-from lmtrain.train.run_log import read_metrics
+from lmtrain.train.sinks import read_metrics
 
 GOOD = [{"text": "the red cat", "label": 1}, {"text": "a dog", "label": 0}] * 4
 FAST = ["trainer.device=cpu", "trainer.progress_bar=false", "trainer.micro_batch_size=4"]

@@ -22,7 +22,7 @@ from lmtrain.commands import pretrain
 from lmtrain.core import safe_io
 from lmtrain.core.errors import Diverged, RunRefused, UserError
 from lmtrain.train import resume, run_lock
-from lmtrain.train.run_log import MetricsFile, read_metrics
+from lmtrain.train.sinks import JsonlSink, read_metrics
 from lmtrain.train.trainer import Trainer
 
 
@@ -150,7 +150,7 @@ def test_killed_metrics_rewrite_keeps_the_old_history(run_copy, monkeypatch):
 
     monkeypatch.setattr(safe_io.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        MetricsFile(path, resume_step=3)
+        JsonlSink(path, resume_step=3)
     assert path.read_text() == before
     # a kill (unlike this exception) leaves the temporary file: the next run in the dir removes it
     (run_copy / ".metrics.jsonl.tmp-999").write_text('{"step": 0}\n')
@@ -223,11 +223,11 @@ def test_full_disk_in_a_checkpoint_write_is_one_line(run_copy, corpus, monkeypat
 
 
 def test_full_disk_in_metrics_and_result_is_one_line(tmp_path, monkeypatch):
-    metrics = MetricsFile(tmp_path / "metrics.jsonl")
-    metrics.write({"step": 1, "loss": 1.0})
+    metrics = JsonlSink(tmp_path / "metrics.jsonl")
+    metrics.write({"step": 1, "loss": 1.0}, "train")
     monkeypatch.setattr(metrics.file, "write", disk_full)
     with pytest.raises(UserError, match="cannot write '.*metrics.jsonl': No space left on device"):
-        metrics.write({"step": 2, "loss": 1.0})
+        metrics.write({"step": 2, "loss": 1.0}, "train")
     monkeypatch.undo()
     metrics.close()
 

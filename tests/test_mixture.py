@@ -6,7 +6,7 @@ from conftest import TINY, assert_resume_is_exact, compose, make_corpus
 from lmtrain.commands import pretrain
 from lmtrain.data import tokens
 from lmtrain.data.mixture import MixtureSampler
-from lmtrain.train.run_log import read_metrics
+from lmtrain.train.sinks import read_metrics
 
 
 def samplers(seed=0):

@@ -6,7 +6,7 @@ from lmtrain.commands import pretrain
 from lmtrain.data import streaming
 from lmtrain.data.encoder import Encoder
 from lmtrain.data.tokenizer import build_tokenizer
-from lmtrain.train.run_log import read_metrics
+from lmtrain.train.sinks import read_metrics
 
 
 @pytest.fixture(scope="module")

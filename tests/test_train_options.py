@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, compose
 
 from lmtrain.commands import pretrain
-from lmtrain.train.run_log import read_metrics
+from lmtrain.train.sinks import read_metrics
 
 
 def options(group):

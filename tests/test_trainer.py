@@ -105,7 +105,7 @@ def test_early_stopping_stops_at_the_validation_that_runs_out_of_patience():
             lambda: [(x, x)],
             lambda: {"loss": next(scores)},
             cadence=Cadence(max_steps=20, eval_every=2, log_every=1, checkpoint_every=100),
-            write_metrics=records.append,
+            sink=Collect(records),
             save_checkpoint=lambda: saved.append(trainer.state.step),
             progress_bar=False,
         )
@@ -113,7 +113,22 @@ def test_early_stopping_stops_at_the_validation_that_runs_out_of_patience():
     fit()
     assert trainer.state.step == 8 and saved == [8]
     assert trainer.state.best_metric == 3.0 and trainer.state.validations_since_best == 2
-    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4, 6, 8]
+    assert [r["step"] for split, r in records if split == "val"] == [0, 2, 4, 6, 8]
+    assert all("val_loss" in r for split, r in records if split == "val")
+    assert all("loss" in r and "val_loss" not in r for split, r in records if split == "train")
     # a resumed run that already ran out of patience trains no further
     fit()
     assert trainer.state.step == 8
+
+
+class Collect:
+    """A sink that keeps (split, record) pairs."""
+
+    def __init__(self, records: list):
+        self.records = records
+
+    def write(self, record: dict, split: str) -> None:
+        self.records.append((split, record))
+
+    def close(self) -> None:
+        pass

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 if TYPE_CHECKING:
-    from lmtrain.train.run_log import Run
+    from lmtrain.analysis.runs import Run
 
 
 def _tokens_per_step(run: Run) -> float:

@@ -15,8 +15,8 @@ import re
 import sys
 from pathlib import Path
 
+from lmtrain.analysis.runs import Run, load_run
 from lmtrain.core.errors import UserError
-from lmtrain.train.run_log import Run, load_run
 from lmtrain.train.sweep import RESULT_FILE
 
 log = logging.getLogger("lmtrain")

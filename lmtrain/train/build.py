@@ -27,7 +27,8 @@ from lmtrain.train.ema import EMA
 from lmtrain.train.losses import cross_entropy, distillation
 from lmtrain.train.optim import build_optimizer, build_scheduler
 from lmtrain.train.resume import Sampler, restore
-from lmtrain.train.run_dir import open_metrics, take_over
+from lmtrain.train.run_dir import take_over
+from lmtrain.train.sinks import open_sinks
 from lmtrain.train.trainer import Cadence, Trainer
 
 log = logging.getLogger("lmtrain")
@@ -173,9 +174,9 @@ def train(
     if main:
         take_over(run_dir, files["tokenizer.json"])
     resume_step = trainer.state.step if source is not None else None
-    metrics = open_metrics(run_dir, resume_step, settings.tensorboard, main)
+    sinks = open_sinks(run_dir, resume_step, settings.tensorboard, main)
     if data_counts and source is None:
-        metrics.write({"step": 0, **data_counts})
+        sinks.write({"step": 0, **data_counts}, "data")
     checkpointer = Checkpointer(run_dir, trainer, sampler, files, settings.keep_last)
     state = trainer.state
     start_step, start_tokens, start_seconds = state.step, state.tokens_seen, state.train_seconds
@@ -184,7 +185,7 @@ def train(
             next_step,
             evaluate,
             cadence=Cadence(max_steps, eval_every, settings.log_every, settings.checkpoint_every),
-            write_metrics=metrics.write,
+            sink=sinks,
             save_checkpoint=checkpointer.save,
             save_best=checkpointer.save_best if keep_best else None,
             main_metric=main_metric,
@@ -199,7 +200,7 @@ def train(
             f"{err}; {kept}. Lower optimizer.lr, set optimizer.grad_clip, or pass trainer.on_nonfinite=skip"
         ) from None
     finally:
-        metrics.close()
+        sinks.close()
     start = (start_step, start_tokens, start_seconds)
     return _summary(trainer, start, started, run_dir, main_metric, higher_is_better, keep_best)
 

@@ -1,5 +1,5 @@
 """The run dir's contract: created and locked for the run's life, cleaned of what an interrupted run left,
-and the metrics file only the main process writes."""
+and what an interrupted run left in it removed."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from lmtrain.core import distributed
 from lmtrain.core.errors import UserError
 from lmtrain.core.safe_io import clean_temporaries, write_text_atomic
 from lmtrain.train import run_lock
-from lmtrain.train.run_log import MetricsFile
 
 log = logging.getLogger("lmtrain")
 
@@ -43,26 +42,3 @@ def take_over(run_dir: Path, tokenizer_json: str) -> None:
     for path in [*clean_temporaries(run_dir), *checkpoint.clean_leftovers(run_dir / "checkpoints")]:
         log.warning("removed %s: left by an interrupted run", path)
     write_text_atomic(run_dir / "tokenizer.json", tokenizer_json)
-
-
-class _NoMetrics:
-    """What processes other than the main one write: nothing."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def open_metrics(
-    run_dir: Path, resume_step: int | None, tensorboard: bool, main: bool = True
-) -> MetricsFile | _NoMetrics:
-    """metrics.jsonl (kept up to `resume_step` when resuming) on the main process; nothing elsewhere."""
-    if not main:
-        return _NoMetrics()
-    return MetricsFile(
-        run_dir / "metrics.jsonl",
-        resume_step=resume_step,
-        tensorboard_dir=run_dir / "tensorboard" if tensorboard else None,
-    )

@@ -18,7 +18,8 @@ from lmtrain.core.errors import Diverged
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.train.ema import EMA
 from lmtrain.train.losses import scored
-from lmtrain.train.run_log import ProgressBar
+from lmtrain.train.progress import ProgressBar
+from lmtrain.train.sinks import Sink
 
 log = logging.getLogger("lmtrain")
 
@@ -261,7 +262,7 @@ class Trainer:
             return None
         return flops_per_token(self.seq_len) * tokens_per_s / (self.peak_flops * self.placement.world_size)
 
-    def _validate(self, evaluate, main_metric, higher_is_better, write_metrics, bar, save_best) -> None:
+    def _validate(self, evaluate, main_metric, higher_is_better, sink: Sink, bar, save_best) -> None:
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             metrics = evaluate()
         step = self.state.step
@@ -275,7 +276,7 @@ class Trainer:
                 save_best()
         elif step > 0:
             self.state.validations_since_best += 1
-        write_metrics({"step": step, **{f"val_{k}": v for k, v in metrics.items()}})
+        sink.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}}, "val")
         bar.write(f"step {step}: " + "  ".join(f"val_{k} {v:.4f}" for k, v in metrics.items()))
 
     def patience_ran_out(self) -> bool:
@@ -334,7 +335,7 @@ class Trainer:
         evaluate: Callable[[], dict[str, float]] | None,
         *,
         cadence: Cadence,
-        write_metrics: Callable[[dict], None],
+        sink: Sink,
         save_checkpoint: Callable[[], None],
         save_best: Callable[[], None] | None = None,
         main_metric: str = "loss",
@@ -355,7 +356,7 @@ class Trainer:
         def validate() -> None:
             if evaluate is not None:
                 divergence.check()
-                self._validate(evaluate, main_metric, higher_is_better, write_metrics, bar, save_best)
+                self._validate(evaluate, main_metric, higher_is_better, sink, bar, save_best)
 
         try:
             if state.step == 0:  # where the run starts from
@@ -368,7 +369,7 @@ class Trainer:
                 record = None
                 if cadence.logs(step):
                     record = self._log_record(step, lr, grad_norm, window, accounting)
-                    write_metrics(record)
+                    sink.write(record, "train")
                     divergence.check()
                 bar.update(1, record)
                 if cadence.validates(step):
