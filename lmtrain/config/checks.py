@@ -6,6 +6,7 @@ for a misspelling).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -24,6 +25,7 @@ from lmtrain.config.schema import (
     PredictConfig,
     PretrainConfig,
     TaskConfig,
+    TrainerConfig,
 )
 from lmtrain.core.errors import UserError
 
@@ -185,9 +187,17 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
         errors.append(f"trainer.resume: must be true, false or a path, got {t.resume!r}")
 
 
+def _check_loggers(t: TrainerConfig, errors: list[str]) -> None:
+    """A tracker asked for must be installed: caught here, before any training, with the command to fix it."""
+    for name, package in (("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if name in t.loggers and importlib.util.find_spec(package) is None:
+            errors.append(f"trainer.loggers: {name} needs the {package} package: pip install 'lmtrain[{name}]'")
+
+
 def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     _check_model(cfg.model, errors)
     _check_training(cfg, errors)
+    _check_loggers(cfg.trainer, errors)
     d = cfg.data
     _positive(d, "data.", errors, "max_chars", "tokenizer_sample_chars", "num_workers", nullable=True)
     _positive(d, "data.", errors, "shard_tokens")
@@ -208,6 +218,7 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
 
 def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
     _check_training(cfg, errors)
+    _check_loggers(cfg.trainer, errors)
     if not cfg.init_from:
         errors.append("init_from: missing; pass init_from=outputs/<pretrain-run>/checkpoints/latest")
     if not cfg.data.train:

@@ -115,6 +115,13 @@ class OnNonfinite(Choice):
     skip = "skip"
 
 
+class Logger(Choice):
+    jsonl = "jsonl"  # metrics.jsonl, always written
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
+    wandb = "wandb"
+
+
 class TaskName(Choice):
     lm = "lm"
     classification = "classification"

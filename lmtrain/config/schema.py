@@ -18,6 +18,7 @@ from lmtrain.config.choices import (
     Device,
     ExportFormat,
     GradAccumMode,
+    Logger,
     LossName,
     MuonAdjustLr,
     Norm,
@@ -154,7 +155,10 @@ class TrainerConfig:
     compile_eval: bool = False  # also compile evaluation (a second graph); false: evaluate eagerly
     resume: Any = False  # false | true (this run dir's latest) | path to a checkpoint or run dir
     progress_bar: bool = True  # tqdm bar on a terminal
-    tensorboard: bool = False  # also log scalars to <run dir>/tensorboard (needs the tensorboard package)
+    tensorboard: bool = False  # also log scalars to <run dir>/tensorboard (the same as tensorboard in loggers)
+    loggers: list[Logger] = field(default_factory=list)  # sinks beside metrics.jsonl: tensorboard, mlflow, wandb
+    run_name: str | None = None  # the run's name in a tracker (null: the run dir's last two folders)
+    experiment: str = "lmtrain"  # MLflow experiment / W&B project the runs go to
     strategy: Strategy = Strategy.auto  # auto: ddp under torchrun with several processes
     nproc: int = 1  # > 1: lmtrain starts torchrun with this many local processes itself
     dist_timeout_s: float = 600.0  # a collective waiting longer on a peer fails the run instead of hanging

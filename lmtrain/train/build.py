@@ -174,12 +174,12 @@ def train(
     if main:
         take_over(run_dir, files["tokenizer.json"])
     resume_step = trainer.state.step if source is not None else None
-    sinks = open_sinks(run_dir, resume_step, settings.tensorboard, main)
+    sinks = open_sinks(run_dir, resume_step, settings, files["config.yaml"], main)
     if data_counts and source is None:
         sinks.write({"step": 0, **data_counts}, "data")
     checkpointer = Checkpointer(run_dir, trainer, sampler, files, settings.keep_last)
     state = trainer.state
-    start_step, start_tokens, start_seconds = state.step, state.tokens_seen, state.train_seconds
+    start = (state.step, state.tokens_seen, state.train_seconds)
     try:
         trainer.fit(
             next_step,
@@ -193,16 +193,19 @@ def train(
             progress_bar=settings.progress_bar,
             accounting=accounting,
         )
+        summary = _summary(trainer, start, started, run_dir, main_metric, higher_is_better, keep_best)
+        sinks.summary(summary)
     except Diverged as err:
-        last = checkpoint.complete_steps(run_dir / "checkpoints")
-        kept = f"{last[-1]} is the last finite checkpoint and stays latest" if last else "no checkpoint was written"
-        raise Diverged(
-            f"{err}; {kept}. Lower optimizer.lr, set optimizer.grad_clip, or pass trainer.on_nonfinite=skip"
-        ) from None
+        raise _diverged(err, run_dir) from None
     finally:
         sinks.close()
-    start = (start_step, start_tokens, start_seconds)
-    return _summary(trainer, start, started, run_dir, main_metric, higher_is_better, keep_best)
+    return summary
+
+
+def _diverged(err: Diverged, run_dir: Path) -> Diverged:
+    last = checkpoint.complete_steps(run_dir / "checkpoints")
+    kept = f"{last[-1]} is the last finite checkpoint and stays latest" if last else "no checkpoint was written"
+    return Diverged(f"{err}; {kept}. Lower optimizer.lr, set optimizer.grad_clip, or pass trainer.on_nonfinite=skip")
 
 
 def _summary(

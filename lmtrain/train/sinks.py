@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Protocol
 
+from lmtrain.config import TrainerConfig
 from lmtrain.core.errors import UserError
 from lmtrain.core.safe_io import write_text_atomic, writing
 
@@ -20,6 +21,9 @@ SPLITS = ("data", "train", "val")  # data: the step-0 counts of the data set; tr
 class Sink(Protocol):
     def write(self, record: dict, split: str) -> None:
         """Take one record ({"step": int, name: number, ...}) of `split` (one of SPLITS)."""
+
+    def summary(self, values: dict) -> None:
+        """Take the finished run's summary (the result.json numbers); not called when the run fails."""
 
     def close(self) -> None: ...
 
@@ -43,6 +47,9 @@ class JsonlSink:
         with writing(self.path):
             self.file.write(to_json_line(record))
             self.file.flush()
+
+    def summary(self, values: dict) -> None:
+        pass  # result.json holds it
 
     def close(self) -> None:
         with writing(self.path):
@@ -68,6 +75,9 @@ class TensorBoardSink:
             if key != "step" and value is not None:
                 self.writer.add_scalar(f"{split}/{key.removeprefix('val_')}", value, record["step"])
 
+    def summary(self, values: dict) -> None:
+        pass
+
     def close(self) -> None:
         self.writer.close()
 
@@ -83,6 +93,10 @@ class Sinks:
         for sink in self.sinks:
             sink.write(record, split)
 
+    def summary(self, values: dict) -> None:
+        for sink in self.sinks:
+            sink.summary(values)
+
     def close(self) -> None:
         errors = []
         for sink in self.sinks:
@@ -94,14 +108,22 @@ class Sinks:
             raise errors[0]
 
 
-def open_sinks(run_dir: Path, resume_step: int | None, tensorboard: bool, main: bool = True) -> Sinks:
-    """metrics.jsonl (kept up to `resume_step` when resuming), and TensorBoard events under `run_dir/tensorboard`
-    when asked, on the main process; nothing elsewhere."""
+def open_sinks(
+    run_dir: Path, resume_step: int | None, settings: TrainerConfig, config_yaml: str, main: bool = True
+) -> Sinks:
+    """metrics.jsonl (kept up to `resume_step` when resuming), TensorBoard events under `run_dir/tensorboard` and
+    the trackers `settings.loggers` names, on the main process; nothing elsewhere."""
     if not main:
         return Sinks([])
     sinks: list[Sink] = [JsonlSink(run_dir / "metrics.jsonl", resume_step)]
-    if tensorboard:
+    if settings.tensorboard or "tensorboard" in settings.loggers:
         sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
+    trackers = [name for name in ("mlflow", "wandb") if name in settings.loggers]
+    if trackers:
+        from lmtrain.train.trackers import open_trackers
+
+        resuming = resume_step is not None
+        sinks += open_trackers(trackers, run_dir, resuming, settings.run_name, settings.experiment, config_yaml)
     return Sinks(sinks)
 
 
