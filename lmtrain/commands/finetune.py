@@ -1,9 +1,9 @@
 """`lmtrain finetune`: a pretrained checkpoint adapted to a task (lmtrain.tasks.registry: lm, classification,
 seq2seq, qa, chat, or a registered one).
 
-Weights and tokenizer come from `init_from`; the task fits the model's head (a fresh classification head). The run dir
-holds what a pretraining run holds, plus `checkpoints/best` (by the task's main validation metric), and
-every checkpoint carries `task.json` so evaluate/predict/generate know how the model was trained.
+Weights and tokenizer come from `init_from`; the task fits the model's head (a fresh classification head).
+The run dir holds what a pretraining run holds, plus `checkpoints/best` (by the task's main validation
+metric), and every checkpoint carries `task.json` so evaluate/predict/generate know how the model was trained.
 """
 
 from __future__ import annotations
