@@ -11,25 +11,23 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from lmtrain.data.examples import ExampleBatches
+from lmtrain.data.examples import ExampleBatches, collate, collate_packed
 from lmtrain.data.tokenizer import byte_tokenizer, end_of_text_id
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
-from lmtrain.tasks.base import Task, TaskInfo
+from lmtrain.tasks.lm import LanguageModelling
+from lmtrain.tasks.seq2seq import Seq2Seq
 from lmtrain.train.losses import cross_entropy
 
 
 def examples(data: Path, name: str, tokenizer, context: int) -> list:
     records = [json.loads(line) for line in (data / name / "train.jsonl").read_text().splitlines()]
-    info = (
-        TaskInfo("lm", {"text": "text"})
-        if name == "sentiment"
-        else TaskInfo("seq2seq", {"source": "source", "target": "target"})
-    )
-    return Task(info, tokenizer, context, end_of_text_id(tokenizer)).encode(records, "data.train")
+    task = LanguageModelling if name == "sentiment" else Seq2Seq
+    return task(task.plain_info(), tokenizer, context, end_of_text_id(tokenizer)).encode(records, "data.train")
 
 
 def layout(batches: ExampleBatches) -> list[list[int]]:
@@ -86,7 +84,8 @@ def main() -> None:
         data = examples(Path(args.data), name, tokenizer, args.context)
         runs = {}
         for label, width in (("unpacked", None), ("packed", args.context)):
-            batches = ExampleBatches(data, args.batch, 0, 256, -100, False, pack_width=width)
+            batch = partial(collate if width is None else collate_packed, pad_id=256, ignore_index=-100)
+            batches = ExampleBatches(data, args.batch, 0, batch, pack_width=width)
             runs[label] = (batches, layout(batches))
         speeds: dict[str, list[float]] = {"unpacked": [], "packed": []}
         for _ in range(args.repeats):  # alternate, so machine noise hits both alike

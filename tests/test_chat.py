@@ -8,7 +8,8 @@ import pytest
 from hf_models import build, tokenizer_for
 
 from lmtrain.data import chat
-from lmtrain.tasks.base import Task, TaskInfo
+from lmtrain.tasks.base import TaskInfo
+from lmtrain.tasks.chat import Chat
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
@@ -65,7 +66,7 @@ def test_generation_prompt_ends_with_the_assistant_header():
 
 def test_bad_conversations_are_counted_not_trained(caplog):
     tokenizer, _ = tokenizer_for("qwen2")
-    task = Task(TaskInfo("chat", {"messages": "messages"}), tokenizer, 150, tokenizer.token_to_id("<|im_end|>"), CHATML)
+    task = Chat(TaskInfo("chat", {"messages": "messages"}), tokenizer, 150, tokenizer.token_to_id("<|im_end|>"), CHATML)
     records = [
         {"messages": CONVERSATION},
         {"messages": [{"role": "user", "content": "no answer"}]},

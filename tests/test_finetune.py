@@ -212,7 +212,7 @@ def test_instruction_tuning_puts_no_loss_on_the_prompt(tmp_path, base):
     from lmtrain.checkpoint.load import load_model
     from lmtrain.config import TaskConfig
     from lmtrain.data.examples import collate
-    from lmtrain.tasks.base import Task, build_task_info
+    from lmtrain.tasks.registry import build_task_info, task_class
     from lmtrain.train.losses import cross_entropy
 
     records = [{"prompt": "say cat", "response": "cat"}, {"prompt": "say the big dog", "response": "dog dog"}]
@@ -220,9 +220,9 @@ def test_instruction_tuning_puts_no_loss_on_the_prompt(tmp_path, base):
     info = build_task_info(TaskConfig(name="lm"), fields, records)
     assert info.instruction
     model, tokenizer = load_model(str(base), torch.device("cpu"))
-    task = Task(info, tokenizer, model.config.max_seq_len)
+    task = task_class(info.name)(info, tokenizer, model.config.max_seq_len)
     examples = task.encode(records, "data.train")
-    tokens, targets = collate(examples, task.eot, -100, classify=False)
+    tokens, targets = collate(examples, task.eot, -100)
     for row, record in enumerate(records):
         prompt_len = len(tokenizer.encode(record["prompt"]).ids) + 1  # prompt + EOT
         response = tokenizer.encode(record["response"]).ids + [task.eot]
@@ -311,7 +311,7 @@ def test_vocabulary_mismatch_is_refused(tmp_path, base):
 def test_overlong_examples_are_truncated_and_counted(base, caplog, name):
     from lmtrain.checkpoint.load import load_model
     from lmtrain.config import TaskConfig
-    from lmtrain.tasks.base import Task, build_task_info
+    from lmtrain.tasks.registry import build_task_info, task_class
 
     fields = {"text": "text", "label": "label", "source": "en", "target": "fr"}
     fits = {"text": "a" * 10, "label": 0, "en": "a" * 10, "fr": "b"}
@@ -319,7 +319,8 @@ def test_overlong_examples_are_truncated_and_counted(base, caplog, name):
     long = {"text": "a" * 500, "label": 1, "en": "a" * 500, "fr": "b" * 3}
     records = [fits, exact, long]
     model, tokenizer = load_model(str(base), torch.device("cpu"))
-    task = Task(build_task_info(TaskConfig(name=name), fields, records), tokenizer, model.config.max_seq_len)
+    info = build_task_info(TaskConfig(name=name), fields, records)
+    task = task_class(name)(info, tokenizer, model.config.max_seq_len)
     with caplog.at_level("WARNING", logger="lmtrain"):
         examples = task.encode(records, "data.train")
     assert "data.train: 1 of 3 examples exceed model.max_seq_len=64" in caplog.text

@@ -25,7 +25,8 @@ from lmtrain.data import corpus as corpus_module
 from lmtrain.data.examples import Example, usable_records
 from lmtrain.data.tokenizer import END_OF_TEXT, MAX_PIECE, build_tokenizer, load_tokenizer, warn_unknown
 from lmtrain.model.generate import filter_logits, scale
-from lmtrain.tasks.base import Task, TaskInfo, build_task_info
+from lmtrain.tasks.base import TaskInfo
+from lmtrain.tasks.registry import build_task_info, task_class
 from lmtrain.train.sinks import read_metrics
 
 GOOD = [{"text": "the red cat", "label": 1}, {"text": "a dog", "label": 0}] * 4
@@ -75,7 +76,7 @@ def test_pretraining_counts_skipped_records(tmp_path):
 # 2. nothing to score is an error, never a perfect score --------------------------------------------------
 def test_empty_texts_have_no_tokens_to_score():
     tokenizer = build_tokenizer("byte", [], 0)
-    task = Task(TaskInfo("lm", {"text": "text"}), tokenizer, 16)
+    task = task_class("lm")(TaskInfo("lm", {"text": "text"}), tokenizer, 16)
     with pytest.raises(UserError, match=r"^data.validation: no tokens to score: every text is empty$"):
         task.encode([{"text": ""}] * 3, "data.validation")
     with pytest.raises(UserError, match="data.train: no tokens to train on"):
@@ -203,7 +204,7 @@ def test_labels_match_by_text_across_files():
     tokenizer = build_tokenizer("byte", [], 0)
     train = [{"text": "a", "label": "0"}, {"text": "b", "label": "1"}]
     info = build_task_info(TaskConfig(), {"text": "text", "label": "label"}, train)
-    task = Task(info, tokenizer, 16)
+    task = task_class(info.name)(info, tokenizer, 16)
     examples = task.encode([{"text": "c", "label": 1}, {"text": "d", "label": 0}], "data.validation")
     assert [e.label for e in examples] == [1, 0]
     with pytest.raises(UserError, match=r"label 2 in data.validation was not seen in data.train \(known: '0', '1'\)"):

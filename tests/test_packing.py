@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -57,7 +59,7 @@ def test_packed_loss_and_gradients_equal_unpacked(position):
     assert sorted(i for row in rows for i in row) == list(range(len(data)))
     assert all(sum(len(data[i].ids) - 1 for i in row) <= 24 for row in rows) and len(rows) < len(data)
     packed = collate_packed([[data[i] for i in row] for row in rows], pad_id=0, ignore_index=-100)
-    unpacked = collate(data, pad_id=0, ignore_index=-100, classify=False)
+    unpacked = collate(data, pad_id=0, ignore_index=-100)
     loss_p, grads_p = loss_and_grads(model, packed)
     loss_u, grads_u = loss_and_grads(model, unpacked)
     assert torch.allclose(loss_p, loss_u, atol=1e-5, rtol=0)
@@ -66,11 +68,12 @@ def test_packed_loss_and_gradients_equal_unpacked(position):
 
 def test_packed_batches_resume_exactly():
     data = examples(40)
-    batches = ExampleBatches(data, 2, seed=3, pad_id=0, ignore_index=-100, classify=False, pack_width=24)
+    rows = partial(collate_packed, pad_id=0, ignore_index=-100)
+    batches = ExampleBatches(data, 2, seed=3, collate=rows, pack_width=24)
     batches.next_step(2)
     state = batches.state_dict()
     expected = batches.next_step(2)
-    resumed = ExampleBatches(data, 2, seed=3, pad_id=0, ignore_index=-100, classify=False, pack_width=24)
+    resumed = ExampleBatches(data, 2, seed=3, collate=rows, pack_width=24)
     resumed.load_state_dict(state)
     for (a_in, a_t), (b_in, b_t) in zip(resumed.next_step(2), expected, strict=True):
         assert torch.equal(a_in["tokens"], b_in["tokens"]) and torch.equal(a_t, b_t)

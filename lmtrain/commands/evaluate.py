@@ -13,8 +13,10 @@ from lmtrain.checkpoint import files as checkpoint
 from lmtrain.checkpoint.load import load_model, load_special_tokens
 from lmtrain.config import EvaluateConfig
 from lmtrain.core.distributed import resolve_device
-from lmtrain.tasks.base import TaskInfo, load_task_info, task_for
+from lmtrain.tasks.base import load_task_info
+from lmtrain.tasks.lm import LanguageModelling
 from lmtrain.tasks.records import split_examples
+from lmtrain.tasks.registry import task_for
 
 log = logging.getLogger("lmtrain")
 
@@ -29,7 +31,7 @@ def run(cfg: EvaluateConfig, run_dir: str) -> None:
         if (source / "config.yaml").is_file()
         else {}
     )
-    info = load_task_info(cfg.ckpt) or TaskInfo("lm", {"text": "text"})  # a pretrained LM: perplexity on text
+    info = load_task_info(cfg.ckpt) or LanguageModelling.plain_info()  # a pretrained LM: perplexity on text
     for role in info.fields:
         override = getattr(cfg.data, f"{role}_field")
         if override is not None:

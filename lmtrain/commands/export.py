@@ -43,7 +43,7 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
     try:
         info = load_task_info(str(source))
         if info is not None:
-            from lmtrain.tasks.base import task_for
+            from lmtrain.tasks.registry import task_for
 
             task = task_for(info, tokenizer, model.config.max_seq_len, load_special_tokens(str(source), tokenizer))
             result = task.evaluate(model, split_examples(trained, task, "validation")[0], batch_size=32, device=device)

@@ -1,17 +1,18 @@
-"""`lmtrain finetune`: a pretrained checkpoint adapted to a task (lm, classification, seq2seq, qa).
+"""`lmtrain finetune`: a pretrained checkpoint adapted to a task (lmtrain.tasks.registry: lm, classification,
+seq2seq, qa, chat, or a registered one).
 
-Weights and tokenizer come from `init_from`; a classification head is added fresh when needed. The run dir
-holds what a pretraining run holds, plus `checkpoints/best` (by the task's main validation metric), and
-every checkpoint carries `task.json` so evaluate/predict/generate know how the model was trained.
+Weights and tokenizer come from `init_from`; the task fits the model's head (a fresh classification head).
+The run dir holds what a pretraining run holds, plus `checkpoints/best` (by the task's main validation
+metric), and every checkpoint carries `task.json` so evaluate/predict/generate know how the model was trained.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,17 +33,9 @@ from lmtrain.data.examples import Example, ExampleBatches, read_records, split_o
 from lmtrain.data.tokenizer import SpecialTokens
 from lmtrain.model.lora import add_lora
 from lmtrain.model.transformer import TransformerLM
-from lmtrain.tasks.base import (
-    Task,
-    TaskInfo,
-    build_task_info,
-    field_roles,
-    field_types,
-    load_task_info,
-    task_for,
-    text_unit,
-)
+from lmtrain.tasks.base import Task, TaskInfo, load_task_info
 from lmtrain.tasks.records import data_fields
+from lmtrain.tasks.registry import build_task_info, task_class, task_for
 from lmtrain.train import build as runs
 from lmtrain.train.resume import resume_source
 from lmtrain.train.run_dir import claimed
@@ -67,14 +60,12 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     model, tokenizer = load_model(cfg.init_from, device, key="init_from")
     special = load_special_tokens(cfg.init_from, tokenizer, key="init_from")
     info, task, train_examples, val_examples, counts = _examples(cfg, tokenizer, special, model.config.max_seq_len)
-    adapter_json = _prepare_model(cfg, model, info, task)
+    adapter_json = _prepare_model(cfg, model, task)
     tokenizer_json = tokenizer.to_str()
     accum_steps = cfg.grad_accum.steps
     batches, max_steps, eval_every = _schedule(cfg, model, task, train_examples, placement.world_size)
-    class_weights = _class_weights(cfg, info, train_examples) if task.classify else None
-    trainer = runs.build_trainer(
-        model, cfg, placement, max_steps, tokenizer_json=tokenizer_json, class_weights=class_weights
-    )
+    loss_options = task.loss_options(cfg, train_examples)
+    trainer = runs.build_trainer(model, cfg, placement, max_steps, tokenizer_json=tokenizer_json, **loss_options)
     files = runs.run_files(cfg, model, tokenizer_json) | {"task.json": json.dumps(info.to_dict(), indent=2)}
     if adapter_json:
         files[checkpoint.ADAPTER_FILE] = adapter_json
@@ -118,24 +109,24 @@ def _examples(
     t, d = cfg.trainer, cfg.data
     assert d.train is not None, "data.train is checked before the run"
     fields = data_fields(cfg.data)
-    txt_by = text_unit(cfg.task.name)
-    train_records = read_records(d.train, "data.train", txt_by=txt_by)
-    instruction = cfg.task.name == "lm" and fields["prompt"] in train_records[0]
-    required = [fields[role] for role in field_roles(cfg.task.name, instruction)]
+    kind = task_class(cfg.task.name)
+    train_records = read_records(d.train, "data.train", txt_by=kind.text_unit)
+    instruction = kind.is_instruction(fields, train_records[0])
+    types = kind.record_types(TaskInfo(cfg.task.name, fields, instruction=instruction))
+    required = list(types)
     missing = [f for f in required if f not in train_records[0]]
     if missing:
         raise UserError(
             f"data.train: '{d.train}' has no field '{missing[0]}'; its fields are "
             f"{', '.join(train_records[0])} (set data.<role>_field to the right name)"
         )
-    types = field_types(TaskInfo(cfg.task.name, fields, instruction=instruction))
     train_records, skipped = usable_records(train_records, types, "data.train", d.train, d.on_bad_record)
     counts = {"skipped_train_records": skipped}
     info = build_task_info(cfg.task, fields, train_records)
     task = task_for(info, tokenizer, max_seq_len, special)
     train_examples = task.encode(train_records, "data.train")
     if d.validation:
-        records = read_records(d.validation, "data.validation", required, txt_by)
+        records = read_records(d.validation, "data.validation", required, kind.text_unit)
         records, counts["skipped_validation_records"] = usable_records(
             records, types, "data.validation", d.validation, d.on_bad_record
         )
@@ -148,23 +139,12 @@ def _examples(
     return info, task, train_examples, val_examples, counts
 
 
-def _prepare_model(cfg: FinetuneConfig, model: TransformerLM, info: TaskInfo, task: Task) -> str | None:
+def _prepare_model(cfg: FinetuneConfig, model: TransformerLM, task: Task) -> str | None:
     """The model made ready for the task: its head, dropout, frozen parts and LoRA adapters; returns the
     adapter record (adapter.json) of a LoRA run."""
     assert cfg.init_from is not None, "init_from is checked before the run"
     torch.manual_seed(cfg.trainer.seed)
-    start_info = load_task_info(cfg.init_from, "init_from")
-    if task.classify:
-        assert info.labels is not None, "build_task_info reads the labels from data.train"
-        same_labels = start_info is not None and start_info.labels == info.labels
-        if model.config.num_classes != len(info.labels) or not same_labels:
-            model.add_classifier(len(info.labels), cfg.task.pooling)  # a fresh head for this label set
-        else:
-            model.config = dataclasses.replace(model.config, pooling=cfg.task.pooling)
-        if not model.config.tie_embeddings:
-            model.lm_head.requires_grad_(False)  # unused by class logits (and DDP needs every trained grad)
-    elif model.classifier is not None:
-        model.remove_classifier()
+    task.fit_head(model, cfg.task, load_task_info(cfg.init_from, "init_from"))
     if cfg.dropout is not None:
         model.set_dropout(cfg.dropout)
     if cfg.freeze_blocks > model.config.num_layers:
@@ -189,12 +169,13 @@ def _schedule(
     validation interval (evals_per_epoch)."""
     t, d = cfg.trainer, cfg.data
     accum_steps = cfg.grad_accum.steps
+    if d.packing and not task.packable:
+        raise UserError(f"data.packing: task={task.info.name} reads one whole sequence per example; it cannot pack")
     pack_width = (d.pack_len or model.config.max_seq_len) if d.packing else None
     if pack_width is not None and pack_width > model.config.max_seq_len:
         raise UserError(f"data.pack_len: {pack_width} exceeds the model's max_seq_len={model.config.max_seq_len}")
-    batches = ExampleBatches(
-        train_examples, t.micro_batch_size, t.seed, task.eot, cfg.loss.ignore_index, task.classify, pack_width
-    )
+    collate = partial(task.collate if pack_width is None else task.collate_rows, ignore_index=cfg.loss.ignore_index)
+    batches = ExampleBatches(train_examples, t.micro_batch_size, t.seed, collate, pack_width)
     steps_per_epoch = batches.steps_per_epoch(accum_steps, world_size)
     max_steps, eval_every = t.max_steps, t.eval_every
     if cfg.epochs is not None:  # epochs set the length, trainer.max_steps caps it (a large dataset stays quick)
@@ -216,14 +197,3 @@ def _schedule(
         steps_per_epoch,
     )
     return batches, max_steps, eval_every
-
-
-def _class_weights(cfg: FinetuneConfig, info: TaskInfo, train_examples: list[Example]) -> torch.Tensor | None:
-    """task.class_weights=balanced: each class weighed by its inverse frequency (mean weight 1)."""
-    if cfg.task.class_weights != "balanced":
-        return None
-    assert info.labels is not None, "build_task_info reads the labels from data.train"
-    per_class = torch.bincount(torch.tensor([e.label for e in train_examples]), minlength=len(info.labels))
-    class_weights = len(train_examples) / (len(info.labels) * per_class.clamp(min=1).float())
-    log.info("class weights: %s", dict(zip(map(str, info.labels), class_weights.tolist(), strict=True)))
-    return class_weights

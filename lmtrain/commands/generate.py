@@ -14,7 +14,9 @@ from lmtrain.core.distributed import resolve_device
 from lmtrain.core.errors import UserError
 from lmtrain.data.tokenizer import SpecialTokens, warn_unknown
 from lmtrain.model.generate import generate
-from lmtrain.tasks.base import TaskInfo, load_task_info, task_for
+from lmtrain.tasks.base import load_task_info
+from lmtrain.tasks.chat import Chat
+from lmtrain.tasks.registry import task_class, task_for
 
 DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 1.0}
 
@@ -41,30 +43,15 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
         prompt = Path(cfg.prompt_file).expanduser().read_text(encoding="utf-8")
     stop = special.end_of_text
     info = load_task_info(cfg.ckpt)
-    if info is not None and info.name == "classification":
-        raise UserError("ckpt: a classification checkpoint does not generate text; use lmtrain predict")
-    if cfg.chat or (info is not None and info.name == "chat"):  # one user turn, in the model's chat template
-        messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        task = task_for(
-            info or TaskInfo("chat", {"messages": "messages"}), tokenizer, model.config.max_seq_len, special
-        )
-        warn_unknown(tokenizer, [prompt], "prompt")
-        ids, formatted = task.chat_ids(messages), True
-    elif formatted := info is not None and (info.instruction or info.name in ("seq2seq", "qa")):
-        # the prompt as the task trained it; print only the answer
-        if info.name == "qa" and cfg.context is None:
-            raise UserError("context: a qa checkpoint answers a question (prompt=...) about a passage (context=...)")
-        by_task: dict[str, dict[str, str | None]] = {
-            "seq2seq": {"source": prompt},
-            "qa": {"question": prompt, "context": cfg.context},
-            "lm": {"prompt": prompt},
-        }
-        roles = by_task[info.name]
-        task = task_for(info, tokenizer, model.config.max_seq_len, special)
-        ids = task.prompt_ids({info.fields[role]: text for role, text in roles.items()})
-    else:  # with the tokenizer's own framing (a BOS for Llama-style tokenizers)
+    if info is not None and not task_class(info.name).generates:
+        raise UserError(f"ckpt: a {info.name} checkpoint does not generate text; use lmtrain predict")
+    if cfg.chat:  # one user turn, in the model's chat template, whatever the checkpoint trained
+        info = Chat.plain_info()
+    # the prompt as the task trained it (then only the answer is printed), else None
+    task = task_for(info, tokenizer, model.config.max_seq_len, special) if info is not None else None
+    ids = task.user_prompt_ids(prompt, cfg.context, cfg.system) if task is not None else None
+    formatted = ids is not None
+    if ids is None:  # with the tokenizer's own framing (a BOS for Llama-style tokenizers)
         warn_unknown(tokenizer, [prompt], "prompt")
         ids = (
             tokenizer.encode(prompt).ids

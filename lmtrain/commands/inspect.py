@@ -19,7 +19,8 @@ from lmtrain.config import InspectConfig
 from lmtrain.core.distributed import resolve_device
 from lmtrain.core.errors import UserError
 from lmtrain.data.tokenizer import end_of_text_id
-from lmtrain.tasks.base import Task, TaskInfo, load_task_info
+from lmtrain.tasks.base import Task, load_task_info
+from lmtrain.tasks.registry import task_class
 
 log = logging.getLogger("lmtrain")
 LM_VIEWS = ["loss", "attention", "logit_lens"]
@@ -104,23 +105,23 @@ def _read_text(cfg: InspectConfig) -> str:
     return text
 
 
-def _views(requested: list[str] | None, classify: bool) -> list[str]:
+def _views(requested: list[str] | None, classifier: bool) -> list[str]:
     """The views to draw: those requested (each must suit the checkpoint's kind), or all that suit it."""
-    allowed = CLASSIFIER_VIEWS if classify else LM_VIEWS
+    allowed = CLASSIFIER_VIEWS if classifier else LM_VIEWS
     views = requested or allowed
     for view in views:
         if view not in allowed:
-            kind = "a classification" if classify else "a language-model"
+            kind = "a classification" if classifier else "a language-model"
             raise UserError(f"views: {view} does not apply to {kind} checkpoint; choose from {', '.join(allowed)}")
     return views
 
 
-def _token_ids(text: str, tokenizer, info: TaskInfo | None, max_seq_len: int) -> tuple[list[int], list[int]]:
+def _token_ids(text: str, tokenizer, task: Task | None, max_seq_len: int) -> tuple[list[int], list[int]]:
     """The text's token ids and the model's inputs among them: for a classifier all of them, as predict reads
     the text (cut to fit, then EOT where the head reads); for a language model all but the last, as evaluate
     scores a text (text EOT, each token predicted from the ones before it)."""
-    if info is not None and info.name == "classification":
-        ids = Task(info, tokenizer, max_seq_len).encode_texts([text])[0][0].ids
+    if task is not None and task.classifies:
+        ids = task.encode_texts([text])[0][0].ids
         return ids, ids
     ids = tokenizer.encode(text, add_special_tokens=False).ids + [end_of_text_id(tokenizer)]
     if len(ids) > max_seq_len + 1:
@@ -213,11 +214,12 @@ def run(cfg: InspectConfig, run_dir: str) -> None:
     model, tokenizer = load_model(cfg.ckpt, device)
     info = load_task_info(cfg.ckpt)
     text = _read_text(cfg)
-    views = _views(cfg.views, classify=info is not None and info.name == "classification")
+    task = task_class(info.name)(info, tokenizer, model.config.max_seq_len) if info is not None else None
+    views = _views(cfg.views, classifier=task is not None and task.classifies)
     c = model.config
     layers = _indices(cfg.layers, c.num_layers, "layers", "layer")
     heads = _indices(cfg.heads, c.num_heads, "heads", "head")
-    ids, inputs = _token_ids(text, tokenizer, info, c.max_seq_len)
+    ids, inputs = _token_ids(text, tokenizer, task, c.max_seq_len)
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokens = torch.tensor(ids, device=device)

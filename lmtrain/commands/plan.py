@@ -105,24 +105,19 @@ def _finetune_model(cfg) -> tuple[Any, list[int]]:
     from lmtrain.checkpoint.load import load_special_tokens, load_tokenizer, model_config
     from lmtrain.data.examples import read_records
     from lmtrain.model.lora import add_lora
-    from lmtrain.tasks.base import build_task_info, task_for, text_unit
     from lmtrain.tasks.records import data_fields
+    from lmtrain.tasks.registry import build_task_info, task_class, task_for
 
     config = dataclasses.asdict(model_config(cfg.init_from, "init_from"))
     tokenizer = load_tokenizer(cfg.init_from, "init_from")
     fields = data_fields(cfg.data)
-    records = read_records(cfg.data.train, "data.train", txt_by=text_unit(cfg.task.name))
+    records = read_records(cfg.data.train, "data.train", txt_by=task_class(cfg.task.name).text_unit)
     info = build_task_info(cfg.task, fields, records)
     special = load_special_tokens(cfg.init_from, tokenizer, "init_from")
     task = task_for(info, tokenizer, config["max_seq_len"], special)
-    shift = 0 if task.classify else 1  # a language-model example's last token is only a target
-    lengths = [len(e.ids) - shift for e in task.encode(records, "data.train")]
-    num_classes = 0
-    if task.classify:
-        assert info.labels is not None, "build_task_info reads the labels from data.train"
-        num_classes = len(info.labels)
-    model = _meta_model(**{**config, "num_classes": num_classes})
-    if task.classify and not model.config.tie_embeddings:
+    lengths = [task.input_length(e) for e in task.encode(records, "data.train")]
+    model = _meta_model(**{**config, "num_classes": task.num_classes})
+    if task.num_classes and not model.config.tie_embeddings:
         model.lm_head.requires_grad_(False)  # as finetune does: the LM head is unused by class logits
     model.freeze(embeddings=cfg.freeze_embeddings, first_blocks=cfg.freeze_blocks)
     if cfg.adapter.name == "lora":  # as finetune does: a frozen base, adapters and a fresh head train

@@ -13,7 +13,8 @@ from lmtrain.config import PredictConfig
 from lmtrain.core.distributed import resolve_device
 from lmtrain.core.errors import UserError
 from lmtrain.data.examples import fixed_batches, read_records, usable_records
-from lmtrain.tasks.base import IGNORE, Task, load_task_info
+from lmtrain.tasks.base import load_task_info
+from lmtrain.tasks.registry import task_class, task_for
 
 
 @torch.no_grad()
@@ -21,7 +22,7 @@ def run(cfg: PredictConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
     assert cfg.ckpt is not None, "ckpt is checked before the run"
     info = load_task_info(cfg.ckpt)
-    if info is None or info.name != "classification":
+    if info is None or not task_class(info.name).classifies:
         raise UserError("ckpt: predict needs a checkpoint finetuned with task=classification")
     assert info.labels is not None, "a classification checkpoint's task.json lists its labels"
     model, tokenizer = load_model(cfg.ckpt, device)
@@ -33,13 +34,13 @@ def run(cfg: PredictConfig, run_dir: str) -> None:
         field = "text" if Path(cfg.input).suffix in (".txt", ".md") else field
         records = read_records(cfg.input, "input", [field])
         texts = [r[field] for r in usable_records(records, {field: (str,)}, "input", cfg.input, cfg.on_bad_record)[0]]
-    task = Task(info, tokenizer, model.config.max_seq_len, load_special_tokens(cfg.ckpt, tokenizer).end_of_text)
+    task = task_for(info, tokenizer, model.config.max_seq_len, load_special_tokens(cfg.ckpt, tokenizer))
     examples, _ = task.encode_texts(texts, "text" if cfg.text is not None else "input")
     for i, example in enumerate(examples):
         example.label = i  # carries the position through the length-sorted batches
     results: list[dict] = [{} for _ in texts]
     model.eval()
-    for inputs, positions in fixed_batches(examples, cfg.batch_size, task.eot, IGNORE, classify=True):
+    for inputs, positions in fixed_batches(examples, cfg.batch_size, task.collate):
         probs = model(**{k: v.to(device) for k, v in inputs.items()}).float().softmax(-1).cpu()
         for position, row in zip(positions.tolist(), probs.tolist(), strict=True):
             best = max(range(len(row)), key=row.__getitem__)

@@ -238,8 +238,6 @@ def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
                 f"adapter.target_modules: '{target}' is not one of {', '.join(known)}"
                 + (f" (did you mean '{hint}'?)" if hint else "")
             )
-    if cfg.data.packing and cfg.task.name == "classification":
-        errors.append("data.packing: classification reads one label per sequence; pack lm, seq2seq or qa data")
     if cfg.freeze_blocks < 0:
         errors.append(f"freeze_blocks: must be >= 0, got {cfg.freeze_blocks}")
     if not 0.0 < cfg.data.val_fraction < 1.0:

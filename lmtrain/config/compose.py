@@ -16,10 +16,17 @@ CONFIG_PACKAGE = "lmtrain.configs"
 
 
 def group_options(group: str) -> list[str] | None:
+    """The options of config group `group`: its YAML files under configs/, and those stored in Hydra's
+    ConfigStore (a task registered by lmtrain.tasks.registry.register); None when no such group."""
+    from hydra.core.config_store import ConfigStore
+
     folder = importlib.resources.files(CONFIG_PACKAGE) / group
-    if not folder.is_dir():
+    stored = ConfigStore.instance().repo.get(group)
+    if not folder.is_dir() and not isinstance(stored, dict):
         return None
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    names += list(stored) if isinstance(stored, dict) else []
+    return sorted({name[: -len(".yaml")] for name in names if name.endswith(".yaml")})
 
 
 def no_such_option(key: str, value: str, options: list[str]) -> ConfigError:

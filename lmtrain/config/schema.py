@@ -183,7 +183,8 @@ class PretrainConfig:
 
 @dataclass
 class TaskConfig:
-    name: TaskName = TaskName.classification  # the option's own name: choose it with task=...
+    # the option's own name: choose it with task=... (lm, classification, seq2seq, qa, chat or a registered task)
+    name: str = TaskName.classification.value
     class_weights: ClassWeights = ClassWeights.none  # classification: balanced weighs classes by inverse frequency
     pooling: Pooling = Pooling.last  # classification: the head reads the last token or the mean of all
     decoding: Decoding = Decoding.greedy  # how seq2seq/qa evaluation generates

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,16 +102,9 @@ def split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [items[i] for i in order[held:]], [items[i] for i in order[:held]]
 
 
-def collate(examples: list[Example], pad_id: int, ignore_index: int, classify: bool):
-    """Right-padded inputs and targets. Classification: ({tokens, last_positions}, labels);
-    otherwise (tokens, next-token targets with ignore_index on prompt and padding)."""
-    if classify:
-        width = max(len(e.ids) for e in examples)
-        tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
-        for row, e in enumerate(examples):
-            tokens[row, : len(e.ids)] = torch.tensor(e.ids)
-        last = torch.tensor([len(e.ids) - 1 for e in examples])
-        return {"tokens": tokens, "last_positions": last}, torch.tensor([e.label for e in examples])
+def collate(examples: list[Example], pad_id: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (tokens, next-token targets), each [batch, longest - 1], with ignore_index on prompt and
+    padding."""
     width = max(len(e.ids) for e in examples) - 1
     tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), width), ignore_index, dtype=torch.long)
@@ -163,8 +157,9 @@ class ExampleBatches:
 
     Each epoch shuffles by a generator seeded with (seed, epoch); examples are sorted by length within
     windows of 32 batches so a batch pads little, and the batch order is shuffled again. With `pack_width`
-    (not for classification) the shuffled examples are packed into rows of that many tokens instead, and a
-    batch is `batch_size` rows.
+    the shuffled examples are packed into rows of that many tokens instead, and a batch is `batch_size` rows.
+    `collate` makes a batch the model's (inputs, targets): from a list of examples, or with `pack_width` from
+    a list of rows (lists) of examples.
     """
 
     def __init__(
@@ -172,14 +167,11 @@ class ExampleBatches:
         examples: list[Example],
         batch_size: int,
         seed: int,
-        pad_id: int,
-        ignore_index: int,
-        classify: bool,
+        collate: Callable[[list], tuple],
         pack_width: int | None = None,
     ):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.pad_id, self.ignore_index, self.classify = pad_id, ignore_index, classify
-        self.pack_width = pack_width
+        self.collate, self.pack_width = collate, pack_width
         self.epoch, self.position = 0, 0
         self._order = self._epoch_order(0)
 
@@ -214,14 +206,8 @@ class ExampleBatches:
         step = [self._next_indices() for _ in range(num_micro_batches * world_size)]
         mine = step[rank * num_micro_batches : (rank + 1) * num_micro_batches]
         if self.pack_width is not None:
-            return [
-                collate_packed([[self.examples[i] for i in row] for row in rows], self.pad_id, self.ignore_index)
-                for rows in mine
-            ]
-        return [
-            collate([self.examples[i] for i in indices], self.pad_id, self.ignore_index, self.classify)
-            for indices in mine
-        ]
+            return [self.collate([[self.examples[i] for i in row] for row in rows]) for rows in mine]
+        return [self.collate([self.examples[i] for i in indices]) for indices in mine]
 
     def steps_per_epoch(self, num_micro_batches: int, world_size: int = 1) -> int:
         return max(1, math.ceil(self.batches_per_epoch / (num_micro_batches * world_size)))
@@ -234,9 +220,7 @@ class ExampleBatches:
         self._order = self._epoch_order(self.epoch)
 
 
-def fixed_batches(examples: list[Example], batch_size: int, pad_id: int, ignore_index: int, classify: bool) -> list:
-    """Evaluation batches: every example once, sorted by length to pad little."""
+def fixed_batches(examples: list[Example], batch_size: int, collate: Callable[[list[Example]], tuple]) -> list:
+    """Evaluation batches (`collate` of each): every example once, sorted by length to pad little."""
     ordered = sorted(examples, key=lambda e: len(e.ids))
-    return [
-        collate(ordered[i : i + batch_size], pad_id, ignore_index, classify) for i in range(0, len(ordered), batch_size)
-    ]
+    return [collate(ordered[i : i + batch_size]) for i in range(0, len(ordered), batch_size)]

@@ -3,29 +3,18 @@ held out again exactly as finetune held them out when the split is part of train
 
 from __future__ import annotations
 
+import dataclasses
+
 from lmtrain.config import ExampleDataConfig
 from lmtrain.core.errors import UserError
 from lmtrain.data.examples import read_records, split_off, usable_records
-from lmtrain.tasks.base import Task, field_roles, field_types, text_unit
+from lmtrain.tasks.base import Task
 
 
 def data_fields(d: ExampleDataConfig) -> dict[str, str]:
     """Role (text, label, source, ...) -> the record field data.<role>_field names."""
-    return {
-        role: getattr(d, f"{role}_field")
-        for role in (
-            "text",
-            "label",
-            "source",
-            "target",
-            "prompt",
-            "response",
-            "question",
-            "context",
-            "answer",
-            "messages",
-        )
-    }
+    keys = [f.name for f in dataclasses.fields(d) if f.name.endswith("_field")]
+    return {key[: -len("_field")]: getattr(d, key) for key in keys}
 
 
 def split_examples(
@@ -34,9 +23,7 @@ def split_examples(
     """A split's examples, the file they came from and how many of its records were skipped (a missing,
     null or mistyped field): `path`, else the file the checkpoint was trained with; a validation split held
     out of train is held out again the same way finetune did (`trained`: the checkpoint's config)."""
-    info = task.info
-    fields = [info.fields[role] for role in field_roles(info.name, info.instruction)]
-    txt_by = text_unit(info.name)
+    types = task.record_types(task.info)
     data = trained.get("data", {})
     path = path or data.get(split)
     if path:
@@ -45,8 +32,8 @@ def split_examples(
         key, source = "data.train", data["train"]
     else:
         raise UserError(f"data.{split}: missing; pass data.{split}=path/to/{split}.jsonl")
-    records = read_records(source, key, fields, txt_by)
-    records, skipped = usable_records(records, field_types(info), key, source, on_bad_record)
+    records = read_records(source, key, list(types), task.text_unit)
+    records, skipped = usable_records(records, types, key, source, on_bad_record)
     examples = task.encode(records, key)
     if not path:
         examples = split_off(examples, data["val_fraction"], trained["trainer"]["seed"])[1]

@@ -17,7 +17,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from omegaconf import OmegaConf
 
@@ -165,11 +165,11 @@ class MLflowSink:
         self.client.set_terminated(self.run_id, "FINISHED" if self.finished else "FAILED")
 
 
-def _wandb_mode() -> str:
+def _wandb_mode() -> Literal["online", "offline", "disabled", "shared"]:
     """$WANDB_MODE when set; online when an API key is configured ($WANDB_API_KEY or `wandb login`'s netrc
     entry); offline otherwise (`wandb sync <run dir>/wandb/offline-run-*` uploads it later)."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled", "shared"):
+        return cast(Literal["online", "offline", "disabled", "shared"], os.environ["WANDB_MODE"])
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     try:
