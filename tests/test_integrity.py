@@ -17,11 +17,12 @@ from conftest import TINY, compose, lmtrain
 from safetensors.torch import load_file
 
 from lmtrain.checkpoint import files as checkpoint
+from lmtrain.checkpoint import resume
 from lmtrain.checkpoint.load import load_model
 from lmtrain.commands import pretrain
 from lmtrain.core import safe_io
 from lmtrain.core.errors import Diverged, RunRefused, UserError
-from lmtrain.train import resume, run_lock
+from lmtrain.train import run_lock
 from lmtrain.train.sinks import JsonlSink, read_metrics
 from lmtrain.train.trainer import Trainer
 

@@ -40,6 +40,7 @@ STEP_DIR = re.compile(r"^step_(\d{7,})$")
 COMPLETE_MARKER = "trainer_state.json"
 ADAPTER_FILE = "adapter.json"  # an adapter run's checkpoint: its base model and the adapter settings
 EMA_FILE = "ema.safetensors"  # the weight average of a trainer.ema_decay run
+RNG_FILE = "rng.safetensors"  # the generators: torch's and the data sampler's
 
 
 def step_dir_name(step: int) -> str:
@@ -119,7 +120,7 @@ def save(
         tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
         put("optimizer.safetensors", lambda path: save_file(tensors, path))
         put("optimizer.json", lambda path: _write_json(Path(path), optimizer_meta))
-        put("rng.safetensors", lambda path: save_file({k: v.contiguous() for k, v in rng.items()}, path))
+        put(RNG_FILE, lambda path: save_file({k: v.contiguous() for k, v in rng.items()}, path))
         for file_name, text in files.items():
 
             def write_text(path: str, text: str = text) -> None:
@@ -305,7 +306,7 @@ def load_optimizer_state(checkpoint: Path) -> dict:
 
 
 def load_rng(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint / "rng.safetensors"))
+    return load_file(str(checkpoint / RNG_FILE))
 
 
 def param_order(optimizer_state: dict) -> list:

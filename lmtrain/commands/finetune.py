@@ -25,6 +25,7 @@ from lmtrain.checkpoint.load import (
     load_special_tokens,
     weights_digest,
 )
+from lmtrain.checkpoint.resume import resume_source
 from lmtrain.config import FinetuneConfig
 from lmtrain.core import distributed
 from lmtrain.core.dtypes import autocast_dtype
@@ -37,7 +38,6 @@ from lmtrain.tasks.base import Task, TaskInfo, load_task_info
 from lmtrain.tasks.records import data_fields
 from lmtrain.tasks.registry import build_task_info, task_class, task_for
 from lmtrain.train import build as runs
-from lmtrain.train.resume import resume_source
 from lmtrain.train.run_dir import claimed
 
 log = logging.getLogger("lmtrain")

@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmtrain.checkpoint.load import load_model, load_special_tokens
+from lmtrain.checkpoint.resume import resume_source
 from lmtrain.config import PretrainConfig, accumulation_steps
 from lmtrain.core import distributed
 from lmtrain.core.errors import UserError
@@ -19,7 +20,6 @@ from lmtrain.data.tokenizer import end_of_text_id
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
 from lmtrain.tasks.metrics import perplexity
 from lmtrain.train import build as runs
-from lmtrain.train.resume import resume_source
 from lmtrain.train.run_dir import claimed
 
 log = logging.getLogger("lmtrain")

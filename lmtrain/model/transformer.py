@@ -347,6 +347,10 @@ class TransformerLM(nn.Module):
         cap = self.config.logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
+    def tied_weights(self) -> list[tuple[str, ...]]:
+        """Groups of parameter names sharing one tensor (stored once): token embedding and LM head, if tied."""
+        return [("token_embedding.weight", "lm_head.weight")] if self.config.tie_embeddings else []
+
     def add_classifier(self, num_classes: int, pooling: str | None = None) -> None:
         """A fresh classification head (for finetuning a pretrained LM on a classification task); `pooling`:
         last | mean (None: as the config says)."""

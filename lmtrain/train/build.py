@@ -17,16 +17,19 @@ from omegaconf import OmegaConf
 
 from lmtrain.checkpoint import files as checkpoint
 from lmtrain.checkpoint.load import load_model, load_side_files
+from lmtrain.checkpoint.parts import RngState, Stateful
+from lmtrain.checkpoint.resume import restore
+from lmtrain.checkpoint.strategy import strategy_for
+from lmtrain.checkpoint.writer import Writer
 from lmtrain.config import FinetuneConfig, LossConfig, PretrainConfig, SchedulerConfig, TrainerConfig
 from lmtrain.core import devices, distributed
 from lmtrain.core.distributed import Placement
 from lmtrain.core.errors import Diverged, UserError
+from lmtrain.data.sampler import Sampler
 from lmtrain.model.transformer import TransformerLM
-from lmtrain.train.checkpointer import Checkpointer
 from lmtrain.train.ema import EMA
 from lmtrain.train.losses import cross_entropy, distillation
-from lmtrain.train.optim import build_optimizer, build_scheduler
-from lmtrain.train.resume import Sampler, restore
+from lmtrain.train.optim import ResumedSchedule, build_optimizer, build_scheduler
 from lmtrain.train.run_dir import take_over
 from lmtrain.train.sinks import open_sinks
 from lmtrain.train.trainer import Cadence, Trainer
@@ -94,6 +97,20 @@ def run_files(cfg: PretrainConfig | FinetuneConfig, model: TransformerLM, tokeni
         "tokenizer.json": tokenizer_json,
         **(load_side_files(cfg.init_from, "init_from") if cfg.init_from else {}),
     }
+
+
+def checkpoint_parts(trainer: Trainer, sampler: Sampler) -> dict[str, Stateful]:
+    """The run's stateful parts by name, as its checkpoints keep them (lmtrain.checkpoint.parts)."""
+    parts: dict[str, Stateful] = {
+        "model": trainer.model,
+        "optimizer": trainer.optimizer,
+        "trainer": trainer.state,
+        "scheduler": ResumedSchedule(trainer.scheduler),
+        "grad_scaler": trainer.scaler,
+    }
+    if trainer.ema is not None:
+        parts["ema"] = trainer.ema
+    return {**parts, "rng": RngState(trainer.device), "sampler": sampler}
 
 
 def _schedule(optimizer: torch.optim.Optimizer, lr: float, s: SchedulerConfig, max_steps: int):
@@ -169,15 +186,16 @@ def train(
     summary (the `result.json` body) with the `objective` Hydra sweepers minimise. `data_counts` (records
     skipped, ...) open a fresh run's metrics.jsonl as a step-0 record."""
     main = trainer.placement.is_main
+    parts, strategy = checkpoint_parts(trainer, sampler), strategy_for(trainer.placement)
     if source is not None:
-        restore(source, trainer, sampler, files, run_dir)
+        restore(source, parts, strategy, files, run_dir)
     if main:
         take_over(run_dir, files["tokenizer.json"])
     resume_step = trainer.state.step if source is not None else None
     sinks = open_sinks(run_dir, resume_step, settings, files["config.yaml"], main)
     if data_counts and source is None:
         sinks.write({"step": 0, **data_counts}, "data")
-    checkpointer = Checkpointer(run_dir, trainer, sampler, files, settings.keep_last)
+    writer = Writer(run_dir, parts, strategy, files, settings.keep_last)
     state = trainer.state
     start = (state.step, state.tokens_seen, state.train_seconds)
     try:
@@ -186,8 +204,8 @@ def train(
             evaluate,
             cadence=Cadence(max_steps, eval_every, settings.log_every, settings.checkpoint_every),
             sink=sinks,
-            save_checkpoint=checkpointer.save,
-            save_best=checkpointer.save_best if keep_best else None,
+            save_checkpoint=lambda: writer.save(state.step),
+            save_best=(lambda: writer.save(state.step, "best")) if keep_best else None,
             main_metric=main_metric,
             higher_is_better=higher_is_better,
             progress_bar=settings.progress_bar,

@@ -159,3 +159,17 @@ def resume_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict
     scheduler.load_state_dict(state)
     scheduler.last_epoch -= 1
     scheduler.step()  # recomputes each group's LR at last_epoch + 1 from the schedule, as a training step would
+
+
+class ResumedSchedule:
+    """The schedule as a checkpoint part: its state is the scheduler's; loading it resumes this run's schedule
+    (`resume_schedule`)."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        resume_schedule(self.scheduler, state)

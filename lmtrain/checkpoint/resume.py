@@ -1,30 +1,25 @@
-"""Where a run continues from (trainer.resume) and restoring every stateful piece from that checkpoint:
-weights, optimizer (whole tensors, whatever the strategy), schedule, grad scaler, RNG and data sampler."""
+"""Where a run continues from (trainer.resume), and restoring every stateful part from that checkpoint:
+weights, optimizer (whole tensors, whatever the strategy), schedule, grad scaler, weight average, RNG and data
+sampler (lmtrain.checkpoint.parts)."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Protocol
 
-import torch
 import yaml
 
 from lmtrain.checkpoint import files as checkpoint
 from lmtrain.checkpoint import meta as checkpoint_meta
+from lmtrain.checkpoint.parts import TENSOR_PARTS, Parts, saved_states
+from lmtrain.checkpoint.strategy import Strategy
 from lmtrain.core import distributed
 from lmtrain.core.errors import RunRefused, UserError
 from lmtrain.core.safe_io import read_text_capped
-from lmtrain.train.optim import resume_schedule
-from lmtrain.train.trainer import Trainer
 
 log = logging.getLogger("lmtrain")
-
-
-class Sampler(Protocol):
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+KEY = "trainer.resume"
 
 
 def resume_source(resume: bool | str, run_dir: Path) -> Path | None:
@@ -76,78 +71,53 @@ def _data_keys(config_yaml: str) -> dict:
 def check_compatible(source: Path, files: dict[str, str]) -> None:
     """Refuse (RunRefused) a checkpoint whose tokenizer or model shape is not this run's, naming what differs:
     the data keys behind a different tokenizer, or the model fields."""
-    key = "trainer.resume"
-    saved = checkpoint_meta.read_json(source / "tokenizer.json", key)
+    saved = checkpoint_meta.read_json(source / "tokenizer.json", KEY)
     if saved != json.loads(files["tokenizer.json"]):
-        theirs = _data_keys(read_text_capped(source / "config.yaml", checkpoint_meta.MAX_JSON_BYTES, key))
+        theirs = _data_keys(read_text_capped(source / "config.yaml", checkpoint_meta.MAX_JSON_BYTES, KEY))
         ours = _data_keys(files["config.yaml"])
         changed = [f"data.{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in ours if theirs.get(k) != ours[k]]
         raise RunRefused(
-            f"{key}: the tokenizer in '{source}' differs from this run's"
+            f"{KEY}: the tokenizer in '{source}' differs from this run's"
             + (f" ({'; '.join(changed)})" if changed else "")
         )
-    saved_model = checkpoint_meta.model_config(source, key).__dict__
+    saved_model = checkpoint_meta.model_config(source, KEY).__dict__
     ours_model = json.loads(files["model.json"])
     changed = [f"{k} {saved_model.get(k)!r} there, {v!r} here" for k, v in ours_model.items() if saved_model[k] != v]
     if changed:
-        raise RunRefused(f"{key}: the model shape in '{source}' differs from this run's config: {'; '.join(changed)}")
+        raise RunRefused(f"{KEY}: the model shape in '{source}' differs from this run's config: {'; '.join(changed)}")
 
 
-def restore(source: Path, trainer: Trainer, sampler: Sampler, files: dict[str, str], run_dir: Path) -> None:
-    """Load every stateful piece from `source` (on every process); model and tokenizer must match this run's.
-    A checkpoint holds whole tensors, so any number of processes can resume it."""
+def restore(source: Path, parts: Parts, strategy: Strategy, files: dict[str, str], run_dir: Path) -> int:
+    """Load every part's state from `source` (on every process; model and tokenizer must match this run's) and
+    return the step it continues from. A checkpoint holds whole tensors, so any number of processes can resume
+    it. The generators (the parts kept in rng.safetensors) are set last, so nothing loaded after them draws."""
     check_compatible(source, files)
-    state = checkpoint_meta.trainer_state(source, "trainer.resume")
+    state = checkpoint_meta.trainer_state(source, KEY)
     adapter = (source / checkpoint.ADAPTER_FILE).is_file()  # holds the trained tensors only; the base is loaded already
-    with checkpoint.readable(source, "trainer.resume"):
+    generators = [name for name in parts if TENSOR_PARTS.get(name, ("",))[0] == checkpoint.RNG_FILE]
+    with checkpoint.readable(source, KEY):
         _same_optimizer(source, files["config.yaml"])
-        optimizer_state = checkpoint.load_optimizer_state(source)
-        if trainer.placement.strategy == "fsdp":
-            from safetensors.torch import load_file
-            from torch.distributed.checkpoint.state_dict import (
-                get_optimizer_state_dict,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            weights = load_file(str(source / "model.safetensors"))
-            if trainer.model.config.tie_embeddings and not adapter:  # stored once; the sharded model names both
-                shared = weights["token_embedding.weight" if "token_embedding.weight" in weights else "lm_head.weight"]
-                weights.update({"token_embedding.weight": shared, "lm_head.weight": shared})
-            set_model_state_dict(
-                trainer.model, dict(weights), options=checkpoint.full_state_options(strict=not adapter)
-            )
-            options = checkpoint.full_state_options()
-            names = checkpoint.param_order(get_optimizer_state_dict(trainer.model, trainer.optimizer, options=options))
-            named = checkpoint.named_optimizer_state(optimizer_state, names)
-            set_optimizer_state_dict(trainer.model, trainer.optimizer, named, options=options)
-        else:
-            checkpoint.load_weights(trainer.model, source, partial=adapter)
-            trainer.optimizer.load_state_dict(optimizer_state)
-        if trainer.ema is not None:
-            trainer.ema.load_state_dict(checkpoint.load_ema(source))
-        resume_schedule(trainer.scheduler, state["scheduler"])
-        trainer.scaler.load_state_dict(state["grad_scaler"])
-        trainer.state.load_state_dict(state["trainer"])
-        rng = checkpoint.load_rng(source)
-    torch.set_rng_state(rng["torch_cpu"])
-    if "torch_cuda" in rng and trainer.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["torch_cuda"], trainer.device)
-    sampler.load_state_dict({k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("sampler.")})
-    log.info("resumed from %s at step %d", source, trainer.state.step)
+        strategy.scatter(source, parts, checkpoint.load_optimizer_state(source), partial=adapter)
+        saved = saved_states(source, parts, state)
+        for name, value in saved.items():
+            if name not in generators:
+                parts[name].load_state_dict(value)
+    for name in generators:
+        parts[name].load_state_dict(saved[name])
+    step = int(state["trainer"]["step"])
+    log.info("resumed from %s at step %d", source, step)
     root = run_dir / "checkpoints"
-    if trainer.placement.is_main:
-        for moved in checkpoint.set_aside_after(root, trainer.state.step):
+    if strategy.placement.is_main:
+        for moved in checkpoint.set_aside_after(root, step):
             log.warning("set aside %s: it continued the run past the checkpoint resumed from", moved)
         if source.parent.resolve() == root.resolve():
             checkpoint.point_latest(root, source)  # a kill may have left `latest` one checkpoint behind
     distributed.barrier()
+    return step
 
 
 def _same_optimizer(source: Path, config_yaml: str) -> None:
     """An optimizer's state only loads into the same kind of optimizer."""
-    import yaml
-
     if not (source / "config.yaml").is_file():
         return
     saved = (yaml.safe_load((source / "config.yaml").read_text()) or {}).get("optimizer", {}).get("name")
