@@ -150,6 +150,8 @@ def test_architecture_options_train_and_round_trip_a_checkpoint(tmp_path, option
     import json
 
     from lmtrain.checkpoint.load import load_model
+    from lmtrain.config import OptimizerConfig
+    from lmtrain.config.choices import OptimizerName
     from lmtrain.data.tokenizer import byte_tokenizer
     from lmtrain.model.transformer import TransformerConfig, TransformerLM
     from lmtrain.train.optim import build_optimizer
@@ -157,9 +159,8 @@ def test_architecture_options_train_and_round_trip_a_checkpoint(tmp_path, option
     torch.manual_seed(0)
     config = TransformerConfig(vocab_size=257, d_model=32, num_heads=2, num_layers=2, max_seq_len=16, **option)
     model = TransformerLM(config)
-    opt = build_optimizer(
-        model, name="muon", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, device=CPU
-    )
+    muon = OptimizerConfig(name=OptimizerName.muon, lr=1e-3, weight_decay=0.0, momentum=0.95)
+    opt = build_optimizer(model, muon, CPU)
     tokens = torch.randint(0, 257, (4, 16))
     losses = []
     for _ in range(4):

@@ -8,66 +8,70 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
 from lmtrain.checkpoint import files as checkpoint
 from lmtrain.checkpoint.load import load_model, load_side_files
-from lmtrain.config import FinetuneConfig, LossConfig, PretrainConfig, SchedulerConfig, TrainerConfig
+from lmtrain.config import FinetuneConfig, PretrainConfig, SchedulerConfig, TrainerConfig
+from lmtrain.config.choices import Strategy
 from lmtrain.core import devices, distributed
 from lmtrain.core.distributed import Placement
 from lmtrain.core.errors import Diverged, UserError
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.train.checkpointer import Checkpointer
 from lmtrain.train.ema import EMA
-from lmtrain.train.losses import cross_entropy, distillation
-from lmtrain.train.optim import build_optimizer, build_scheduler
+from lmtrain.train.losses import TEACHER_LOSSES, build_loss
+from lmtrain.train.optim import WHOLE_MATRICES, build_optimizer
 from lmtrain.train.resume import Sampler, restore
 from lmtrain.train.run_dir import open_metrics, take_over
+from lmtrain.train.schedules import build_scheduler
 from lmtrain.train.trainer import Cadence, Trainer
 
 log = logging.getLogger("lmtrain")
 
 
+def check_options(cfg: PretrainConfig | FinetuneConfig) -> None:
+    """The rules an option sets on the rest of the config; the commands check them before reading any data.
+    Raises UserError."""
+    if cfg.loss.name in TEACHER_LOSSES and not cfg.loss.teacher:
+        raise UserError(
+            f"loss.teacher: missing; loss={cfg.loss.name} needs loss.teacher=outputs/<run>/checkpoints/latest"
+        )
+    if cfg.optimizer.name in WHOLE_MATRICES and cfg.trainer.strategy is Strategy.fsdp:
+        raise UserError(
+            f"optimizer={cfg.optimizer.name}: not supported with trainer.strategy=fsdp, which shards the matrices it"
+            " orthogonalises (use ddp, or optimizer=adamw)"
+        )
+
+
 def build_trainer(
     model: TransformerLM,
-    cfg,
+    cfg: PretrainConfig | FinetuneConfig,
     placement: Placement,
     max_steps: int,
     *,
     tokenizer_json: str,
     class_weights: torch.Tensor | None = None,
 ) -> Trainer:
-    """The model placed (single, DDP or FSDP), then optimizer, schedule and loss (and, for loss=distill, the
-    teacher) from the shared config groups (cfg: PretrainConfig | FinetuneConfig)."""
-    o, s, t, lo = cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.loss
+    """The model placed (single, DDP or FSDP), then optimizer, schedule and loss (and, for a loss that reads a
+    teacher, the teacher) from the shared config groups."""
+    o, t, lo = cfg.optimizer, cfg.trainer, cfg.loss
     device = placement.device
-    teacher = load_teacher(lo.teacher, model, tokenizer_json, device) if lo.name == "distill" else None
+    teacher = None
+    if lo.name in TEACHER_LOSSES:
+        assert lo.teacher, "check_options asks for it before a run reads its data"
+        teacher = load_teacher(lo.teacher, model, tokenizer_json, device)
     model.activation_checkpointing = t.activation_checkpointing
     parallel = distributed.wrap(model, placement, t.precision)
-    optimizer = build_optimizer(
-        model,
-        name=o.name,
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        betas=tuple(o.betas),
-        eps=o.eps,
-        momentum=o.momentum,
-        device=device,
-        muon_lr=o.muon_lr,
-        muon_adjust_lr_fn=o.muon_adjust_lr_fn,
-    )
-    scheduler = _schedule(optimizer, o.lr, s, max_steps)
-    ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
+    optimizer = build_optimizer(model, o, device)
     return Trainer(
         model,
         optimizer,
-        scheduler,
-        _loss_fn(lo, distill=teacher is not None, class_weights=class_weights),
+        build_scheduler(optimizer, _fitted(cfg.scheduler, max_steps), o.lr, max_steps),
+        build_loss(lo, class_weights),
         device=device,
         precision=t.precision,
         grad_clip=o.grad_clip,
@@ -79,7 +83,7 @@ def build_trainer(
         placement=placement,
         parallel=parallel,
         on_nonfinite=t.on_nonfinite,
-        ema=ema,
+        ema=EMA(model, t.ema_decay) if t.ema_decay is not None else None,
         early_stopping_patience=t.early_stopping_patience,
     )
 
@@ -95,31 +99,12 @@ def run_files(cfg: PretrainConfig | FinetuneConfig, model: TransformerLM, tokeni
     }
 
 
-def _schedule(optimizer: torch.optim.Optimizer, lr: float, s: SchedulerConfig, max_steps: int):
-    """The LR schedule; a warmup longer than the run (`trainer.max_steps=5`, a quick try) is cut to fit it."""
-    warmup = s.warmup_steps
-    if warmup > max_steps:
-        log.warning("scheduler.warmup_steps: %d is longer than the run; cut to its %d steps", warmup, max_steps)
-        warmup = max_steps
-    return build_scheduler(
-        optimizer,
-        name=s.name,
-        lr=lr,
-        warmup_steps=warmup,
-        max_steps=max_steps,
-        min_lr=s.min_lr,
-        decay_fraction=s.decay_fraction,
-    )
-
-
-def _loss_fn(lo: LossConfig, distill: bool, class_weights: torch.Tensor | None) -> Callable:
-    """The training loss the loss group names (validation always uses plain cross-entropy)."""
-    common: dict[str, Any] = dict(
-        label_smoothing=lo.label_smoothing, z_loss=lo.z_loss, ignore_index=lo.ignore_index, class_weights=class_weights
-    )
-    if distill:
-        return partial(distillation, temperature=lo.temperature, alpha=lo.alpha, kl=lo.kl, **common)
-    return partial(cross_entropy, **common)
+def _fitted(s: SchedulerConfig, max_steps: int) -> SchedulerConfig:
+    """The schedule; a warmup longer than the run (`trainer.max_steps=5`, a quick try) is cut to fit it."""
+    if s.warmup_steps <= max_steps:
+        return s
+    log.warning("scheduler.warmup_steps: %d is longer than the run; cut to its %d steps", s.warmup_steps, max_steps)
+    return dataclasses.replace(s, warmup_steps=max_steps)
 
 
 def load_teacher(path: str, student: TransformerLM, tokenizer_json: str, device: torch.device) -> TransformerLM:

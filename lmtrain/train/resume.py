@@ -16,7 +16,7 @@ from lmtrain.checkpoint import meta as checkpoint_meta
 from lmtrain.core import distributed
 from lmtrain.core.errors import RunRefused, UserError
 from lmtrain.core.safe_io import read_text_capped
-from lmtrain.train.optim import resume_schedule
+from lmtrain.train.schedules import resume_schedule
 from lmtrain.train.trainer import Trainer
 
 log = logging.getLogger("lmtrain")
