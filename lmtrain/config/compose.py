@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+from collections.abc import Mapping
 from typing import Any
+
+from omegaconf import DictConfig, open_dict, read_write
 
 from lmtrain.config.checks import ConfigError, validate
 from lmtrain.config.keys import CHOICES, all_keys, nearest, string_keys
@@ -82,7 +85,7 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
     """
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     groups: list[str] = []
     values: list[str] = []
@@ -92,6 +95,7 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
         if bare.startswith("hydra.") or bare.startswith("hydra/"):
             continue
         (groups if "." not in bare and group_options(bare) is not None else values).append(override)
+    check_identity(values)
     for override in groups:
         key, _, value = override.partition("=")
         options = group_options(key.lstrip("+~")) or []
@@ -117,27 +121,33 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
             cfg = compose(config_name, overrides=groups + values, return_hydra_config=True)
         except HydraException as err:
             raise ConfigError(first_line(err)) from None
-    check_identity(cfg)
+    name_options(cfg, cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
     return validate(cfg, schema, explicit=explicit_keys(values)) if check_values else cfg
 
 
-# the key of each group that names its option: `optimizer=sgd` is how the name is chosen
+# the key of each group that holds its option's name: filled from the option chosen (`optimizer=sgd`), never
+# written in the option's YAML nor set on the command line
 IDENTITY = {"optimizer": "name", "scheduler": "name", "loss": "name", "task": "name", "adapter": "name"}
 IDENTITY["grad_accum"] = "mode"
 
 
-def check_identity(cfg) -> None:
-    """A group's name key must agree with the option chosen for it (`optimizer=adamw optimizer.name=sgd`
-    would otherwise train SGD with AdamW's settings)."""
-    for group, option in cfg.hydra.runtime.choices.items():
-        key = IDENTITY.get(group)
-        value = cfg.get(group, {}).get(key) if key else None
-        if value is not None and value != option:
-            raise ConfigError(
-                f"{group}.{key}: '{value}' contradicts {group}={option}; the option sets it: choose {group}={value}"
-            )
+def check_identity(overrides: list[str]) -> None:
+    """`optimizer.name=sgd` would train SGD with another option's settings: the option is chosen by name."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        group, _, leaf = key.lstrip("+~").partition(".")
+        if IDENTITY.get(group) == leaf:
+            raise ConfigError(f"{group}.{leaf}: the option chosen sets it; choose {group}={value} instead")
+
+
+def name_options(cfg: DictConfig, choices: Mapping[str, str | None]) -> None:
+    """Write each group's chosen option (Hydra's `runtime.choices`) into the group's name key, in place."""
+    with read_write(cfg), open_dict(cfg):
+        for group, key in IDENTITY.items():
+            if choices.get(group) and group in cfg:
+                cfg[group][key] = choices[group]
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:
