@@ -10,7 +10,7 @@ from conftest import compose, lmtrain
 from lmtrain.config import ConfigError
 
 GROUPS = ["model", "optimizer", "scheduler", "grad_accum", "loss", "data", "trainer", "task", "adapter"]
-FINETUNE_ONLY = {"data/examples", "task", "adapter"}  # options only the finetune schema takes
+FINETUNE_ONLY = {"task", "adapter"}  # groups only the finetune schema takes
 
 
 def options(group: str) -> list[str]:
@@ -19,7 +19,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_for(group: str, option: str):
-    if group in FINETUNE_ONLY or f"{group}/{option}" in FINETUNE_ONLY:
+    if group in FINETUNE_ONLY:
         from lmtrain.cli import check
         from lmtrain.config import FinetuneConfig
 
@@ -87,6 +87,24 @@ def test_an_option_name_comes_from_the_choice():
     names = (cfg.optimizer.name, cfg.scheduler.name, cfg.grad_accum.mode, cfg.loss.name)
     assert names == ("muon", "wsd", "global_batch", "distill")
     assert compose("+experiment=shakespeare_char_fast").optimizer.name == "muon"  # chosen by an experiment
+
+
+@pytest.mark.parametrize(
+    "command, overrides, message",
+    [
+        ("pretrain", ["data=examples"], "data=examples: no such option; choose from mixture, python_stdlib"),
+        ("finetune", ["data=python_stdlib"], "data=python_stdlib: finetune takes no data=... option; set its data"),
+        ("finetune", ["+data=mixture"], "data=mixture: finetune takes no data=... option"),
+    ],
+)
+def test_the_data_options_serve_pretrain_only(command, overrides, message):
+    """pretrain's corpus options and finetune's records config share the key `data`, not the options."""
+    from lmtrain.cli import COMMANDS, check
+
+    config_name, schema = COMMANDS[command]
+    required = ["init_from=x", "data.train=x.jsonl"] if command == "finetune" else []
+    with pytest.raises(ConfigError, match=message):
+        check(config_name, schema, [*required, *overrides])
 
 
 def test_finetune_option_names_are_chosen_as_the_options():

@@ -102,6 +102,7 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
         if value and value not in options:
             raise no_such_option(key.lstrip("+~"), value, options)
     with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
+        _check_groups_are_the_commands(compose(config_name, return_hydra_config=True), schema, groups)
         try:
             base = compose(config_name, overrides=groups)
         except HydraException as err:
@@ -125,6 +126,19 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
     with open_dict(cfg):
         del cfg["hydra"]
     return validate(cfg, schema, explicit=explicit_keys(values)) if check_values else cfg
+
+
+def _check_groups_are_the_commands(plain, schema: type, groups: list[str]) -> None:
+    """A folder of options serves the commands whose defaults list names it: `finetune data=python_stdlib`
+    (pretrain's corpus options) would otherwise merge into finetune's records config."""
+    own = set(plain.hydra.runtime.choices)
+    fields = {key for key in all_keys(schema) if "." not in key}
+    for override in groups:
+        key, _, value = override.partition("=")
+        group = key.lstrip("+~")
+        if group in fields and group not in own:
+            name = plain.hydra.job.name
+            raise ConfigError(f"{group}={value}: {name} takes no {group}=... option; set its {group}.* keys instead")
 
 
 # the key of each group that holds its option's name: filled from the option chosen (`optimizer=sgd`), never
