@@ -30,7 +30,7 @@ from lmtrain.data.tokenizer import SpecialTokens, end_of_text_id, warn_unknown
 from lmtrain.model.generate import beam_search, generate
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.tasks import metrics
-from lmtrain.train.losses import scored
+from lmtrain.train.losses import validation_loss
 
 log = logging.getLogger("lmtrain")
 IGNORE = -100
@@ -228,23 +228,25 @@ class Task:
         per-class scores) / BLEU and chrF / exact match and F1."""
         model.eval()
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-        total, count, predictions, labels = 0.0, 0, [], []
-        for inputs, targets in fixed_batches(examples, batch_size, self.eot, IGNORE, self.classify):
+        predictions, labels = [], []
+
+        def logits_of(batch):
+            inputs, targets = batch
             with autocast:
                 if self.classify:
                     logits = model(**{k: v.to(device) for k, v in inputs.items()})
                 else:
                     logits = model(inputs.to(device))
-            targets = targets.to(device)
-            loss, targets_scored = scored(logits, targets, IGNORE)
-            total += loss.item()
-            count += targets_scored
             if self.classify:
-                predictions += logits.argmax(-1).tolist()
-                labels += targets.tolist()
+                predictions.extend(logits.argmax(-1).tolist())
+                labels.extend(targets.tolist())
+            return logits
+
+        batches = fixed_batches(examples, batch_size, self.eot, IGNORE, self.classify)
+        total, count = validation_loss(batches, logits_of, IGNORE)
         if count == 0:  # a loss of 0 would read as a perfect score
             raise UserError("no tokens to score: every example is empty")
-        result = {"loss": total / count}
+        result = {"loss": total.item() / count}
         if self.info.name in ("lm", "chat"):
             result["ppl"] = metrics.perplexity(result["loss"])
         elif self.classify:

@@ -3,8 +3,9 @@ divides once per optimizer step by the total count: that makes gradient accumula
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,24 @@ def scored(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
     logits [..., V], targets [...]."""
     loss, count = cross_entropy(logits.float(), targets, ignore_index=ignore_index)
     return loss.double(), int(count)
+
+
+def validation_loss(
+    batches: Iterable[tuple[Any, torch.Tensor]],
+    logits_of: Callable[[tuple[Any, torch.Tensor]], torch.Tensor],
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, int]:
+    """The validation loss that trainer, tasks and export report, as (float64 sum of `scored` over every
+    target, number of targets); the mean is sum / count. `logits_of(batch)`: the model's logits [..., V] for
+    a batch (inputs, targets [...]), on the device the sum is kept on."""
+    total: torch.Tensor | None = None
+    count = 0
+    for batch in batches:
+        logits = logits_of(batch)
+        loss, scored_targets = scored(logits, batch[1].to(logits.device), ignore_index)
+        total = loss if total is None else total + loss
+        count += scored_targets
+    return (total if total is not None else torch.zeros((), dtype=torch.float64)), count
 
 
 def distillation(

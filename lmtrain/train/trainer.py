@@ -18,7 +18,7 @@ from lmtrain.core.dtypes import autocast_dtype
 from lmtrain.core.errors import Diverged
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.train.ema import EMA
-from lmtrain.train.losses import scored
+from lmtrain.train.losses import validation_loss
 from lmtrain.train.run_log import ProgressBar
 
 log = logging.getLogger("lmtrain")
@@ -237,19 +237,10 @@ class Trainer:
         """Mean cross-entropy per target over `batches`; processes split them and each batch counts once."""
         self.model.eval()
         rank, world = self.placement.rank, self.placement.world_size
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
-        rounds = -(-len(batches) // world)  # every process runs as many forwards (FSDP needs them all)
-        for i in range(rounds):
-            index = i * world + rank
-            batch = batches[index] if index < len(batches) else batches[0]
-            inputs, targets = batch
-            with self.autocast():
-                logits = self.forward(inputs, self.evaluated)
-            loss, targets_scored = scored(logits, targets.to(self.device), self.ignore_index)
-            if index < len(batches):
-                total += loss
-                count += targets_scored
+        mine = batches[rank::world]
+        total, count = validation_loss(mine, lambda batch: self.forward(batch[0], self.evaluated), self.ignore_index)
+        for _ in range(-(-len(batches) // world) - len(mine)):  # every process runs as many forwards (FSDP)
+            self.forward(batches[0][0], self.evaluated)
         return distributed.all_reduce_sum(total.item(), self.device) / max(
             distributed.all_reduce_sum(count, self.device), 1
         )
