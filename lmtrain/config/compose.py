@@ -14,6 +14,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from lmtrain.config.checks import ConfigError, validate
 from lmtrain.config.keys import CHOICES, all_keys, nearest, string_keys
 from lmtrain.config.paths import check_out_folder
+from lmtrain.config.store import IDENTITY
 
 CONFIG_PACKAGE = "lmtrain.configs"
 
@@ -139,12 +140,6 @@ def _check_groups_are_the_commands(plain, schema: type, groups: list[str]) -> No
         if group in fields and group not in own:
             name = plain.hydra.job.name
             raise ConfigError(f"{group}={value}: {name} takes no {group}=... option; set its {group}.* keys instead")
-
-
-# the key of each group that holds its option's name: filled from the option chosen (`optimizer=sgd`), never
-# written in the option's YAML nor set on the command line
-IDENTITY = {"optimizer": "name", "scheduler": "name", "loss": "name", "task": "name", "adapter": "name"}
-IDENTITY["grad_accum"] = "mode"
 
 
 def check_identity(overrides: list[str]) -> None:
