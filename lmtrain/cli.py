@@ -26,6 +26,7 @@ from lmtrain.config.compose import (
     first_values,
     group_options,
     literal_strings,
+    name_options,
 )
 from lmtrain.config.paths import check_paths
 from lmtrain.core.errors import RunRefused, UserError
@@ -107,6 +108,7 @@ def _task(command: str, schema: type):
         overrides = list(hydra_cfg.overrides.task)
         started = time.time()
         try:
+            name_options(cfg, hydra_cfg.runtime.choices)
             typed = validate(cfg, schema, explicit=explicit_keys(overrides))
             check_paths(typed)
             summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))

@@ -28,7 +28,8 @@ from lmtrain.core.dtypes import autocast_dtype
 from lmtrain.data import tokens
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
 from lmtrain.train import build as runs
-from lmtrain.train.optim import lr_at, parameter_groups
+from lmtrain.train.optim import parameter_groups
+from lmtrain.train.schedules import lr_at
 from lmtrain.train.sinks import Sinks
 from lmtrain.train.trainer import Cadence
 
@@ -38,18 +39,6 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per
 def new_model(cfg: PretrainConfig, vocab_size: int, device: torch.device) -> TransformerLM:
     torch.manual_seed(cfg.trainer.seed)
     return TransformerLM(TransformerConfig(vocab_size=vocab_size, **dataclasses.asdict(cfg.model))).to(device)
-
-
-def schedule(cfg: PretrainConfig, steps: int) -> dict:
-    s = cfg.scheduler
-    return dict(
-        name=s.name,
-        lr=cfg.optimizer.lr,
-        warmup_steps=s.warmup_steps,
-        max_steps=steps,
-        min_lr=s.min_lr,
-        decay_fraction=s.decay_fraction,
-    )
 
 
 def bare_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> float:
@@ -62,7 +51,6 @@ def bare_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> float:
     seq, batch = cfg.model.max_seq_len, cfg.trainer.micro_batch_size
     amp = autocast_dtype(cfg.trainer.precision)
     train = data.train
-    sched = schedule(cfg, warmup + steps)
     forward = torch.compile(model) if cfg.trainer.compile else model
     start = 0.0
     for step in range(warmup + steps):
@@ -71,7 +59,7 @@ def bare_loop(cfg, data, vocab_size, device, steps: int, warmup: int) -> float:
                 torch.cuda.synchronize()
             start = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, **sched)
+            group["lr"] = lr_at(step, cfg.scheduler, o.lr, warmup + steps)
         ix = torch.randint(len(train) - seq, (batch,))
         x = torch.stack([torch.from_numpy(train[i : i + seq].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(train[i + 1 : i + 1 + seq].astype(np.int64)) for i in ix])

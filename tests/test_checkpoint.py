@@ -150,6 +150,8 @@ def test_architecture_options_train_and_round_trip_a_checkpoint(tmp_path, option
     import json
 
     from lmtrain.checkpoint.load import load_model
+    from lmtrain.config import OptimizerConfig
+    from lmtrain.config.choices import OptimizerName
     from lmtrain.data.tokenizer import byte_tokenizer
     from lmtrain.model.transformer import TransformerConfig, TransformerLM
     from lmtrain.train.optim import build_optimizer
@@ -157,9 +159,8 @@ def test_architecture_options_train_and_round_trip_a_checkpoint(tmp_path, option
     torch.manual_seed(0)
     config = TransformerConfig(vocab_size=257, d_model=32, num_heads=2, num_layers=2, max_seq_len=16, **option)
     model = TransformerLM(config)
-    opt = build_optimizer(
-        model, name="muon", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, momentum=0.95, device=CPU
-    )
+    muon = OptimizerConfig(name=OptimizerName.muon, lr=1e-3, weight_decay=0.0, momentum=0.95)
+    opt = build_optimizer(model, muon, CPU)
     tokens = torch.randint(0, 257, (4, 16))
     losses = []
     for _ in range(4):
@@ -184,3 +185,37 @@ def test_architecture_options_train_and_round_trip_a_checkpoint(tmp_path, option
     assert loaded.config == config
     model.eval(), loaded.eval()
     assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_an_older_model_json_loads_with_the_schema_defaults_for_newer_fields(tmp_path):
+    """A model.json written before a field existed lacks it: the field takes the schema's default (what such a
+    model was), so the checkpoint loads as the same model; the model itself keeps no defaults of its own."""
+    import dataclasses
+    import json
+
+    from lmtrain.checkpoint.load import load_model
+    from lmtrain.config import ModelConfig
+    from lmtrain.data.tokenizer import byte_tokenizer
+    from lmtrain.model.transformer import TransformerConfig, TransformerLM
+
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=257, d_model=32, num_heads=2, num_layers=2, max_seq_len=16)
+    model = TransformerLM(config).eval()
+    newer = ["norm_position", "rope_scaling", "qkv_bias", "qk_norm", "zero_init_residual", "logit_softcap", "pooling"]
+    older = {k: v for k, v in dataclasses.asdict(config).items() if k not in newer}
+    files = {"model.json": json.dumps(older), "tokenizer.json": byte_tokenizer().to_str()}
+    saved = checkpoint.save(
+        tmp_path,
+        1,
+        model=model,
+        optimizer_state={"state": {}, "param_groups": []},
+        rng={"torch_cpu": torch.get_rng_state()},
+        trainer_state={"trainer": {"step": 1, "tokens_seen": 0, "window_steps": 0}, "scheduler": {}},
+        files=files,
+    )
+    loaded, _ = load_model(str(saved), CPU)
+    assert loaded.config == config
+    tokens = torch.randint(0, 257, (2, 16))
+    assert torch.equal(loaded.eval()(tokens), model(tokens))
+    own = {f.name for f in dataclasses.fields(TransformerConfig)} - {f.name for f in dataclasses.fields(ModelConfig)}
+    assert own == {"vocab_size", "num_classes", "pooling"}  # every other field and default is the schema's

@@ -10,7 +10,7 @@ from conftest import compose, lmtrain
 from lmtrain.config import ConfigError
 
 GROUPS = ["model", "optimizer", "scheduler", "grad_accum", "loss", "data", "trainer", "task", "adapter"]
-FINETUNE_ONLY = {"data/examples", "task", "adapter"}  # options only the finetune schema takes
+FINETUNE_ONLY = {"task", "adapter"}  # groups only the finetune schema takes
 
 
 def options(group: str) -> list[str]:
@@ -19,7 +19,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_for(group: str, option: str):
-    if group in FINETUNE_ONLY or f"{group}/{option}" in FINETUNE_ONLY:
+    if group in FINETUNE_ONLY:
         from lmtrain.cli import check
         from lmtrain.config import FinetuneConfig
 
@@ -47,14 +47,14 @@ def test_every_option_composes_and_validates(group):
             # data.train (finetune) and loss.teacher (distill) must be set, so the compose sets them
             if key in ("train", "teacher"):
                 continue
-            if key in shipped:
+            if key == IDENTITY.get(group):  # the option's name: Hydra's choice fills it, the YAML never says it
+                assert key not in shipped, f"{group}={option}: {key} is the option's file name; drop the line"
+                assert selected[key] == option, f"{group}={option}: its {key} is {selected[key]}"
+            elif key in shipped:
                 assert selected[key] == shipped[key], f"{group}={option}: {key}"
-                if key != IDENTITY.get(group):
-                    assert shipped[key] != defaults[key], f"{group}={option}: {key} restates the schema default"
+                assert shipped[key] != defaults[key], f"{group}={option}: {key} restates the schema default"
             else:
                 assert selected[key] == defaults[key], f"{group}={option}: {key} is not the schema default"
-        if group in IDENTITY:
-            assert selected[IDENTITY[group]] == option, f"{group}={option}: its {IDENTITY[group]} differs"
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune", "evaluate", "generate", "predict", "export", "inspect"])
@@ -71,23 +71,48 @@ def test_top_level_keys_come_from_the_schema(command):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["optimizer=adamw", "optimizer.name=sgd"], "optimizer.name: 'sgd' contradicts optimizer=adamw"),
-        (["scheduler.name=wsd"], "scheduler.name: 'wsd' contradicts scheduler=cosine"),
-        (["grad_accum.mode=global_batch"], "grad_accum.mode: 'global_batch' contradicts grad_accum=steps"),
-        (["loss.name=distill"], "loss.name: 'distill' contradicts loss=cross_entropy"),
+        (["optimizer=adamw", "optimizer.name=sgd"], "optimizer.name: the option chosen sets it; choose optimizer=sgd"),
+        (["scheduler.name=wsd"], "scheduler.name: the option chosen sets it; choose scheduler=wsd"),
+        (["grad_accum.mode=global_batch"], "grad_accum.mode: the option chosen sets it; choose grad_accum=global"),
+        (["loss.name=distill"], "loss.name: the option chosen sets it; choose loss=distill"),
     ],
 )
-def test_an_option_name_cannot_contradict_its_option(overrides, message):
+def test_an_option_name_is_chosen_as_the_option(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose(*overrides)
 
 
-def test_finetune_option_names_cannot_contradict_their_options():
+def test_an_option_name_comes_from_the_choice():
+    cfg = compose("optimizer=muon", "scheduler=wsd", "grad_accum=global_batch", "loss=distill", "loss.teacher=t")
+    names = (cfg.optimizer.name, cfg.scheduler.name, cfg.grad_accum.mode, cfg.loss.name)
+    assert names == ("muon", "wsd", "global_batch", "distill")
+    assert compose("+experiment=shakespeare_char_fast").optimizer.name == "muon"  # chosen by an experiment
+
+
+@pytest.mark.parametrize(
+    "command, overrides, message",
+    [
+        ("pretrain", ["data=examples"], "data=examples: no such option; choose from mixture, python_stdlib"),
+        ("finetune", ["data=python_stdlib"], "data=python_stdlib: finetune takes no data=... option; set its data"),
+        ("finetune", ["+data=mixture"], "data=mixture: finetune takes no data=... option"),
+    ],
+)
+def test_the_data_options_serve_pretrain_only(command, overrides, message):
+    """pretrain's corpus options and finetune's records config share the key `data`, not the options."""
+    from lmtrain.cli import COMMANDS, check
+
+    config_name, schema = COMMANDS[command]
+    required = ["init_from=x", "data.train=x.jsonl"] if command == "finetune" else []
+    with pytest.raises(ConfigError, match=message):
+        check(config_name, schema, [*required, *overrides])
+
+
+def test_finetune_option_names_are_chosen_as_the_options():
     from lmtrain.cli import check
     from lmtrain.config import FinetuneConfig
 
     base = ["init_from=x", "data.train=x.jsonl"]
-    for override, message in [("task.name=qa", "task=classification"), ("adapter.name=lora", "adapter=none")]:
+    for override, message in [("task.name=qa", "choose task=qa"), ("adapter.name=lora", "choose adapter=lora")]:
         with pytest.raises(ConfigError, match=message):
             check("finetune", FinetuneConfig, [*base, override])
 

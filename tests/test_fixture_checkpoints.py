@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import lmtrain_many, write_jsonl
 from fixtures.make_checkpoints import PROMPT, TEXTS, finetune_overrides, loaded, pretrain_overrides
+
 from lmtrain.train.sinks import read_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"

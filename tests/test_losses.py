@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmtrain.config.choices import KL
 from lmtrain.train.losses import cross_entropy, distillation
 
 
@@ -34,7 +35,7 @@ def test_distillation_is_zero_when_student_matches_teacher():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11, requires_grad=True)
     targets = torch.randint(0, 11, (2, 5))
-    for kl in ("forward", "reverse"):
+    for kl in (KL.forward, KL.reverse):
         loss, count = distillation(logits, targets, logits.detach().clone(), temperature=3.0, alpha=1.0, kl=kl)
         (grad,) = torch.autograd.grad(loss, logits)
         assert abs(loss.item()) < 1e-5 and grad.abs().max() < 1e-6 and count == 10
@@ -52,7 +53,7 @@ def test_distillation_matches_kl_div(temperature):
     forward = F.kl_div(s, t, log_target=True, reduction="sum")  # KL(teacher || student)
     reverse = F.kl_div(t, s, log_target=True, reduction="sum")  # KL(student || teacher)
     ce, _ = cross_entropy(student, targets)
-    for kl, expected in (("forward", forward), ("reverse", reverse)):
+    for kl, expected in ((KL.forward, forward), (KL.reverse, reverse)):
         loss, count = distillation(student, targets, teacher, temperature=temperature, alpha=0.3, kl=kl)
         torch.testing.assert_close(loss, 0.3 * temperature**2 * expected + 0.7 * ce)
         assert count == valid.sum()

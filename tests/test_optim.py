@@ -4,15 +4,22 @@ import math
 import pytest
 import torch
 
+from lmtrain.config import OptimizerConfig, SchedulerConfig
+from lmtrain.config.choices import OptimizerName, SchedulerName
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
-from lmtrain.train.optim import build_optimizer, build_scheduler, lr_at, parameter_groups, resume_schedule
+from lmtrain.train.optim import build_optimizer, parameter_groups
+from lmtrain.train.schedules import build_scheduler, lr_at, resume_schedule
 
 LR, MIN, WARM, MAX = 1e-3, 1e-4, 10, 110
 CPU = torch.device("cpu")
 
 
-def at(name, step, **kw):
-    return lr_at(step, name=name, lr=LR, warmup_steps=WARM, max_steps=MAX, min_lr=MIN, **kw)
+def schedule(name, **kw) -> SchedulerConfig:
+    return SchedulerConfig(name=SchedulerName(name), warmup_steps=WARM, min_lr=MIN, **kw)
+
+
+def at(name, step, max_steps=MAX):
+    return lr_at(step, schedule(name), LR, max_steps)
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant", "inverse_sqrt", "wsd"])
@@ -53,7 +60,7 @@ def test_wsd_key_steps():
 def test_scheduler_drives_the_optimizer():
     param = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([param], lr=LR)
-    sched = build_scheduler(opt, name="cosine", lr=LR, warmup_steps=WARM, max_steps=MAX, min_lr=MIN)
+    sched = build_scheduler(opt, schedule("cosine"), LR, MAX)
     seen = []
     for _ in range(MAX + 1):
         seen.append(opt.param_groups[0]["lr"])
@@ -81,16 +88,7 @@ def test_no_decay_on_norms_biases_embeddings():
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
 def test_build_optimizer(name):
     model = TransformerLM(TransformerConfig(vocab_size=20, d_model=16, num_heads=2, num_layers=1))
-    opt = build_optimizer(
-        model,
-        name=name,
-        lr=0.1,
-        weight_decay=0.1,
-        betas=(0.9, 0.99),
-        eps=1e-8,
-        momentum=0.9,
-        device=torch.device("cpu"),
-    )
+    opt = build_optimizer(model, OptimizerConfig(name=OptimizerName(name), lr=0.1, betas=[0.9, 0.99]), CPU)
     assert len(opt.param_groups) == 2
 
 
@@ -99,17 +97,7 @@ def muon_setup(**config):
         TransformerConfig(vocab_size=20, d_model=16, num_heads=2, num_layers=2, tie_embeddings=False, **config)
     )
     model.add_classifier(3)
-    opt = build_optimizer(
-        model,
-        name="muon",
-        lr=1e-3,
-        weight_decay=0.1,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        momentum=0.95,
-        device=torch.device("cpu"),
-        muon_lr=0.02,
-    )
+    opt = build_optimizer(model, OptimizerConfig(name=OptimizerName.muon, lr=1e-3, momentum=0.95, muon_lr=0.02), CPU)
     return model, opt
 
 
@@ -167,7 +155,7 @@ def test_muon_state_round_trips_through_the_checkpoint_format_bitwise():
 
 def test_the_schedule_scales_muon_and_adamw_alike():
     model, opt = muon_setup()
-    sched = build_scheduler(opt, name="cosine", lr=1e-3, warmup_steps=WARM, max_steps=MAX, min_lr=1e-4)
+    sched = build_scheduler(opt, schedule("cosine"), 1e-3, MAX)
     for step in range(WARM + 30):
         factor = at("cosine", step) / LR
         assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * factor)
@@ -181,19 +169,17 @@ def test_resume_schedule_sets_the_next_steps_lr_under_the_new_schedule():
     new length, not the saved one's, and the scheduler reports it too."""
     model = TransformerLM(TransformerConfig(vocab_size=20, d_model=16, num_heads=2, num_layers=1))
 
-    def schedule(max_steps):
-        opt = build_optimizer(
-            model, name="adamw", lr=LR, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, momentum=0.9, device=CPU
-        )
-        return build_scheduler(opt, name="cosine", lr=LR, warmup_steps=WARM, max_steps=max_steps, min_lr=MIN)
+    def scheduled(max_steps):
+        opt = build_optimizer(model, OptimizerConfig(lr=LR), CPU)
+        return build_scheduler(opt, schedule("cosine"), LR, max_steps)
 
-    saved = schedule(MAX)
+    saved = scheduled(MAX)
     for _ in range(40):
         saved.optimizer.step()
         saved.step()
-    resumed = schedule(2 * MAX)
+    resumed = scheduled(2 * MAX)
     resume_schedule(resumed, saved.state_dict())
-    expected = lr_at(40, name="cosine", lr=LR, warmup_steps=WARM, max_steps=2 * MAX, min_lr=MIN)
+    expected = at("cosine", 40, max_steps=2 * MAX)
     assert expected != pytest.approx(at("cosine", 40))  # the two schedules differ at this step
     assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([expected, expected])
     assert resumed.get_last_lr() == pytest.approx([expected, expected])

@@ -1,5 +1,5 @@
 """Every option of every config group trains a few steps (model presets shrunk to tiny sizes).
-The finetune-only options (task=*, data=examples, trainer=finetune) train in test_finetune.py."""
+The finetune-only options (task=*, adapter=*, trainer=finetune) train in test_finetune.py."""
 
 import importlib.resources
 import math

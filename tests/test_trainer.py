@@ -3,10 +3,12 @@ from functools import partial
 import numpy as np
 import torch
 
+from lmtrain.config import OptimizerConfig, SchedulerConfig
 from lmtrain.data.tokens import WindowSampler
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
 from lmtrain.train.losses import cross_entropy
-from lmtrain.train.optim import build_optimizer, build_scheduler
+from lmtrain.train.optim import build_optimizer
+from lmtrain.train.schedules import build_scheduler
 from lmtrain.train.trainer import Cadence, Trainer
 
 CPU = torch.device("cpu")
@@ -15,10 +17,8 @@ CPU = torch.device("cpu")
 def make_trainer(lr: float = 1e-3) -> Trainer:
     torch.manual_seed(0)
     model = TransformerLM(TransformerConfig(vocab_size=37, d_model=32, num_heads=2, num_layers=2, max_seq_len=16))
-    opt = build_optimizer(
-        model, name="adamw", lr=lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, momentum=0.0, device=CPU
-    )
-    sched = build_scheduler(opt, name="cosine", lr=lr, warmup_steps=2, max_steps=30, min_lr=lr / 10)
+    opt = build_optimizer(model, OptimizerConfig(lr=lr, momentum=0.0), CPU)
+    sched = build_scheduler(opt, SchedulerConfig(warmup_steps=2, min_lr=lr / 10), lr, 30)
     return Trainer(model, opt, sched, partial(cross_entropy, label_smoothing=0.05), device=CPU, grad_clip=1.0)
 
 

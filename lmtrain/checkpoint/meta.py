@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from lmtrain.core.errors import UserError
@@ -122,6 +123,14 @@ def safetensors_shapes(path: Path, key: str) -> dict[str, list[int]]:
     return shapes
 
 
+def as_model_config(values: dict[str, Any]) -> TransformerConfig:
+    """model.json's fields, checked, as a TransformerConfig with its enums; a field an older model.json lacks
+    (one added since) takes the schema's default, which is what such a model was."""
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TransformerConfig), values))
+    assert isinstance(config, TransformerConfig)
+    return config
+
+
 def model_config(checkpoint: Path, key: str, exact: bool = True) -> TransformerConfig:
     """The checkpoint's TransformerConfig, checked field by field and against the tensor shapes in its
     model.safetensors (with `exact`, every tensor; else, for an export whose int8 layers have other shapes,
@@ -139,7 +148,7 @@ def model_config(checkpoint: Path, key: str, exact: bool = True) -> TransformerC
         kind, check, wanted = MODEL_FIELDS[name]
         if not _type_ok(name, value, kind) or not check(value):
             raise UserError(f"{key}: '{path}': {name} must be {wanted}, got {value!r}")
-    config = TransformerConfig(**values)
+    config = as_model_config(values)
     if config.head_dim is None and config.d_model % config.num_heads:
         raise UserError(f"{key}: '{path}': num_heads={config.num_heads} does not divide d_model={config.d_model}")
     if config.num_heads % config.kv_heads:

@@ -26,7 +26,7 @@ from lmtrain.hf.save import write_hf, write_peft
 from lmtrain.model.lora import merge_lora
 from lmtrain.tasks.base import load_task_info
 from lmtrain.tasks.records import split_examples
-from lmtrain.train.losses import scored
+from lmtrain.train.losses import validation_loss
 
 log = logging.getLogger("lmtrain")
 
@@ -57,14 +57,13 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
         log.warning("no validation score: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
         return None
     dtype = next(model.parameters()).dtype
-    total, count = 0.0, 0
-    for inputs, targets in batches:
+
+    def logits_of(batch):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(inputs.to(device))
-        summed, targets_scored = scored(logits, targets.to(device))
-        total += summed.item()
-        count += targets_scored
-    mean = total / count
+            return model(batch[0].to(device))
+
+    total, count = validation_loss(batches, logits_of)
+    mean = total.item() / count
     return {"loss": mean, "ppl": math.exp(min(mean, 700.0))}
 
 

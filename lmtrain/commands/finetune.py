@@ -52,6 +52,7 @@ def run(cfg: FinetuneConfig, run_dir: str) -> dict:
 def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     t, d = cfg.trainer, cfg.data
+    runs.check_options(cfg)
     # both required by config.checks before a run starts
     assert cfg.init_from is not None and d.train is not None, "init_from and data.train are checked before the run"
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)

@@ -35,6 +35,7 @@ def run(cfg: PretrainConfig, run_dir: str) -> dict:
 def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     t, d = cfg.trainer, cfg.data
+    runs.check_options(cfg)
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
     source = resume_source(t.resume, run_dir)
     pretrained, existing, end_of_text = None, None, None

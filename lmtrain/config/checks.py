@@ -167,8 +167,6 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
         errors.append(f"loss.label_smoothing: must be in [0, 1), got {lo.label_smoothing}")
     if lo.z_loss < 0:
         errors.append(f"loss.z_loss: must be >= 0, got {lo.z_loss}")
-    if lo.name == "distill" and not lo.teacher:
-        errors.append("loss.teacher: missing; loss=distill needs loss.teacher=outputs/<run>/checkpoints/latest")
     _positive(lo, "loss.", errors, "temperature")
     if not 0.0 <= lo.alpha <= 1.0:
         errors.append(f"loss.alpha: must be in [0, 1], got {lo.alpha}")
@@ -181,8 +179,6 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
     if t.ema_decay is not None and t.strategy == "fsdp":
         errors.append("trainer.ema_decay: not supported with trainer.strategy=fsdp (use ddp, or ema_decay=null)")
     _positive(t, "trainer.", errors, "early_stopping_patience", nullable=True)
-    if o.name == "muon" and t.strategy == "fsdp":  # its Newton-Schulz step needs whole matrices, FSDP shards them
-        errors.append("optimizer=muon: not supported with trainer.strategy=fsdp (use ddp, or optimizer=adamw)")
     if not isinstance(t.resume, bool | str):
         errors.append(f"trainer.resume: must be true, false or a path, got {t.resume!r}")
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+from collections.abc import Mapping
 from typing import Any
+
+from omegaconf import DictConfig, open_dict, read_write
 
 from lmtrain.config.checks import ConfigError, validate
 from lmtrain.config.keys import CHOICES, all_keys, nearest, string_keys
 from lmtrain.config.paths import check_out_folder
+from lmtrain.config.store import IDENTITY
 
 CONFIG_PACKAGE = "lmtrain.configs"
 
@@ -89,7 +93,7 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
     """
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     groups: list[str] = []
     values: list[str] = []
@@ -99,12 +103,14 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
         if bare.startswith("hydra.") or bare.startswith("hydra/"):
             continue
         (groups if "." not in bare and group_options(bare) is not None else values).append(override)
+    check_identity(values)
     for override in groups:
         key, _, value = override.partition("=")
         options = group_options(key.lstrip("+~")) or []
         if value and value not in options:
             raise no_such_option(key.lstrip("+~"), value, options)
     with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
+        _check_groups_are_the_commands(compose(config_name, return_hydra_config=True), schema, groups)
         try:
             base = compose(config_name, overrides=groups)
         except HydraException as err:
@@ -124,27 +130,40 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
             cfg = compose(config_name, overrides=groups + values, return_hydra_config=True)
         except HydraException as err:
             raise ConfigError(first_line(err)) from None
-    check_identity(cfg)
+    name_options(cfg, cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
     return validate(cfg, schema, explicit=explicit_keys(values)) if check_values else cfg
 
 
-# the key of each group that names its option: `optimizer=sgd` is how the name is chosen
-IDENTITY = {"optimizer": "name", "scheduler": "name", "loss": "name", "task": "name", "adapter": "name"}
-IDENTITY["grad_accum"] = "mode"
+def _check_groups_are_the_commands(plain, schema: type, groups: list[str]) -> None:
+    """A folder of options serves the commands whose defaults list names it: `finetune data=python_stdlib`
+    (pretrain's corpus options) would otherwise merge into finetune's records config."""
+    own = set(plain.hydra.runtime.choices)
+    fields = {key for key in all_keys(schema) if "." not in key}
+    for override in groups:
+        key, _, value = override.partition("=")
+        group = key.lstrip("+~")
+        if group in fields and group not in own:
+            name = plain.hydra.job.name
+            raise ConfigError(f"{group}={value}: {name} takes no {group}=... option; set its {group}.* keys instead")
 
 
-def check_identity(cfg) -> None:
-    """A group's name key must agree with the option chosen for it (`optimizer=adamw optimizer.name=sgd`
-    would otherwise train SGD with AdamW's settings)."""
-    for group, option in cfg.hydra.runtime.choices.items():
-        key = IDENTITY.get(group)
-        value = cfg.get(group, {}).get(key) if key else None
-        if value is not None and value != option:
-            raise ConfigError(
-                f"{group}.{key}: '{value}' contradicts {group}={option}; the option sets it: choose {group}={value}"
-            )
+def check_identity(overrides: list[str]) -> None:
+    """`optimizer.name=sgd` would train SGD with another option's settings: the option is chosen by name."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        group, _, leaf = key.lstrip("+~").partition(".")
+        if IDENTITY.get(group) == leaf:
+            raise ConfigError(f"{group}.{leaf}: the option chosen sets it; choose {group}={value} instead")
+
+
+def name_options(cfg: DictConfig, choices: Mapping[str, str | None]) -> None:
+    """Write each group's chosen option (Hydra's `runtime.choices`) into the group's name key, in place."""
+    with read_write(cfg), open_dict(cfg):
+        for group, key in IDENTITY.items():
+            if choices.get(group) and group in cfg:
+                cfg[group][key] = choices[group]
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:

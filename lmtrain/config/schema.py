@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: OptimizerName = OptimizerName.adamw  # the option's own name (muon: Muon for the blocks' matrices)
+    name: OptimizerName = OptimizerName.adamw  # the option chosen (optimizer=...; Hydra fills it in)
     lr: float = 1e-3  # peak learning rate (muon: of the AdamW parameters)
     weight_decay: float = 0.1  # applied to matrices only, never to norms, biases or embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam(W) betas
@@ -86,7 +86,7 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: SchedulerName = SchedulerName.cosine  # the option's own name: choose it with scheduler=...
+    name: SchedulerName = SchedulerName.cosine  # the option chosen (scheduler=...; Hydra fills it in)
     warmup_steps: int = 50  # linear warmup from 0 to optimizer.lr
     min_lr: float = 0.0  # floor the schedule never goes below
     decay_fraction: float = 0.2  # wsd only: fraction of max_steps spent in the final decay
@@ -94,14 +94,14 @@ class SchedulerConfig:
 
 @dataclass
 class GradAccumConfig:
-    mode: GradAccumMode = GradAccumMode.steps  # the option's own name: choose it with grad_accum=...
+    mode: GradAccumMode = GradAccumMode.steps  # the option chosen (grad_accum=...; Hydra fills it in)
     steps: int = 1  # micro-batches per optimizer step (mode=steps)
     global_batch_tokens: int | None = None  # tokens per optimizer step over all processes (mode=global_batch)
 
 
 @dataclass
 class LossConfig:
-    name: LossName = LossName.cross_entropy  # the option's own name: choose it with loss=...
+    name: LossName = LossName.cross_entropy  # the option chosen (loss=...; Hydra fills it in)
     label_smoothing: float = 0.0  # mass spread uniformly over the vocabulary
     z_loss: float = 0.0  # weight of the squared log-partition penalty (PaLM); 0 disables
     ignore_index: int = -100  # target id that carries no loss (padding, prompt tokens)
@@ -183,7 +183,7 @@ class PretrainConfig:
 
 @dataclass
 class TaskConfig:
-    # the option's own name: choose it with task=... (lm, classification, seq2seq, qa, chat or a registered task)
+    # the option chosen (task=...; Hydra fills it in): lm, classification, seq2seq, qa, chat or a registered task
     name: str = TaskName.classification.value
     class_weights: ClassWeights = ClassWeights.none  # classification: balanced weighs classes by inverse frequency
     pooling: Pooling = Pooling.last  # classification: the head reads the last token or the mean of all
@@ -219,7 +219,7 @@ class ExampleDataConfig:
 
 @dataclass
 class AdapterConfig:
-    name: AdapterName = AdapterName.none  # the option's own name: choose it with adapter=... (none trains every weight)
+    name: AdapterName = AdapterName.none  # the option chosen (adapter=...; Hydra fills it in; none trains every weight)
     rank: int = 16  # lora: rank r of the update B A
     alpha: float = 32.0  # lora: the update is scaled by alpha / rank
     dropout: float = 0.0  # lora: dropout on the adapter's input

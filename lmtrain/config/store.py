@@ -27,12 +27,20 @@ SCHEMAS: dict[str, type] = {
     "inspect": InspectConfig,
 }
 
+# the key of each group that holds its option's name: filled from the option chosen (`optimizer=sgd`), never
+# written in the option's YAML nor set on the command line
+IDENTITY = {"optimizer": "name", "scheduler": "name", "loss": "name", "task": "name", "adapter": "name"}
+IDENTITY["grad_accum"] = "mode"
+
 
 def register() -> None:
     """Store each schema as plain values: `lmtrain.config.checks.validate` type-checks the composed config
     afterwards, so a mistake is reported with the key to fix rather than as Hydra's composition error."""
     store = ConfigStore.instance()
     for command, schema in SCHEMAS.items():
-        store.store(
-            name=f"{command}_schema", node=OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
-        )
+        node = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
+        assert isinstance(node, dict)
+        for group, key in IDENTITY.items():  # Hydra's own view (--cfg job, .hydra/) names the option chosen
+            if group in node:
+                node[group][key] = "${hydra:runtime.choices." + group + "}"
+        store.store(name=f"{command}_schema", node=node)

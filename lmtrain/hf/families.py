@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+from lmtrain.config.choices import Activation, Norm, Position, RopeScaling
 from lmtrain.core.errors import UserError
 from lmtrain.model.transformer import TransformerConfig
 
@@ -90,7 +91,7 @@ def _rope_settings(hf: dict) -> dict:
     settings: dict = {"rope_theta": float(theta)}
     if kind == "llama3":
         settings.update(
-            rope_scaling="llama3",
+            rope_scaling=RopeScaling.llama3,
             rope_scaling_factor=float(params["factor"]),
             rope_low_freq_factor=float(params["low_freq_factor"]),
             rope_high_freq_factor=float(params["high_freq_factor"]),
@@ -147,7 +148,12 @@ def config_from_hf(hf: dict) -> TransformerConfig:
 
 
 def _gpt2_config(hf: dict) -> TransformerConfig:
-    activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+    activations = {
+        "gelu_new": Activation.gelu_tanh,
+        "gelu_pytorch_tanh": Activation.gelu_tanh,
+        "gelu": Activation.gelu,
+        "relu": Activation.relu,
+    }
     act = hf.get("activation_function", "gelu_new")
     if act not in activations:
         raise UserError(f"config.json: activation_function '{act}' is not supported ({', '.join(activations)})")
@@ -162,9 +168,9 @@ def _gpt2_config(hf: dict) -> TransformerConfig:
         max_seq_len=int(hf["n_positions"]),
         d_ff=hf.get("n_inner"),
         activation=activations[act],
-        norm="layernorm",
+        norm=Norm.layernorm,
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        position="learned",
+        position=Position.learned,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         bias=True,
         init_std=float(hf.get("initializer_range", 0.02)),
@@ -193,10 +199,10 @@ def _llama_config(hf: dict, family: str) -> TransformerConfig:
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=int(head_dim),
         d_ff=int(hf["intermediate_size"]),
-        activation="swiglu",
-        norm="rmsnorm",
+        activation=Activation.swiglu,
+        norm=Norm.rmsnorm,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        position="rope",
+        position=Position.rope,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bias=attention_bias,
         qkv_bias=family == "qwen2",

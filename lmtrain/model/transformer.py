@@ -1,4 +1,4 @@
-"""A decoder-only causal Transformer LM. Plain PyTorch: no Hydra, no files, usable on its own."""
+"""A decoder-only causal Transformer LM. Plain PyTorch over a config dataclass: no files, usable on its own."""
 
 from __future__ import annotations
 
@@ -11,38 +11,18 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from lmtrain.config.choices import Pooling
+from lmtrain.config.schema import ModelConfig, TaskConfig
 
-@dataclass
-class TransformerConfig:
+
+@dataclass(kw_only=True)
+class TransformerConfig(ModelConfig):
+    """The model's shape: the schema's `model` group (lmtrain.config.schema.ModelConfig, whose defaults are the
+    only ones) plus the vocabulary and the classification head a finetune adds."""
+
     vocab_size: int
-    d_model: int = 128
-    num_heads: int = 4
-    num_layers: int = 4
-    max_seq_len: int = 128
-    num_kv_heads: int | None = None  # None: num_heads (multi-head); fewer: grouped-query; 1: multi-query
-    head_dim: int | None = None  # None: d_model // num_heads
-    d_ff: int | None = None  # None: 4*d_model, or 8/3*d_model rounded to 64 for swiglu
-    dropout: float = 0.0
-    activation: str = "gelu"  # relu | gelu | gelu_tanh | swiglu | relu2
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
-    norm_position: str = "pre"  # pre | post
-    position: str = "learned"  # learned | rope
-    rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # none | llama3
-    rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_seq_len: int = 8192
-    tie_embeddings: bool = True
-    bias: bool = False  # biases in every linear layer and LayerNorm
-    qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
-    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
-    init_std: float = 0.02
-    zero_init_residual: bool = False  # attn.proj and ffn.down start at zero: each block starts as the identity
-    logit_softcap: float | None = None  # None: off; else LM logits are cap * tanh(logits / cap) (Gemma 2)
     num_classes: int = 0  # > 0: a classification head over the hidden state of a chosen position
-    pooling: str = "last"  # what the classification head reads: last (the last real token) | mean (of all tokens)
+    pooling: Pooling = TaskConfig.pooling  # what the classification head reads (task.pooling)
 
     @property
     def ffn_width(self) -> int:
@@ -351,7 +331,7 @@ class TransformerLM(nn.Module):
         """Groups of parameter names sharing one tensor (stored once): token embedding and LM head, if tied."""
         return [("token_embedding.weight", "lm_head.weight")] if self.config.tie_embeddings else []
 
-    def add_classifier(self, num_classes: int, pooling: str | None = None) -> None:
+    def add_classifier(self, num_classes: int, pooling: Pooling | None = None) -> None:
         """A fresh classification head (for finetuning a pretrained LM on a classification task); `pooling`:
         last | mean (None: as the config says)."""
         self.config = dataclasses.replace(self.config, num_classes=num_classes, pooling=pooling or self.config.pooling)

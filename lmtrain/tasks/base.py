@@ -31,7 +31,7 @@ from lmtrain.data.examples import Example, collate, collate_packed, fixed_batche
 from lmtrain.data.tokenizer import end_of_text_id, warn_unknown
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.tasks import metrics
-from lmtrain.train.losses import scored
+from lmtrain.train.losses import validation_loss
 
 log = logging.getLogger("lmtrain")
 IGNORE = -100
@@ -193,23 +193,25 @@ class Task:
         """Mean loss per target over `examples` and, with `predict`, each target's argmax prediction and the
         target. Raises UserError when nothing is scored (a loss of 0 would read as a perfect score)."""
         model.eval()
-        total, count, predictions, targets_seen = 0.0, 0, [], []
-        for inputs, targets in fixed_batches(examples, batch_size, self.collate):
+        predictions: list[int] = []
+        targets_seen: list[int] = []
+
+        def logits_of(batch):
+            inputs, targets = batch
             with autocast(device, amp_dtype):
                 if isinstance(inputs, dict):
                     logits = model(**{k: v.to(device) for k, v in inputs.items()})
                 else:
                     logits = model(inputs.to(device))
-            targets = targets.to(device)
-            loss, targets_scored = scored(logits, targets, IGNORE)
-            total += loss.item()
-            count += targets_scored
             if predict:
-                predictions += logits.argmax(-1).tolist()
-                targets_seen += targets.tolist()
+                predictions.extend(logits.argmax(-1).tolist())
+                targets_seen.extend(targets.tolist())
+            return logits
+
+        total, count = validation_loss(fixed_batches(examples, batch_size, self.collate), logits_of, IGNORE)
         if count == 0:
             raise UserError("no tokens to score: every example is empty")
-        return total / count, predictions, targets_seen
+        return total.item() / count, predictions, targets_seen
 
     @torch.no_grad()
     def evaluate(

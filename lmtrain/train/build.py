@@ -8,9 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -21,57 +19,63 @@ from lmtrain.checkpoint.parts import RngState, Stateful
 from lmtrain.checkpoint.resume import restore
 from lmtrain.checkpoint.strategy import strategy_for
 from lmtrain.checkpoint.writer import Writer
-from lmtrain.config import FinetuneConfig, LossConfig, PretrainConfig, SchedulerConfig, TrainerConfig
+from lmtrain.config import FinetuneConfig, PretrainConfig, SchedulerConfig, TrainerConfig
+from lmtrain.config.choices import Strategy
 from lmtrain.core import devices, distributed
 from lmtrain.core.distributed import Placement
 from lmtrain.core.errors import Diverged, UserError
 from lmtrain.data.sampler import Sampler
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.train.ema import EMA
-from lmtrain.train.losses import cross_entropy, distillation
-from lmtrain.train.optim import ResumedSchedule, build_optimizer, build_scheduler
+from lmtrain.train.losses import TEACHER_LOSSES, build_loss
+from lmtrain.train.optim import WHOLE_MATRICES, build_optimizer
 from lmtrain.train.run_dir import take_over
+from lmtrain.train.schedules import ResumedSchedule, build_scheduler
 from lmtrain.train.sinks import open_sinks
 from lmtrain.train.trainer import Cadence, Trainer
 
 log = logging.getLogger("lmtrain")
 
 
+def check_options(cfg: PretrainConfig | FinetuneConfig) -> None:
+    """The rules an option sets on the rest of the config; the commands check them before reading any data.
+    Raises UserError."""
+    if cfg.loss.name in TEACHER_LOSSES and not cfg.loss.teacher:
+        raise UserError(
+            f"loss.teacher: missing; loss={cfg.loss.name} needs loss.teacher=outputs/<run>/checkpoints/latest"
+        )
+    if cfg.optimizer.name in WHOLE_MATRICES and cfg.trainer.strategy is Strategy.fsdp:
+        raise UserError(
+            f"optimizer={cfg.optimizer.name}: not supported with trainer.strategy=fsdp, which shards the matrices it"
+            " orthogonalises (use ddp, or optimizer=adamw)"
+        )
+
+
 def build_trainer(
     model: TransformerLM,
-    cfg,
+    cfg: PretrainConfig | FinetuneConfig,
     placement: Placement,
     max_steps: int,
     *,
     tokenizer_json: str,
     class_weights: torch.Tensor | None = None,
 ) -> Trainer:
-    """The model placed (single, DDP or FSDP), then optimizer, schedule and loss (and, for loss=distill, the
-    teacher) from the shared config groups (cfg: PretrainConfig | FinetuneConfig)."""
-    o, s, t, lo = cfg.optimizer, cfg.scheduler, cfg.trainer, cfg.loss
+    """The model placed (single, DDP or FSDP), then optimizer, schedule and loss (and, for a loss that reads a
+    teacher, the teacher) from the shared config groups."""
+    o, t, lo = cfg.optimizer, cfg.trainer, cfg.loss
     device = placement.device
-    teacher = load_teacher(lo.teacher, model, tokenizer_json, device) if lo.name == "distill" else None
+    teacher = None
+    if lo.name in TEACHER_LOSSES:
+        assert lo.teacher, "check_options asks for it before a run reads its data"
+        teacher = load_teacher(lo.teacher, model, tokenizer_json, device)
     model.activation_checkpointing = t.activation_checkpointing
     parallel = distributed.wrap(model, placement, t.precision)
-    optimizer = build_optimizer(
-        model,
-        name=o.name,
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        betas=tuple(o.betas),
-        eps=o.eps,
-        momentum=o.momentum,
-        device=device,
-        muon_lr=o.muon_lr,
-        muon_adjust_lr_fn=o.muon_adjust_lr_fn,
-    )
-    scheduler = _schedule(optimizer, o.lr, s, max_steps)
-    ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None
+    optimizer = build_optimizer(model, o, device)
     return Trainer(
         model,
         optimizer,
-        scheduler,
-        _loss_fn(lo, distill=teacher is not None, class_weights=class_weights),
+        build_scheduler(optimizer, _fitted(cfg.scheduler, max_steps), o.lr, max_steps),
+        build_loss(lo, class_weights),
         device=device,
         precision=t.precision,
         grad_clip=o.grad_clip,
@@ -83,7 +87,7 @@ def build_trainer(
         placement=placement,
         parallel=parallel,
         on_nonfinite=t.on_nonfinite,
-        ema=ema,
+        ema=EMA(model, t.ema_decay) if t.ema_decay is not None else None,
         early_stopping_patience=t.early_stopping_patience,
     )
 
@@ -113,31 +117,12 @@ def checkpoint_parts(trainer: Trainer, sampler: Sampler) -> dict[str, Stateful]:
     return {**parts, "rng": RngState(trainer.device), "sampler": sampler}
 
 
-def _schedule(optimizer: torch.optim.Optimizer, lr: float, s: SchedulerConfig, max_steps: int):
-    """The LR schedule; a warmup longer than the run (`trainer.max_steps=5`, a quick try) is cut to fit it."""
-    warmup = s.warmup_steps
-    if warmup > max_steps:
-        log.warning("scheduler.warmup_steps: %d is longer than the run; cut to its %d steps", warmup, max_steps)
-        warmup = max_steps
-    return build_scheduler(
-        optimizer,
-        name=s.name,
-        lr=lr,
-        warmup_steps=warmup,
-        max_steps=max_steps,
-        min_lr=s.min_lr,
-        decay_fraction=s.decay_fraction,
-    )
-
-
-def _loss_fn(lo: LossConfig, distill: bool, class_weights: torch.Tensor | None) -> Callable:
-    """The training loss the loss group names (validation always uses plain cross-entropy)."""
-    common: dict[str, Any] = dict(
-        label_smoothing=lo.label_smoothing, z_loss=lo.z_loss, ignore_index=lo.ignore_index, class_weights=class_weights
-    )
-    if distill:
-        return partial(distillation, temperature=lo.temperature, alpha=lo.alpha, kl=lo.kl, **common)
-    return partial(cross_entropy, **common)
+def _fitted(s: SchedulerConfig, max_steps: int) -> SchedulerConfig:
+    """The schedule; a warmup longer than the run (`trainer.max_steps=5`, a quick try) is cut to fit it."""
+    if s.warmup_steps <= max_steps:
+        return s
+    log.warning("scheduler.warmup_steps: %d is longer than the run; cut to its %d steps", s.warmup_steps, max_steps)
+    return dataclasses.replace(s, warmup_steps=max_steps)
 
 
 def load_teacher(path: str, student: TransformerLM, tokenizer_json: str, device: torch.device) -> TransformerLM:

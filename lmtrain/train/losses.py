@@ -3,8 +3,15 @@ divides once per optimizer step by the total count: that makes gradient accumula
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from lmtrain.config import LossConfig
+from lmtrain.config.choices import KL, LossName
 
 
 def cross_entropy(
@@ -47,6 +54,24 @@ def scored(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
     return loss.double(), int(count)
 
 
+def validation_loss(
+    batches: Iterable[tuple[Any, torch.Tensor]],
+    logits_of: Callable[[tuple[Any, torch.Tensor]], torch.Tensor],
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, int]:
+    """The validation loss that trainer, tasks and export report, as (float64 sum of `scored` over every
+    target, number of targets); the mean is sum / count. `logits_of(batch)`: the model's logits [..., V] for
+    a batch (inputs, targets [...]), on the device the sum is kept on."""
+    total: torch.Tensor | None = None
+    count = 0
+    for batch in batches:
+        logits = logits_of(batch)
+        loss, scored_targets = scored(logits, batch[1].to(logits.device), ignore_index)
+        total = loss if total is None else total + loss
+        count += scored_targets
+    return (total if total is not None else torch.zeros((), dtype=torch.float64)), count
+
+
 def distillation(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -54,7 +79,7 @@ def distillation(
     *,
     temperature: float = 2.0,
     alpha: float = 0.5,
-    kl: str = "forward",
+    kl: KL = KL.forward,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     ignore_index: int = -100,
@@ -62,8 +87,8 @@ def distillation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha * T^2 * KL + (1 - alpha) * cross-entropy, summed over the positions with a target.
 
-    kl="forward" is KL(teacher || student) (the student covers the teacher's mass, Hinton et al.);
-    "reverse" is KL(student || teacher) (mode-seeking). The T^2 factor keeps the soft-target gradients on
+    kl=forward is KL(teacher || student) (the student covers the teacher's mass, Hinton et al.);
+    reverse is KL(student || teacher) (mode-seeking). The T^2 factor keeps the soft-target gradients on
     the scale of the hard-label ones as T changes.
     """
     hard, count = cross_entropy(
@@ -77,8 +102,37 @@ def distillation(
     valid = (targets != ignore_index).reshape(-1)
     student = (logits.reshape(-1, logits.shape[-1])[valid].float() / temperature).log_softmax(-1)
     teacher = (teacher_logits.reshape(-1, teacher_logits.shape[-1])[valid].float() / temperature).log_softmax(-1)
-    if kl == "forward":
+    if kl is KL.forward:
         divergence = (teacher.exp() * (teacher - student)).sum()
     else:
         divergence = (student.exp() * (student - teacher)).sum()
     return alpha * temperature**2 * divergence + (1.0 - alpha) * hard, count
+
+
+def _common(lo: LossConfig, class_weights: torch.Tensor | None) -> dict:
+    return dict(
+        label_smoothing=lo.label_smoothing, z_loss=lo.z_loss, ignore_index=lo.ignore_index, class_weights=class_weights
+    )
+
+
+def _cross_entropy(lo: LossConfig, class_weights: torch.Tensor | None) -> Callable:
+    return partial(cross_entropy, **_common(lo, class_weights))
+
+
+def _distill(lo: LossConfig, class_weights: torch.Tensor | None) -> Callable:
+    return partial(distillation, temperature=lo.temperature, alpha=lo.alpha, kl=lo.kl, **_common(lo, class_weights))
+
+
+# loss.name -> builder of the training loss from (its config, class weights [num_classes] or None)
+LOSSES: dict[LossName, Callable[[LossConfig, torch.Tensor | None], Callable]] = {
+    LossName.cross_entropy: _cross_entropy,
+    LossName.distill: _distill,
+}
+# losses that read a teacher's logits (loss.teacher), passed to them as teacher_logits
+TEACHER_LOSSES = {LossName.distill}
+
+
+def build_loss(lo: LossConfig, class_weights: torch.Tensor | None = None) -> Callable:
+    """The training loss lo.name names: (logits, targets[, teacher_logits]) -> (sum, count). Validation
+    always uses `scored`."""
+    return LOSSES[lo.name](lo, class_weights)

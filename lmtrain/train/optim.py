@@ -1,12 +1,15 @@
-"""Optimizers with decay / no-decay parameter groups (Muon for the blocks' matrices, AdamW for the rest), and
-warmup + decay learning-rate schedules."""
+"""Optimizers with decay / no-decay parameter groups (Muon for the blocks' matrices, AdamW for the rest), one
+builder per optimizer.name in OPTIMIZERS."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from lmtrain.config import OptimizerConfig
+from lmtrain.config.choices import OptimizerName
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -71,105 +74,52 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(
-    model: nn.Module,
-    *,
-    name: str,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    momentum: float,
-    device: torch.device,
-    muon_lr: float = 0.02,
-    muon_adjust_lr_fn: str = "original",
-) -> torch.optim.Optimizer:
-    """name=muon: `momentum`, `muon_lr` and `muon_adjust_lr_fn` (torch's: `original` scales the lr by
-    sqrt(max(1, rows / cols)); `match_rms_adamw` by 0.2 * sqrt(max(rows, cols)), so AdamW's lr and decay
-    carry over) drive Muon; `lr`, `betas` and `eps` drive AdamW; `weight_decay` applies to both."""
-    if name == "muon":
-        matrices = {id(p) for p in muon_parameters(model)}
-        groups = [
-            {**group, "params": [p for p in group["params"] if id(p) not in matrices]}
-            for group in parameter_groups(model, weight_decay)
-        ]
-        fused = {"fused": True} if device.type == "cuda" else {}
-        adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **fused)
-        muon = torch.optim.Muon(
-            [{"params": muon_parameters(model)}],  # one group, even when empty (all blocks frozen)
-            lr=muon_lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            adjust_lr_fn=muon_adjust_lr_fn,
-        )
-        return MuonWithAdamW(adamw, muon)
-    groups = parameter_groups(model, weight_decay)
-    # Fused kernels on CUDA; foreach (the default) elsewhere.
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **fused)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, **fused)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **fused)
-    raise ValueError(f"unknown optimizer {name!r}")
+def _adamw(model: nn.Module, o: OptimizerConfig, fused: dict) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, o.weight_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, **fused)
 
 
-def lr_at(
-    step: int,
-    *,
-    name: str,
-    lr: float,
-    warmup_steps: int,
-    max_steps: int,
-    min_lr: float = 0.0,
-    decay_fraction: float = 0.2,
-) -> float:
-    """LR of optimizer step `step` (0-based): linear warmup, then the named decay, floored at min_lr."""
-    if step < warmup_steps:
-        return lr * (step + 1) / (warmup_steps + 1)
-    if name == "constant":
-        return lr
-    if name == "inverse_sqrt":
-        return max(min_lr, lr * math.sqrt(max(warmup_steps, 1) / max(step, 1)))
-    if name == "wsd":
-        decay_start = max(warmup_steps, max_steps - round(decay_fraction * max_steps))
-        if step < decay_start:
-            return lr
-        progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
-        return lr - (lr - min_lr) * progress
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    if name == "linear":
-        return lr - (lr - min_lr) * progress
-    if name == "cosine":
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-    raise ValueError(f"unknown scheduler {name!r}")
+def _adam(model: nn.Module, o: OptimizerConfig, fused: dict) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, o.weight_decay)
+    return torch.optim.Adam(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, **fused)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, **schedule) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR whose factor is lr_at(step) / lr, applied to every param group (Muon's group too, from its
-    own peak lr); its state is a step counter, saved with checkpoints."""
-    peak = schedule["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, **schedule) / peak)
+def _sgd(model: nn.Module, o: OptimizerConfig, fused: dict) -> torch.optim.Optimizer:
+    return torch.optim.SGD(parameter_groups(model, o.weight_decay), lr=o.lr, momentum=o.momentum, **fused)
 
 
-def resume_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
-    """Load a saved schedule and set every group's LR to the next step's under this run's schedule (the same
-    as saved unless max_steps or the schedule changed)."""
-    scheduler.load_state_dict(state)
-    scheduler.last_epoch -= 1
-    scheduler.step()  # recomputes each group's LR at last_epoch + 1 from the schedule, as a training step would
+def _muon(model: nn.Module, o: OptimizerConfig, fused: dict) -> torch.optim.Optimizer:
+    """`momentum`, `muon_lr` and `muon_adjust_lr_fn` (torch's: `original` scales the lr by sqrt(max(1, rows /
+    cols)); `match_rms_adamw` by 0.2 * sqrt(max(rows, cols)), so AdamW's lr and decay carry over) drive Muon;
+    `lr`, `betas` and `eps` drive AdamW; `weight_decay` applies to both."""
+    matrices = {id(p) for p in muon_parameters(model)}
+    groups = [
+        {**group, "params": [p for p in group["params"] if id(p) not in matrices]}
+        for group in parameter_groups(model, o.weight_decay)
+    ]
+    adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, **fused)
+    muon = torch.optim.Muon(
+        [{"params": muon_parameters(model)}],  # one group, even when empty (all blocks frozen)
+        lr=o.muon_lr,
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        adjust_lr_fn=o.muon_adjust_lr_fn.value,
+    )
+    return MuonWithAdamW(adamw, muon)
 
 
-class ResumedSchedule:
-    """The schedule as a checkpoint part: its state is the scheduler's; loading it resumes this run's schedule
-    (`resume_schedule`)."""
+# optimizer.name -> builder of (model, its config, fused-kernel kwargs)
+OPTIMIZERS: dict[OptimizerName, Callable[[nn.Module, OptimizerConfig, dict], torch.optim.Optimizer]] = {
+    OptimizerName.adamw: _adamw,
+    OptimizerName.adam: _adam,
+    OptimizerName.sgd: _sgd,
+    OptimizerName.muon: _muon,
+}
+# optimizers that need each matrix whole on one process (Muon's Newton-Schulz step), so FSDP cannot shard them
+WHOLE_MATRICES = {OptimizerName.muon}
 
-    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler):
-        self.scheduler = scheduler
 
-    def state_dict(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        resume_schedule(self.scheduler, state)
+def build_optimizer(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer o.name names, over `model`'s trainable parameters (decay on matrices only); fused kernels
+    on CUDA, foreach (torch's default) elsewhere."""
+    return OPTIMIZERS[o.name](model, o, {"fused": True} if device.type == "cuda" else {})

@@ -11,13 +11,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from lmtrain.config.choices import OnNonfinite, Precision
 from lmtrain.core import distributed
 from lmtrain.core.distributed import Placement
 from lmtrain.core.dtypes import autocast_dtype
 from lmtrain.core.errors import Diverged
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.train.ema import EMA
-from lmtrain.train.losses import scored
+from lmtrain.train.losses import validation_loss
 from lmtrain.train.progress import ProgressBar
 from lmtrain.train.sinks import Sink
 
@@ -126,7 +127,7 @@ class Trainer:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         *,
         device: torch.device,
-        precision: str = "fp32",
+        precision: Precision = Precision.fp32,
         grad_clip: float = 1.0,
         ignore_index: int = -100,
         compile: bool = False,
@@ -135,7 +136,7 @@ class Trainer:
         teacher: nn.Module | None = None,
         placement: Placement | None = None,
         parallel: nn.Module | None = None,
-        on_nonfinite: str = "stop",
+        on_nonfinite: OnNonfinite = OnNonfinite.stop,
         ema: EMA | None = None,
         early_stopping_patience: int | None = None,
     ):
@@ -152,12 +153,12 @@ class Trainer:
         self.loss_fn = loss_fn
         self.device = device
         self.amp_dtype = autocast_dtype(precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision is Precision.fp16)
         self.grad_clip = grad_clip if grad_clip > 0 else float("inf")
         self.ignore_index = ignore_index
         # distillation: a frozen model whose logits on the same inputs go to loss_fn as teacher_logits
         self.teacher = teacher
-        # "stop": fit raises Diverged at the first non-finite loss or grad norm; "skip": such a step makes no
+        # stop: fit raises Diverged at the first non-finite loss or grad norm; skip: such a step makes no
         # update (one host sync per optimizer step to know it)
         self.on_nonfinite = on_nonfinite
         self.last_step_skipped = False
@@ -218,7 +219,7 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
         # the grad norm is the same on every process, so all of them skip the same steps
-        self.last_step_skipped = self.on_nonfinite == "skip" and not bool(torch.isfinite(grad_norm))
+        self.last_step_skipped = self.on_nonfinite is OnNonfinite.skip and not bool(torch.isfinite(grad_norm))
         if self.last_step_skipped:
             self.state.skipped_steps += 1
         else:
@@ -237,19 +238,10 @@ class Trainer:
         """Mean cross-entropy per target over `batches`; processes split them and each batch counts once."""
         self.model.eval()
         rank, world = self.placement.rank, self.placement.world_size
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
-        rounds = -(-len(batches) // world)  # every process runs as many forwards (FSDP needs them all)
-        for i in range(rounds):
-            index = i * world + rank
-            batch = batches[index] if index < len(batches) else batches[0]
-            inputs, targets = batch
-            with self.autocast():
-                logits = self.forward(inputs, self.evaluated)
-            loss, targets_scored = scored(logits, targets.to(self.device), self.ignore_index)
-            if index < len(batches):
-                total += loss
-                count += targets_scored
+        mine = batches[rank::world]
+        total, count = validation_loss(mine, lambda batch: self.forward(batch[0], self.evaluated), self.ignore_index)
+        for _ in range(-(-len(batches) // world) - len(mine)):  # every process runs as many forwards (FSDP)
+            self.forward(batches[0][0], self.evaluated)
         return distributed.all_reduce_sum(total.item(), self.device) / max(
             distributed.all_reduce_sum(count, self.device), 1
         )
@@ -322,7 +314,7 @@ class Trainer:
             "tokens_seen": state.tokens_seen,
             **(accounting() if accounting is not None else {}),
         }
-        if self.on_nonfinite == "skip":
+        if self.on_nonfinite is OnNonfinite.skip:
             record["skipped_steps"] = state.skipped_steps
         state.train_seconds += elapsed
         window.loss.zero_()
@@ -351,7 +343,7 @@ class Trainer:
         bar = ProgressBar(max_steps, self.state.step, progress_bar, self.placement.is_main)
         state, world = self.state, self.placement.world_size
         window = _Window(torch.tensor(state.window_loss / world, device=self.device), state.tokens_seen)
-        divergence = _Divergence(max_steps + 1, self.device, world, enabled=self.on_nonfinite == "stop")
+        divergence = _Divergence(max_steps + 1, self.device, world, enabled=self.on_nonfinite is OnNonfinite.stop)
 
         def validate() -> None:
             if evaluate is not None:
