@@ -302,3 +302,40 @@ def _measured_lines(ms: dict, mem: dict, tm: dict) -> list[str]:
         f"             {_size(ms['peak_memory']):>15}  peak memory (estimate {_size(mem['total'])}, "
         f"measured {error:+.0%}; {ms['memory_source']})",
     ]
+
+
+def fitting_micro_batch(model, seq_len: int, cfg, memory_bytes: int, tokens_per_step: int, world_size: int) -> int:
+    """`trainer.micro_batch_size=auto`: the largest power of two whose memory estimate (`memory_estimate`, as
+    `lmtrain plan` shows it) fits in `memory_bytes` and whose rounds of micro-batch × `seq_len` × `world_size`
+    tokens divide the global batch of `tokens_per_step` tokens. Raises UserError when not even one sequence
+    fits."""
+    import torch
+
+    t = cfg.trainer
+    memory = memory_estimate(
+        ModelShape.of(model.config),
+        total_params=sum(p.numel() for p in model.parameters()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        linear_weights=sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)),
+        micro_batch=1,
+        seq_len=seq_len,
+        precision=str(t.precision),
+        optimizer=str(cfg.optimizer.name),
+        momentum=cfg.optimizer.momentum,
+        strategy="ddp" if world_size > 1 else "single",
+        world_size=world_size,
+        checkpointing=t.activation_checkpointing,
+    )
+    largest = largest_micro_batch(memory, 1, memory_bytes)
+    size = 1
+    while size * 2 <= largest and tokens_per_step % (size * 2 * seq_len * world_size) == 0:
+        size *= 2
+    if largest < 1 or tokens_per_step % (seq_len * world_size):
+        raise UserError(
+            f"trainer.micro_batch_size=auto: not one sequence of {seq_len} tokens fits the "
+            f"{_size(memory_bytes)} available (estimated {_size(memory['total'])}); lower data.seq_len or "
+            "use a smaller model"
+            if largest < 1
+            else f"grad_accum.global_batch_tokens: {tokens_per_step} is not a multiple of data.seq_len × processes"
+        )
+    return size

@@ -8,13 +8,16 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
+from lmtrain.analysis import costs
 from lmtrain.checkpoint.load import load_model, load_special_tokens
 from lmtrain.checkpoint.resume import resume_source
 from lmtrain.config import PretrainConfig, accumulation_steps
-from lmtrain.core import distributed
+from lmtrain.core import devices, distributed
 from lmtrain.core.errors import UserError
+from lmtrain.core.safe_io import read_text_capped
 from lmtrain.data import mixture, streaming, tokens
 from lmtrain.data.tokenizer import end_of_text_id
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
@@ -44,9 +47,13 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         end_of_text = load_special_tokens(cfg.init_from, existing, key="init_from").end_of_text
     tokenizer, sources = _tokens(cfg, existing, end_of_text)
     model, seq_len = _model(cfg, pretrained, tokenizer, placement.device)
+    auto = t.micro_batch_size == "auto"
+    if auto:
+        t.micro_batch_size = _auto_micro_batch(cfg, model, seq_len, placement, source)
     accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, placement.world_size)
     tokenizer_json = tokenizer.to_str()
     trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer_json)
+    trainer.retry_out_of_memory = auto and placement.world_size == 1
     eos = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
     sampler, validation = _windows(cfg, sources, tokenizer, eos, seq_len)
     separator = eos if d.document_masking else None
@@ -78,8 +85,32 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         data_counts=skipped,
         accounting=sampler.accounting,
     )
+    split = trainer.state.micro_batch_split
+    summary.update(micro_batch_size=t.micro_batch_size // split, accumulation_steps=accum_steps * split)
     log.info("try: " + HINT, run_dir / "checkpoints" / "latest")
     return summary
+
+
+def _auto_micro_batch(
+    cfg: PretrainConfig, model: TransformerLM, seq_len: int, placement: distributed.Placement, source: Path | None
+) -> int:
+    """trainer.micro_batch_size=auto: the micro-batch the run chose before (a resume), else the largest power of
+    two that `lmtrain plan`'s memory estimate fits in the device's free memory (on CUDA, a step that still runs
+    out of memory is retried in halves: lmtrain.train.micro_batch)."""
+    if source is not None:
+        chosen = OmegaConf.create(
+            read_text_capped(source / "config.yaml", 1 << 20, "trainer.resume")
+        ).trainer.micro_batch_size
+        log.info("trainer.micro_batch_size=auto: %s, as chosen when the run started", chosen)
+        return int(chosen)
+    device = placement.device
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else devices.cpu_memory_bytes()
+    tokens_per_step = cfg.grad_accum.global_batch_tokens or 0
+    size = costs.fitting_micro_batch(model, seq_len, cfg, free, tokens_per_step, placement.world_size)
+    log.info(
+        "trainer.micro_batch_size=auto: %d (the largest the memory estimate fits in %.1f GB free)", size, free / 1e9
+    )
+    return size
 
 
 def _tokens(

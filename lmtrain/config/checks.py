@@ -135,7 +135,6 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
         "trainer.",
         errors,
         "max_steps",
-        "micro_batch_size",
         "eval_every",
         "eval_batches",
         "log_every",
@@ -183,6 +182,18 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
         errors.append(f"trainer.resume: must be true, false or a path, got {t.resume!r}")
 
 
+def _check_micro_batch(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> None:
+    size = cfg.trainer.micro_batch_size
+    if size == "auto":
+        if isinstance(cfg, FinetuneConfig) or cfg.grad_accum.mode != "global_batch":
+            errors.append(
+                "trainer.micro_batch_size=auto: needs lmtrain pretrain with grad_accum=global_batch (the global batch "
+                "in tokens stays fixed while the micro-batch is chosen); give a number otherwise"
+            )
+    elif isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        errors.append(f"trainer.micro_batch_size: must be a number > 0 or auto, got {size!r}")
+
+
 def _check_loggers(t: TrainerConfig, errors: list[str]) -> None:
     """A tracker asked for must be installed: caught here, before any training, with the command to fix it."""
     for name, package in (("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "tensorboard")):
@@ -193,6 +204,7 @@ def _check_loggers(t: TrainerConfig, errors: list[str]) -> None:
 def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     _check_model(cfg.model, errors)
     _check_training(cfg, errors)
+    _check_micro_batch(cfg, errors)
     _check_loggers(cfg.trainer, errors)
     d = cfg.data
     _positive(d, "data.", errors, "max_chars", "tokenizer_sample_chars", "num_workers", nullable=True)
@@ -205,7 +217,7 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
         errors.append(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     if d.tokenizer == "bpe" and d.vocab_size < 257:
         errors.append(f"data.vocab_size: a byte-level BPE needs at least 257 entries, got {d.vocab_size}")
-    if not errors and cfg.grad_accum.mode == "global_batch":
+    if not errors and cfg.grad_accum.mode == "global_batch" and cfg.trainer.micro_batch_size != "auto":
         try:
             accumulation_steps(cfg.grad_accum, cfg.trainer.micro_batch_size, cfg.model.max_seq_len, 1)
         except ConfigError as err:
@@ -214,6 +226,7 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
 
 def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
     _check_training(cfg, errors)
+    _check_micro_batch(cfg, errors)
     _check_loggers(cfg.trainer, errors)
     if not cfg.init_from:
         errors.append("init_from: missing; pass init_from=outputs/<pretrain-run>/checkpoints/latest")

@@ -142,7 +142,8 @@ class DataConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 300  # optimizer steps
-    micro_batch_size: int = 16  # sequences per forward pass
+    # sequences per forward pass; auto (pretrain, grad_accum=global_batch): the largest that fits the device
+    micro_batch_size: Any = 16
     eval_every: int = 100  # validate every N steps (and at the end)
     eval_batches: int = 20  # micro-batches of fixed validation windows per evaluation
     log_every: int = 10  # write a metrics.jsonl record every N steps

@@ -1,4 +1,5 @@
-"""The training loop: accumulate, clip, step, evaluate, log, checkpoint — and nothing else."""
+"""The training loop: accumulate (retrying out-of-memory steps in smaller pieces), clip, step, the EMA update,
+validate (with early stopping), log (with MFU) and checkpoint, at the times a `Cadence` says."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from lmtrain.config.choices import OnNonfinite, Precision
 from lmtrain.core import distributed
 from lmtrain.core.distributed import Placement
 from lmtrain.core.dtypes import autocast_dtype
-from lmtrain.core.errors import Diverged
 from lmtrain.model.transformer import TransformerLM
+from lmtrain.train.divergence import Divergence
 from lmtrain.train.ema import EMA
 from lmtrain.train.losses import validation_loss
+from lmtrain.train.micro_batch import run_splitting
 from lmtrain.train.progress import ProgressBar
 from lmtrain.train.sinks import Sink
 
@@ -42,6 +44,7 @@ class TrainState:
     window_steps: int = 0
     skipped_steps: int = 0  # steps without an update (trainer.on_nonfinite=skip met a non-finite gradient)
     validations_since_best: int = 0  # validations after step 0 without a new best (early stopping counts them)
+    micro_batch_split: int = 1  # micro_batch_size=auto: each micro-batch runs in this many pieces (out of memory)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -93,31 +96,6 @@ class _Window:
         return total.item()
 
 
-class _Divergence:
-    """The first step with a non-finite loss or grad norm, kept on the device (no sync per step) and read only
-    where the loop syncs anyway: at the log interval, before validating and before checkpointing."""
-
-    def __init__(self, never: int, device: torch.device, world: int, enabled: bool):
-        self.never, self.world, self.enabled = never, world, enabled
-        self.first = torch.full((), never, dtype=torch.int64, device=device)
-
-    def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        nonfinite = ~torch.isfinite(loss)
-        if grad_norm is not None:
-            nonfinite |= ~torch.isfinite(grad_norm)
-        self.first = torch.minimum(self.first, torch.where(nonfinite, step, self.never))
-
-    def check(self) -> None:
-        """Raise Diverged naming the first non-finite step (trainer.on_nonfinite=stop)."""
-        if not self.enabled:
-            return
-        if self.world > 1:
-            torch.distributed.all_reduce(self.first, op=torch.distributed.ReduceOp.MIN)
-        step = int(self.first.item())
-        if step != self.never:
-            raise Diverged(f"training diverged: non-finite loss or gradient norm at step {step}")
-
-
 class Trainer:
     def __init__(
         self,
@@ -165,6 +143,8 @@ class Trainer:
         self.ema = ema  # the weight average: updated after every step, validated instead of the weights
         self.early_stopping_patience = early_stopping_patience  # None: train to max_steps
         self.state = TrainState()
+        # micro_batch_size=auto in one process: an out-of-memory step is retried in smaller micro-batches
+        self.retry_out_of_memory = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -208,12 +188,20 @@ class Trainer:
         count = max(count, 1)
         # DDP and FSDP average gradients over processes: scale by world / global count to get sum / count
         scale = world / count
-        total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(batches):
-            with distributed.gradient_sync(self.parallel, enabled=i == len(batches) - 1):
-                loss_sum = self.loss(batch)
-                self.scaler.scale(loss_sum * scale).backward()
-            total += loss_sum.detach()
+
+        def backward(parts: list[Batch]) -> torch.Tensor:
+            total = torch.zeros((), device=self.device)
+            for i, batch in enumerate(parts):
+                with distributed.gradient_sync(self.parallel, enabled=i == len(parts) - 1):
+                    loss_sum = self.loss(batch)
+                    self.scaler.scale(loss_sum * scale).backward()
+                total += loss_sum.detach()
+            return total
+
+        free = lambda: self.optimizer.zero_grad(set_to_none=True)  # noqa: E731
+        total, self.state.micro_batch_split = run_splitting(
+            batches, self.state.micro_batch_split, backward, free, self.retry_out_of_memory
+        )
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
@@ -277,7 +265,7 @@ class Trainer:
         return patience is not None and self.state.validations_since_best >= patience
 
     def _step(
-        self, next_step: Callable[[], list[Batch]], window: _Window, divergence: _Divergence, compiling: bool
+        self, next_step: Callable[[], list[Batch]], window: _Window, divergence: Divergence, compiling: bool
     ) -> tuple[float, torch.Tensor]:
         """One optimizer step; its loss joins the log window. Returns the step's LR and gradient norm."""
         lr = float(self.scheduler.get_last_lr()[0])
@@ -343,7 +331,7 @@ class Trainer:
         bar = ProgressBar(max_steps, self.state.step, progress_bar, self.placement.is_main)
         state, world = self.state, self.placement.world_size
         window = _Window(torch.tensor(state.window_loss / world, device=self.device), state.tokens_seen)
-        divergence = _Divergence(max_steps + 1, self.device, world, enabled=self.on_nonfinite is OnNonfinite.stop)
+        divergence = Divergence(max_steps + 1, self.device, world, enabled=self.on_nonfinite is OnNonfinite.stop)
 
         def validate() -> None:
             if evaluate is not None:
