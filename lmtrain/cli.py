@@ -12,10 +12,10 @@ import logging
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
+from lmtrain import torchrun
 from lmtrain.config import SCHEMAS, ConfigError, PretrainConfig, all_keys, nearest, validate
 from lmtrain.config.compose import (
     CONFIG_PACKAGE,
@@ -49,6 +49,7 @@ commands:
   report     compare runs or a sweep: table and plots  (lmtrain report --help)
   plan       a run's parameters, FLOPs, memory and time, before training   (lmtrain plan --help)
   inspect    per-token loss, attention maps, logit lens of a checkpoint   (configs/inspect.yaml)
+  launch     a Slurm or SkyPilot job file for a multi-node run   (lmtrain launch slurm nodes=2 -- pretrain ...)
 
 Hydra's flags work after the command: --help, --cfg job, --info, -m (multirun), hydra.run.dir=...
 Examples:
@@ -120,7 +121,7 @@ def _task(command: str, schema: type):
                 except UserError as unwritten:  # a full disk: say so, then report the failure itself
                     _fail(name, unwritten)
             if distributed.torchrun_world_size() > 1 and not os.environ.get("LMTRAIN_DEBUG"):
-                _rank_failed(name, run_dir / f"{command}.log", rank, err)
+                torchrun.rank_failed(name, run_dir / f"{command}.log", rank, err)
             if os.environ.get("LMTRAIN_DEBUG") or not (sweeping or isinstance(err, UserError)):
                 raise
             if sweeping:
@@ -146,65 +147,6 @@ def _task(command: str, schema: type):
     return run
 
 
-def _rank_failed(name: str, log_file: Path, rank: int, err: Exception) -> None:
-    """One line naming the rank, before torchrun stops the others; the traceback goes to the log file."""
-    with open(log_file, "a") as log:
-        log.write(f"rank {rank}: {traceback.format_exc()}")
-    line = first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
-    print(f"lmtrain {name}: error: {line} (traceback in {log_file})", file=sys.stderr)
-    sys.exit(2 if isinstance(err, UserError) else 1)
-
-
-# torchrun, without its own report of a failed worker (a traceback of its own around the worker's error
-# file): the failing rank has already printed its one line
-TORCHRUN = """
-import os, sys
-level = os.environ.get("LOGLEVEL")
-os.environ["LOGLEVEL"] = "CRITICAL"  # read once, when torch.distributed.elastic's loggers are made
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main
-os.environ.pop("LOGLEVEL") if level is None else os.environ.update(LOGLEVEL=level)
-try:
-    main(sys.argv[1:])
-except ChildFailedError:
-    sys.exit(1)
-"""
-
-
-def _launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """trainer.nproc=N: run this same command under torchrun with N local processes."""
-    import subprocess
-
-    command = [
-        sys.executable,
-        "-c",
-        TORCHRUN,
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "lmtrain",
-        *argv,
-    ]
-    return subprocess.run(command).returncode
-
-
-def _torchrun_overrides(command: str, overrides: list[str], trainer) -> list[str]:
-    """Under torchrun every process must use one run dir: the main process picks it and tells the others;
-    only the main process writes Hydra's files and logs."""
-    from lmtrain.core import distributed
-
-    distributed.init_process_group(trainer.device, trainer.dist_timeout_s, trainer.dist_join_timeout_s)
-    extra = []
-    if not any(o.startswith("hydra.run.dir=") for o in overrides):
-        suffix = "" if command == "pretrain" else f"-{command}"
-        extra.append(
-            "hydra.run.dir=" + distributed.broadcast_object(time.strftime(f"outputs/%Y-%m-%d/%H-%M-%S{suffix}"))
-        )
-    if distributed.torchrun_rank() > 0:
-        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    return extra
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -219,8 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         from lmtrain.commands.plan import main as plan
 
         return plan(rest, check)
+    if command == "launch":  # writes a cluster job file for pretrain or finetune
+        from lmtrain.commands.launch import main as launch
+
+        return launch(rest, check)
     if command not in COMMANDS:
-        hint = nearest(command, [*COMMANDS, "report", "plan"])
+        hint = nearest(command, [*COMMANDS, "report", "plan", "launch"])
         print(
             f"lmtrain: error: unknown command '{command}'" + (f" (did you mean '{hint}'?)" if hint else ""),
             file=sys.stderr,
@@ -253,7 +199,7 @@ def _run_command(command: str, rest: list[str]) -> int:
         typed = _checked(config_name, schema, args)
         nproc = getattr(getattr(typed, "trainer", None), "nproc", 1)
         if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not args.cfg:
-            return _launch_torchrun(nproc, [command, *rest])
+            return torchrun.relaunch(nproc, [command, *rest])
     except UserError as err:
         if os.environ.get("LMTRAIN_DEBUG"):
             raise
@@ -262,7 +208,7 @@ def _run_command(command: str, rest: list[str]) -> int:
         if command not in TRAINING_COMMANDS:  # evaluate, generate, ...: the main process does the work
             return 0 if int(os.environ.get("RANK", "0")) > 0 else _run_hydra(command, config_name, schema, rest)
         try:
-            rest = [*rest, *_torchrun_overrides(command, args.overrides, typed.trainer)]
+            rest = [*rest, *torchrun.shared_run_dir(command, args.overrides, typed.trainer)]
         except UserError as err:
             return _fail(f"{command} (rank {os.environ.get('RANK', '0')})", err)
     return _run_hydra(command, config_name, schema, rest)

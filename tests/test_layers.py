@@ -14,7 +14,7 @@ LAYERS = [
     {"train"},  # the loop and what it is built from: optimizers, schedules, losses, run dir, sinks
     {"tasks", "analysis"},  # finetuning tasks; plan estimates, interpretation, plots
     {"commands"},
-    {"cli", "__main__"},
+    {"cli", "torchrun", "__main__"},
 ]
 ROOT = Path(lmtrain.__file__).parent
 
