@@ -365,3 +365,38 @@ def test_lora_resume_is_bitwise(tmp_path, data, base):
     a = load_file(str(tmp_path / "full" / "checkpoints" / "latest" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoints" / "latest" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rouge_equals_rouge_score_and_task_metric_rouge_l_picks_the_best_checkpoint(tmp_path, data, base):
+    from rouge_score import rouge_scorer
+
+    from lmtrain.tasks import metrics
+
+    pairs = [("the cat sat on the mat", "a cat was sitting on the mat"), ("running dogs", "dogs ran"), ("", "x y")]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    expected = {name: 0.0 for name in ("rouge1", "rouge2", "rougeL")}
+    for hypothesis, reference in pairs:
+        for name, score in scorer.score(reference, hypothesis).items():
+            expected[name] += 100 * score.fmeasure / len(pairs)
+    got = metrics.rouge([h for h, _ in pairs], [r for _, r in pairs])
+    assert got == pytest.approx(
+        {"rouge1": expected["rouge1"], "rouge2": expected["rouge2"], "rouge_l": expected["rougeL"]}
+    )
+
+    train, val = data["seq2seq"]
+    fields = ["data.source_field=en", "data.target_field=fr", "epochs=3", "optimizer.lr=3e-3"]
+    summary = finetune_run(tmp_path / "run", base, "seq2seq", train, val, *fields, "task.metric=rouge_l")
+    assert summary["metric"] == "val_rouge_l"
+    scores = {
+        r["step"]: r["val_rouge_l"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_rouge_l" in r
+    }
+    best_step = max((step for step in scores if step > 0), key=lambda step: scores[step])
+    assert summary["best_val_rouge_l"] == scores[best_step]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert state["trainer"]["step"] == best_step
+    out = lmtrain(
+        "evaluate", f"ckpt={tmp_path}/run/checkpoints/best", "split=validation", f"hydra.run.dir={tmp_path / 'e'}"
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert report["rouge_l"] == pytest.approx(scores[best_step], abs=1e-6) and "bleu" in report

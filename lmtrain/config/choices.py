@@ -130,6 +130,14 @@ class TaskName(Choice):
     chat = "chat"
 
 
+class Seq2SeqMetric(Choice):
+    bleu = "bleu"
+    chrf = "chrf"
+    rouge1 = "rouge1"
+    rouge2 = "rouge2"
+    rouge_l = "rouge_l"
+
+
 class ClassWeights(Choice):
     none = "none"
     balanced = "balanced"

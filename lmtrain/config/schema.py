@@ -33,6 +33,7 @@ from lmtrain.config.choices import (
     Quantize,
     RopeScaling,
     SchedulerName,
+    Seq2SeqMetric,
     Split,
     Strategy,
     TaskName,
@@ -193,6 +194,7 @@ class TaskConfig:
     temperature: float = 1.0  # decoding=sample
     top_k: int | None = None  # decoding=sample
     max_new_tokens: int = 64  # longest generated answer or translation
+    metric: Seq2SeqMetric = Seq2SeqMetric.bleu  # seq2seq: the score that picks checkpoints/best (rouge_l: summaries)
     max_eval_examples: int | None = None  # validate on at most this many examples (null: all)
     overlong: Overlong = Overlong.truncate  # chat: an overlong conversation is truncated (counted) or dropped
 

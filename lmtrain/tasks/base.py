@@ -57,7 +57,7 @@ class Task:
 
     name: ClassVar[str]  # the task's name: task=<name>, TaskInfo.name, the registry's key
     text_unit: ClassVar[str] = "line"  # how a .txt file becomes records: "line" or "document"
-    main_metric: ClassVar[str] = "loss"  # the validation metric that picks checkpoints/best
+    main_metric: str = "loss"  # the validation metric that picks checkpoints/best (an instance may choose)
     higher_is_better: ClassVar[bool] = False
     classifies: ClassVar[bool] = False  # a head gives class logits (lmtrain predict), not next-token logits
     generates: ClassVar[bool] = True  # the finetuned model writes text (lmtrain generate)

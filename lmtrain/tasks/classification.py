@@ -27,7 +27,7 @@ def label_index(labels: list) -> dict[str, int]:
 
 class Classification(Task):
     name: ClassVar[str] = TaskName.classification
-    main_metric: ClassVar[str] = "accuracy"
+    main_metric: str = "accuracy"
     higher_is_better: ClassVar[bool] = True
     classifies: ClassVar[bool] = True
     generates: ClassVar[bool] = False

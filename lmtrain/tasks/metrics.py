@@ -49,6 +49,26 @@ def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     }
 
 
+def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L (Lin 2004) by Google's `rouge-score`, the reference reimplementation of
+    ROUGE-1.5.5: each pair's F-measure with its default tokenizer (lower case, ASCII letters and digits) and the
+    Porter stemmer, averaged over pairs, on a 0-100 scale like BLEU and chrF. rouge_l is sentence-level LCS
+    (rouge-score's `rougeL`)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for hypothesis, reference in zip(hypotheses, references, strict=True):
+        for name, score in scorer.score(reference, hypothesis).items():
+            totals[name] += score.fmeasure
+    count = max(len(hypotheses), 1)
+    return {
+        "rouge1": 100 * totals["rouge1"] / count,
+        "rouge2": 100 * totals["rouge2"] / count,
+        "rouge_l": 100 * totals["rougeL"] / count,
+    }
+
+
 def normalize_answer(text: str) -> str:
     """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))

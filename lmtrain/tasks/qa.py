@@ -13,7 +13,7 @@ from lmtrain.tasks.prompted import Generated
 
 class QuestionAnswering(Generated):
     name: ClassVar[str] = TaskName.qa
-    main_metric: ClassVar[str] = "exact_match"
+    main_metric: str = "exact_match"
     higher_is_better: ClassVar[bool] = True
     prompt_roles: ClassVar[tuple[str, ...]] = ("context", "question")
     target_role: ClassVar[str] = "answer"
