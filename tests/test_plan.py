@@ -10,9 +10,11 @@ from conftest import compose, lmtrain
 from lmtrain.analysis import costs
 from lmtrain.checkpoint.load import load_model
 from lmtrain.commands.plan import build
-from lmtrain.config import FinetuneConfig
+from lmtrain.config import FinetuneConfig, OptimizerConfig
+from lmtrain.config.choices import OptimizerName
 from lmtrain.config.compose import check, group_options
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
+from lmtrain.train.optim import MEMORY_PER_PARAMETER
 
 
 @pytest.mark.parametrize("preset", group_options("model"))
@@ -66,7 +68,7 @@ def test_too_big_a_batch_gets_the_largest_micro_batch_that_fits():
             micro_batch=batch,
             seq_len=1024,
             precision="bf16",
-            optimizer="adamw",
+            optimizer_bytes=MEMORY_PER_PARAMETER[OptimizerName.adamw](OptimizerConfig()),
         )["total"]
 
     assert total(best) <= 24e9 < total(best + 1)

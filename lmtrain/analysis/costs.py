@@ -100,13 +100,6 @@ def activation_bytes(
     return tokens * (blocks + head_activation_bytes(shape, precision))
 
 
-def optimizer_state_bytes(name: str, trainable: int, momentum: float = 0.9) -> int:
-    """fp32 state: Adam(W) keeps two moments per parameter, SGD one momentum buffer (none without momentum);
-    muon one buffer for the blocks' matrices and AdamW's two for the rest, so at most two (counted as such)."""
-    per_param = {"adamw": 8, "adam": 8, "muon": 8, "sgd": 4 if momentum > 0 else 0}[name]
-    return per_param * trainable
-
-
 def memory_estimate(
     shape: ModelShape,
     *,
@@ -116,8 +109,7 @@ def memory_estimate(
     micro_batch: int,
     seq_len: int,
     precision: str,
-    optimizer: str,
-    momentum: float = 0.9,
+    optimizer_bytes: tuple[int, int],
     strategy: str = "single",
     world_size: int = 1,
     checkpointing: bool = False,
@@ -127,17 +119,19 @@ def memory_estimate(
     weights: fp32 parameters, plus 16-bit copies of the linear weights (`linear_weights` elements) that
     autocast makes in forward and backward keeps. FSDP shards weights, gradients and optimizer state over
     `world_size` processes; DDP keeps a second copy of the gradients in its all-reduce buckets. The
-    optimizer's foreach update allocates one parameter-sized temporary after activations are freed, so the
-    peak is the larger of the two.
+    optimizer's update allocates its temporary after activations are freed, so the peak is the larger of the
+    two. `optimizer_bytes`: bytes per trainable parameter of the optimizer's state and of its update's
+    temporary (lmtrain.train.optim.MEMORY_PER_PARAMETER).
     """
     shard = world_size if strategy == "fsdp" else 1
     weights = 4 * total_params // shard
     if precision != "fp32":
         weights += BYTES[precision] * linear_weights // shard
     gradients = 4 * trainable_params // shard * (2 if strategy == "ddp" else 1)
-    optim = optimizer_state_bytes(optimizer, trainable_params, momentum) // shard
+    state_bytes, temporary_bytes = optimizer_bytes
+    optim = state_bytes * trainable_params // shard
     activations = activation_bytes(shape, micro_batch, seq_len, precision, checkpointing)
-    transient = 4 * trainable_params // shard if optimizer in ("adamw", "adam", "muon") else 0
+    transient = temporary_bytes * trainable_params // shard
     return {
         "weights": weights,
         "gradients": gradients,

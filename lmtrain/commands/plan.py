@@ -229,6 +229,8 @@ def _memory(cfg, work: _Workload, parameters: dict[str, int], strategy: str, wor
     """The estimated peak memory per process, by part, of the workload under cfg's trainer and optimizer."""
     import torch
 
+    from lmtrain.train.optim import MEMORY_PER_PARAMETER
+
     t = cfg.trainer
     return costs.memory_estimate(
         costs.ModelShape.of(work.model.config),
@@ -238,8 +240,7 @@ def _memory(cfg, work: _Workload, parameters: dict[str, int], strategy: str, wor
         micro_batch=t.micro_batch_size,
         seq_len=work.longest,
         precision=t.precision,
-        optimizer=cfg.optimizer.name,
-        momentum=cfg.optimizer.momentum,
+        optimizer_bytes=MEMORY_PER_PARAMETER[cfg.optimizer.name](cfg.optimizer),
         strategy=strategy,
         world_size=world,
         checkpointing=t.activation_checkpointing,

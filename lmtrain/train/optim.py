@@ -115,6 +115,15 @@ OPTIMIZERS: dict[OptimizerName, Callable[[nn.Module, OptimizerConfig, dict], tor
     OptimizerName.sgd: _sgd,
     OptimizerName.muon: _muon,
 }
+# optimizer.name -> fp32 bytes per trainable parameter of (its state, its update's temporary), for plan's memory
+# estimate: Adam(W) keeps two moments and its foreach update one parameter-sized temporary; SGD one momentum
+# buffer (none without momentum); Muon one buffer for the blocks' matrices, AdamW's two for the rest: at most two
+MEMORY_PER_PARAMETER: dict[OptimizerName, Callable[[OptimizerConfig], tuple[int, int]]] = {
+    OptimizerName.adamw: lambda o: (8, 4),
+    OptimizerName.adam: lambda o: (8, 4),
+    OptimizerName.sgd: lambda o: (4 if o.momentum > 0 else 0, 0),
+    OptimizerName.muon: lambda o: (8, 4),
+}
 # optimizers that need each matrix whole on one process (Muon's Newton-Schulz step), so FSDP cannot shard them
 WHOLE_MATRICES = {OptimizerName.muon}
 
