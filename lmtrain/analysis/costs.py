@@ -305,6 +305,8 @@ def fitting_micro_batch(model, seq_len: int, cfg, memory_bytes: int, tokens_per_
     fits."""
     import torch
 
+    from lmtrain.train.optim import MEMORY_PER_PARAMETER
+
     t = cfg.trainer
     memory = memory_estimate(
         ModelShape.of(model.config),
@@ -314,8 +316,7 @@ def fitting_micro_batch(model, seq_len: int, cfg, memory_bytes: int, tokens_per_
         micro_batch=1,
         seq_len=seq_len,
         precision=str(t.precision),
-        optimizer=str(cfg.optimizer.name),
-        momentum=cfg.optimizer.momentum,
+        optimizer_bytes=MEMORY_PER_PARAMETER[cfg.optimizer.name](cfg.optimizer),
         strategy="ddp" if world_size > 1 else "single",
         world_size=world_size,
         checkpointing=t.activation_checkpointing,
