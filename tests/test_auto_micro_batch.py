@@ -86,7 +86,7 @@ def test_the_estimate_is_a_power_of_two_that_divides_the_global_batch():
         micro_batch=1,
         seq_len=32,
         precision="fp32",
-        optimizer="adamw",
+        optimizer_bytes=(8, 4),
     )
     tight = memory["weights"] + memory["gradients"] + memory["optimizer"] + 5 * memory["activations"]
     assert costs.fitting_micro_batch(model, 32, cfg, tight, 512, 1) == 4
