@@ -142,7 +142,11 @@ def test_docs_commands_run_as_printed(tiny_runs, tmp_path, monkeypatch):
         places.setdefault((tuple(planned(argv) if argv[0] == "plan" else argv), tuple(errors)), []).append(where)
     single = [(", ".join(where), list(argv), list(errors)) for (argv, errors), where in places.items()]
     as_is = {"--cfg", "--help"}  # printed, not run: these already stop before compute
-    cases = [argv + ([] if errors or as_is & set(argv) else ["--cfg", "job"]) for _, argv, errors in single]
+    # `lmtrain launch` runs as printed: it checks the training command and writes its job file into the sandbox
+    cases = [
+        argv + ([] if errors or as_is & set(argv) or argv[0] == "launch" else ["--cfg", "job"])
+        for _, argv, errors in single
+    ]
     hint = shlex.split(HINT % (tiny_runs["lm"] / "checkpoints" / "latest"))[1:]
     results = lmtrain_many([*cases, [*hint, "max_new_tokens=5", "device=cpu"]], cwd=work)
     failed = []
