@@ -60,6 +60,7 @@ def build_trainer(
         device=device,
         muon_lr=o.muon_lr,
         muon_adjust_lr_fn=o.muon_adjust_lr_fn,
+        muon_dtype=o.muon_dtype,
     )
     scheduler = _schedule(optimizer, o.lr, s, max_steps)
     ema = EMA(model, t.ema_decay) if t.ema_decay is not None else None

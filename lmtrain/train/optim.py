@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from lmtrain.train.muon import Muon, ns_dtype
+
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on the matrices of linear layers only; never on norms, biases or embeddings."""
@@ -35,7 +37,7 @@ def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon (`torch.optim.Muon`: momentum, then the update orthogonalised by a Newton-Schulz iteration; Jordan
+    """Muon (lmtrain.train.muon: momentum, then the update orthogonalised by a Newton-Schulz iteration; Jordan
     et al. 2024, "Muon: An optimizer for hidden layers in neural networks") for the blocks' matrices, AdamW
     for every other parameter, behind one Optimizer.
 
@@ -44,7 +46,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     format (parameters numbered over the groups in that order), a LambdaLR scales every group's lr, and the
     grad scaler and FSDP's state-dict helpers see one optimizer."""
 
-    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
+    def __init__(self, adamw: torch.optim.AdamW, muon: Muon):
         self.adamw, self.muon = adamw, muon
         self.num_adamw_groups = len(adamw.param_groups)
         super().__init__([*adamw.param_groups, *muon.param_groups], {})
@@ -83,10 +85,12 @@ def build_optimizer(
     device: torch.device,
     muon_lr: float = 0.02,
     muon_adjust_lr_fn: str = "original",
+    muon_dtype: str = "auto",
 ) -> torch.optim.Optimizer:
-    """name=muon: `momentum`, `muon_lr` and `muon_adjust_lr_fn` (torch's: `original` scales the lr by
+    """name=muon: `momentum`, `muon_lr`, `muon_adjust_lr_fn` (torch's: `original` scales the lr by
     sqrt(max(1, rows / cols)); `match_rms_adamw` by 0.2 * sqrt(max(rows, cols)), so AdamW's lr and decay
-    carry over) drive Muon; `lr`, `betas` and `eps` drive AdamW; `weight_decay` applies to both."""
+    carry over) and `muon_dtype` (auto | fp32 | bf16: see muon.ns_dtype) drive Muon; `lr`, `betas` and `eps`
+    drive AdamW; `weight_decay` applies to both."""
     if name == "muon":
         matrices = {id(p) for p in muon_parameters(model)}
         groups = [
@@ -95,12 +99,13 @@ def build_optimizer(
         ]
         fused = {"fused": True} if device.type == "cuda" else {}
         adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **fused)
-        muon = torch.optim.Muon(
+        muon = Muon(
             [{"params": muon_parameters(model)}],  # one group, even when empty (all blocks frozen)
             lr=muon_lr,
             weight_decay=weight_decay,
             momentum=momentum,
             adjust_lr_fn=muon_adjust_lr_fn,
+            dtype=ns_dtype(device, muon_dtype),
         )
         return MuonWithAdamW(adamw, muon)
     groups = parameter_groups(model, weight_decay)
