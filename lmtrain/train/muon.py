@@ -3,7 +3,7 @@ https://kellerjordan.github.io/posts/muon/): SGD momentum, then each update orth
 Newton-Schulz iteration, for 2-D weight matrices.
 
 The algorithm, its coefficients and its group keys are those of `torch.optim.Muon`; lmtrain owns the
-iteration to choose its dtype. torch always iterates in bfloat16, which is right on a GPU but 15-60x slower
+iteration to choose its dtype. torch always iterates in bfloat16, which is right on a GPU but over 10x slower
 than float32 on a CPU without native bf16 instructions (measured at the matrix sizes of a small model);
 `ns_dtype` makes it float32 there.
 """
