@@ -20,6 +20,7 @@ CASES = [
     (["pretrain", "trainer.max_steps={{a: 1}}"], "trainer.max_steps"),
     (["pretrain", "optimizer.lr=-1"], "optimizer.lr: must be > 0"),
     (["pretrain", "optimizer=muon", "optimizer.muon_adjust_lr_fn=rms"], "optimizer.muon_adjust_lr_fn: 'rms' is not"),
+    (["pretrain", "optimizer=muon", "optimizer.muon_dtype=fp16"], "optimizer.muon_dtype: 'fp16' is not one of"),
     (["pretrain", "trainer.ema_decay=1.5"], "trainer.ema_decay: must be in (0, 1) or null"),
     (["pretrain", "optimizer=muon", "trainer.strategy=fsdp"], "optimizer=muon: not supported with trainer.strategy"),
     (["pretrain", "model.logit_softcap=0"], "model.logit_softcap: must be > 0 or null"),

@@ -57,6 +57,12 @@ class MuonAdjustLr(Choice):
     match_rms_adamw = "match_rms_adamw"
 
 
+class MuonDtype(Choice):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class SchedulerName(Choice):
     cosine = "cosine"
     linear = "linear"

@@ -21,6 +21,7 @@ from lmtrain.config.choices import (
     Logger,
     LossName,
     MuonAdjustLr,
+    MuonDtype,
     Norm,
     NormPosition,
     OnBadRecord,
@@ -82,6 +83,7 @@ class OptimizerConfig:
     momentum: float = 0.9  # SGD (and Muon) momentum
     muon_lr: float = 0.02  # muon: peak learning rate of the matrices (the schedule scales it as it scales lr)
     muon_adjust_lr_fn: MuonAdjustLr = MuonAdjustLr.original  # muon: original scales by sqrt(max(1, rows/cols))
+    muon_dtype: MuonDtype = MuonDtype.auto  # muon: Newton-Schulz dtype; auto: bf16 on GPU or native-bf16 CPU, else fp32
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
 

@@ -120,6 +120,17 @@ def cpu_peak(precision: str = "fp32") -> float:
     return cached[key]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether torch multiplies bfloat16 matrices in hardware on this CPU: it has AVX512-BF16 or AMX-BF16 and
+    torch runs its AVX-512 kernels (ATEN_CPU_CAPABILITY may lower them). Otherwise bf16 matmuls are emulated,
+    many times slower than float32 ones."""
+    import torch
+
+    capabilities = torch.cpu.get_capabilities()
+    hardware = bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return hardware and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def cpu_memory_bytes() -> int:
     """Memory available to a new process now (MemAvailable), else the physical total."""
     try:

@@ -10,6 +10,7 @@ from torch import nn
 
 from lmtrain.config import OptimizerConfig
 from lmtrain.config.choices import OptimizerName
+from lmtrain.train.muon import Muon, ns_dtype
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -38,7 +39,7 @@ def muon_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon (`torch.optim.Muon`: momentum, then the update orthogonalised by a Newton-Schulz iteration; Jordan
+    """Muon (lmtrain.train.muon: momentum, then the update orthogonalised by a Newton-Schulz iteration; Jordan
     et al. 2024, "Muon: An optimizer for hidden layers in neural networks") for the blocks' matrices, AdamW
     for every other parameter, behind one Optimizer.
 
@@ -47,7 +48,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     format (parameters numbered over the groups in that order), a LambdaLR scales every group's lr, and the
     grad scaler and FSDP's state-dict helpers see one optimizer."""
 
-    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
+    def __init__(self, adamw: torch.optim.AdamW, muon: Muon):
         self.adamw, self.muon = adamw, muon
         self.num_adamw_groups = len(adamw.param_groups)
         super().__init__([*adamw.param_groups, *muon.param_groups], {})
@@ -74,42 +75,47 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return loss
 
 
-def _adamw(model: nn.Module, o: OptimizerConfig, fused: dict) -> torch.optim.Optimizer:
+def _adamw(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = _fused(device)
     groups = parameter_groups(model, o.weight_decay)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, **fused)
 
 
-def _adam(model: nn.Module, o: OptimizerConfig, fused: dict) -> torch.optim.Optimizer:
+def _adam(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = _fused(device)
     groups = parameter_groups(model, o.weight_decay)
     return torch.optim.Adam(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, **fused)
 
 
-def _sgd(model: nn.Module, o: OptimizerConfig, fused: dict) -> torch.optim.Optimizer:
-    return torch.optim.SGD(parameter_groups(model, o.weight_decay), lr=o.lr, momentum=o.momentum, **fused)
+def _sgd(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **_fused(device))
 
 
-def _muon(model: nn.Module, o: OptimizerConfig, fused: dict) -> torch.optim.Optimizer:
+def _muon(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     """`momentum`, `muon_lr` and `muon_adjust_lr_fn` (torch's: `original` scales the lr by sqrt(max(1, rows /
     cols)); `match_rms_adamw` by 0.2 * sqrt(max(rows, cols)), so AdamW's lr and decay carry over) drive Muon;
-    `lr`, `betas` and `eps` drive AdamW; `weight_decay` applies to both."""
+    `lr`, `betas` and `eps` drive AdamW; `weight_decay` applies to both; the Newton-Schulz iteration runs in
+    `muon_dtype` (auto | fp32 | bf16: lmtrain.train.muon.ns_dtype)."""
     matrices = {id(p) for p in muon_parameters(model)}
     groups = [
         {**group, "params": [p for p in group["params"] if id(p) not in matrices]}
         for group in parameter_groups(model, o.weight_decay)
     ]
-    adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, **fused)
-    muon = torch.optim.Muon(
+    adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, **_fused(device))
+    muon = Muon(
         [{"params": muon_parameters(model)}],  # one group, even when empty (all blocks frozen)
         lr=o.muon_lr,
         weight_decay=o.weight_decay,
         momentum=o.momentum,
         adjust_lr_fn=o.muon_adjust_lr_fn.value,
+        dtype=ns_dtype(device, o.muon_dtype),
     )
     return MuonWithAdamW(adamw, muon)
 
 
-# optimizer.name -> builder of (model, its config, fused-kernel kwargs)
-OPTIMIZERS: dict[OptimizerName, Callable[[nn.Module, OptimizerConfig, dict], torch.optim.Optimizer]] = {
+# optimizer.name -> builder of (model, its config, device)
+OPTIMIZERS: dict[OptimizerName, Callable[[nn.Module, OptimizerConfig, torch.device], torch.optim.Optimizer]] = {
     OptimizerName.adamw: _adamw,
     OptimizerName.adam: _adam,
     OptimizerName.sgd: _sgd,
@@ -131,4 +137,8 @@ WHOLE_MATRICES = {OptimizerName.muon}
 def build_optimizer(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer o.name names, over `model`'s trainable parameters (decay on matrices only); fused kernels
     on CUDA, foreach (torch's default) elsewhere."""
-    return OPTIMIZERS[o.name](model, o, {"fused": True} if device.type == "cuda" else {})
+    return OPTIMIZERS[o.name](model, o, device)
+
+
+def _fused(device: torch.device) -> dict:
+    return {"fused": True} if device.type == "cuda" else {}
