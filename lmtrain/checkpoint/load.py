@@ -125,4 +125,4 @@ def load_special_tokens(path: str, tokenizer: Tokenizer, key: str = "ckpt") -> S
 def load_side_files(path: str, key: str = "ckpt") -> dict[str, str]:
     """The tokenizer/generation files a checkpoint made from this model must carry (none for lmtrain's own)."""
     source = checkpoint.resolve(path, key)
-    return side_files_from_hf(source, key) if is_hf_folder(source) else side_files(source)
+    return side_files_from_hf(source, key) if is_hf_folder(source) else side_files(source, key)

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from lmtrain.checkpoint import files as checkpoint
 from lmtrain.config import TaskConfig
 from lmtrain.core.errors import UserError
+from lmtrain.core.folder_files import read_folder_text
 from lmtrain.data import chat
 from lmtrain.data.examples import Example, fixed_batches
 from lmtrain.data.tokenizer import SpecialTokens, end_of_text_id, warn_unknown
@@ -173,7 +174,10 @@ class Task:
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """The tokens generation starts from: `messages` and the template's assistant header."""
-        return chat.tokenize(self.tokenizer, self.chat_template, messages, self.chat_tokens, True)[0]
+        try:
+            return chat.tokenize(self.tokenizer, self.chat_template, messages, self.chat_tokens, True)[0]
+        except chat.ChatError as err:
+            raise UserError(f"ckpt: {err}") from None
 
     def _encode_chats(self, records: list[dict], key: str) -> tuple[list[Example], int]:
         """Conversations with the loss on their assistant turns. One without an assistant turn, with a bad
@@ -346,7 +350,7 @@ def build_task_info(cfg: TaskConfig, data_fields: dict[str, str], train_records:
 def load_task_info(path: str, key: str = "ckpt") -> TaskInfo | None:
     """The task a finetuned checkpoint was trained on (None for a pretrained one)."""
     source = checkpoint.resolve(path, key)
-    if not (source / "task.json").is_file():
+    if not ((source / "task.json").exists() or (source / "task.json").is_symlink()):
         return None
     with checkpoint.readable(source, key):
-        return TaskInfo(**json.loads((source / "task.json").read_text()))
+        return TaskInfo(**json.loads(read_folder_text(source, "task.json", key)))
