@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from lmtrain.core.errors import UserError
 
 # Errors that say "this machine cannot take the write", not "lmtrain has a bug": one line, no traceback.
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
@@ -31,9 +31,10 @@ def writing(path: Path | str) -> Iterator[None]:
         raise UserError(f"cannot write '{path}': {err.strerror or os.strerror(err.errno)}") from err
     except SafetensorError as err:  # safetensors reports the OS error in its message: "... (os error 28)"
         found = _OS_ERROR.search(str(err))
-        if found is None or int(found.group(1)) not in WRITE_ERRNOS:
+        code = int(found.group(1) or found.group(2)) if found else None
+        if code not in WRITE_ERRNOS:
             raise
-        raise UserError(f"cannot write '{path}': {os.strerror(int(found.group(1)))}") from err
+        raise UserError(f"cannot write '{path}': {os.strerror(code)}") from err
 
 
 def umask() -> int:
