@@ -25,7 +25,7 @@ import lmtrain.commands.pretrain  # noqa: F401
 from lmtrain.cli import main
 
 
-def _limit(memory: int | None, cpu_seconds: int | None, watch: str | None) -> None:
+def _limit(memory: int | None = None, cpu_seconds: int | None = None, watch: str | None = None) -> None:
     if memory:
         with open("/proc/self/statm") as f:
             mapped = int(f.read().split()[0]) * resource.getpagesize()

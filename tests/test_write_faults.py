@@ -103,3 +103,40 @@ def test_result_and_metrics_name_the_file(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot write '.*result.json': No space left on device"):
         write_result(tmp_path, "failed", {}, [])
     assert (tmp_path / "result.json").read_text() == before
+
+
+class FullFile:
+    """A file on a full disk: every write raises ENOSPC."""
+
+    def __init__(self, path):
+        self.name = str(path)
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_prepare_shards_and_tokenizer_name_the_file(tmp_path, monkeypatch):
+    import numpy as np
+
+    from lmtrain.core import safe_io
+    from lmtrain.data import shards
+    from lmtrain.train.run_dir import take_over
+
+    monkeypatch.setattr(shards, "open", lambda path, mode: FullFile(path), raising=False)
+    writer = shards.ShardWriter(tmp_path, "train", 1000, np.dtype(np.uint16))
+    with pytest.raises(UserError, match=r"cannot write '.*\.bin\.partial': No space left on device"):
+        writer.add(np.arange(10), 0, 0, True)
+    (tmp_path / "tokenizer.json").write_text("the run's tokenizer")
+    monkeypatch.setattr(safe_io, "open", lambda path, mode: FullFile(path), raising=False)
+    with pytest.raises(UserError, match=r"cannot write '.*tokenizer.json': No space left on device"):
+        take_over(tmp_path, "another tokenizer")
+    assert (tmp_path / "tokenizer.json").read_text() == "the run's tokenizer"
