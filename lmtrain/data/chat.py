@@ -10,6 +10,7 @@ the template closes the turn with (<|im_end|>, <|eot_id|>), up to the template's
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import re
@@ -58,8 +59,38 @@ def _too_big(operator: str, left: object, right: object) -> bool:
         )
     if operator == "+":
         return isinstance(left, sized) and isinstance(right, sized) and len(left) + len(right) > MAX_OUTPUT_CHARS
+    if operator == "%":  # printf-style formatting: a width from the format string or the arguments
+        return isinstance(left, str) and _oversized((left, right), {})
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (left, right))
     return numbers and abs(left) > 1 and right * math.log2(abs(left)) > 4096  # type: ignore[operator, arg-type]
+
+
+_WIDE = re.compile(r"\d{7,}")  # a field width of a million characters or more in a format string
+
+
+def _oversized(args: tuple, kwargs: dict) -> bool:
+    """Whether a call's arguments ask for output past MAX_OUTPUT_CHARS: an integer beyond it (a width, a
+    count) or a format string with a 7-digit field width. Looks one level into tuples and lists."""
+    values = [*args, *kwargs.values()]
+    values += [v for value in values if isinstance(value, tuple | list) for v in value]
+    return any(
+        (isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_OUTPUT_CHARS)
+        or (isinstance(v, str) and ("%" in v or "{" in v) and _WIDE.search(v) is not None)
+        for v in values
+    )
+
+
+def _bounded(function):
+    """`function` (a Jinja filter) refusing arguments that ask for output past MAX_OUTPUT_CHARS."""
+    from jinja2.sandbox import SecurityError
+
+    @functools.wraps(function)  # keeps Jinja's pass_context/pass_environment marks
+    def bounded(*args, **kwargs):
+        if _oversized(args, kwargs):
+            raise SecurityError(f"a filter's arguments ask for more than {MAX_OUTPUT_CHARS:,} characters")
+        return function(*args, **kwargs)
+
+    return bounded
 
 
 def _first_line(err: BaseException) -> str:
@@ -68,21 +99,52 @@ def _first_line(err: BaseException) -> str:
 
 @lru_cache(maxsize=8)
 def _compiled(template: str):
+    from jinja2.compiler import CodeGenerator
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
+    class Bounded(CodeGenerator):
+        def visit_Concat(self, node, frame) -> None:  # `a ~ b`: through the environment, to be checked
+            self.write("environment.bounded_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
     class Sandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "+", "**"})
+        """Jinja's sandbox, with every way a template builds a large value bounded by MAX_OUTPUT_CHARS."""
+
+        intercepted_binops = frozenset({"*", "+", "**", "%"})
+        code_generator_class = Bounded
 
         def call_binop(self, context, operator, left, right):
             if _too_big(operator, left, right):
                 raise SecurityError(f"'{operator}' would build a value larger than {MAX_OUTPUT_CHARS:,} characters")
             return super().call_binop(context, operator, left, right)
 
+        def wrap_str_format(self, value):  # "...".format: a field width in the format string
+            wrapped = super().wrap_str_format(value)
+            if wrapped is not None and _oversized((value.__self__,), {}):
+                raise SecurityError(f"a format string asks for more than {MAX_OUTPUT_CHARS:,} characters")
+            return wrapped
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's own signature)
+            if _oversized(args, kwargs):
+                raise SecurityError(f"a call's arguments ask for more than {MAX_OUTPUT_CHARS:,} characters")
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def bounded_concat(self, parts: tuple) -> str:
+            texts = [str(part) for part in parts]
+            if sum(len(text) for text in texts) > MAX_OUTPUT_CHARS:
+                raise SecurityError(f"'~' would build a value larger than {MAX_OUTPUT_CHARS:,} characters")
+            return "".join(texts)
+
     env = Sandbox(trim_blocks=True, lstrip_blocks=True)
+    env.filters = {name: _bounded(function) for name, function in env.filters.items()}
+    env.globals.pop("lipsum", None)  # paragraphs of filler text: no chat template needs them
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
     try:

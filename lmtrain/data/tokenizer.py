@@ -258,7 +258,8 @@ def special_tokens(tokenizer: Tokenizer, folder: Path, key: str = "ckpt") -> Spe
     adds_bos = bos is not None and tokenizer.encode("a", add_special_tokens=True).ids[:1] == [bos]
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+        named = [t for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        template = {t["name"]: t.get("template") for t in named}.get("default")
     if (folder / SIDE_FILES[2]).exists() or (folder / SIDE_FILES[2]).is_symlink():
         template = read_folder_text(folder, SIDE_FILES[2], key)
     return SpecialTokens(

@@ -40,6 +40,9 @@ def weight_files(folder: Path, key: str) -> dict[str, Path]:
         weight_map = read_folder_json(folder, index, key).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{key}: '{folder / index}' has no weight_map")
+        named = next((name for name in weight_map.values() if not isinstance(name, str)), None)
+        if named is not None:
+            raise UserError(f"{key}: '{folder / index}' names the file {named!r}, which is not a file name")
         real = {name: folder_file(folder, name, key) for name in set(weight_map.values())}
         return {tensor: real[name] for tensor, name in weight_map.items()}
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors").is_symlink():
@@ -176,7 +179,13 @@ def load_hf(folder: Path, device: torch.device, key: str = "ckpt") -> tuple[Tran
     check_shapes(config, weight_shapes(folder, weight_files(folder, key), key), folder, key)  # before allocating
     with torch.device("meta"):
         model = TransformerLM(config)
-    model.to_empty(device="cpu")
+    try:
+        model.to_empty(device="cpu")
+    except (RuntimeError, MemoryError):  # what the weights' files really hold, but more than this machine has
+        size = sum(p.numel() * 4 for p in model.parameters()) / 1e9
+        raise UserError(
+            f"{key}: the model in '{folder}' needs {size:.1f} GB in fp32, more than can be allocated"
+        ) from None
     if config.tie_embeddings:  # to_empty gives the two names separate storage
         model.lm_head.weight = model.token_embedding.weight
     if config.position == "rope":
