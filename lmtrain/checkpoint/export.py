@@ -19,6 +19,7 @@ from torch import nn
 
 from lmtrain.core.dtypes import DTYPES
 from lmtrain.core.errors import UserError
+from lmtrain.core.folder_files import read_folder_text
 from lmtrain.core.safe_io import writing
 from lmtrain.model.transformer import TransformerLM
 
@@ -138,7 +139,7 @@ def write_export(model: TransformerLM, out: Path, dtype: str, quantize: str, fil
 
 def load_export_weights(model: TransformerLM, folder: Path) -> TransformerLM:
     """Load an export's weights into `model` (built from its model.json), int8 layers included."""
-    meta = json.loads((folder / EXPORT_MARKER).read_text())
+    meta = json.loads(read_folder_text(folder, EXPORT_MARKER, "ckpt"))
     _swap_in_int8(model, meta["int8_layers"])
     state = load_file(str(folder / "model.safetensors"))
     dtype = DTYPES[meta["dtype"]]
