@@ -114,8 +114,7 @@ def _task(command: str, schema: type):
             check_paths(typed)
             summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))
         except Exception as err:
-            global _refused
-            _refused = isinstance(err, RunRefused)
+            _outcome["refused"] = isinstance(err, RunRefused)
             if command in TRAINING_COMMANDS and rank == 0 and not isinstance(err, RunRefused):
                 reason = first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
                 try:
@@ -272,7 +271,7 @@ def _run_command(command: str, rest: list[str]) -> int:
         return _run_hydra(command, config_name, schema, rest)
 
 
-_refused = False  # set when a training command refuses to start (RunRefused)
+_outcome = {"refused": False}  # set when a training command refuses to start (RunRefused)
 
 
 @contextlib.contextmanager
@@ -280,7 +279,6 @@ def _hydra_files_kept_if_refused(command: str, overrides: list[str], multirun: b
     """Hydra rewrites the run dir's `.hydra/` before the command runs; a refused command must leave the run dir
     as it was. The old folder is renamed aside for the run, and renamed back if the command refuses (else
     removed)."""
-    global _refused
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
     old = Path(given[-1]).expanduser() / ".hydra" if given else None
     rank = int(os.environ.get("RANK", "0"))
@@ -289,11 +287,11 @@ def _hydra_files_kept_if_refused(command: str, overrides: list[str], multirun: b
         return
     kept = old.with_name(f".hydra.kept-{os.getpid()}")
     os.rename(old, kept)
-    _refused = False
+    _outcome["refused"] = False
     try:
         yield
     finally:
-        if _refused:
+        if _outcome["refused"]:
             shutil.rmtree(old, ignore_errors=True)
             os.rename(kept, old)
         else:

@@ -97,8 +97,9 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-@lru_cache(maxsize=8)
-def _compiled(template: str):
+def _environment():
+    """Jinja's immutable sandbox (as `transformers` renders chat templates in), with every way a template
+    builds a large value bounded by MAX_OUTPUT_CHARS."""
     from jinja2.compiler import CodeGenerator
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
@@ -115,8 +116,6 @@ def _compiled(template: str):
             self.write("))")
 
     class Sandbox(ImmutableSandboxedEnvironment):
-        """Jinja's sandbox, with every way a template builds a large value bounded by MAX_OUTPUT_CHARS."""
-
         intercepted_binops = frozenset({"*", "+", "**", "%"})
         code_generator_class = Bounded
 
@@ -147,8 +146,15 @@ def _compiled(template: str):
     env.globals.pop("lipsum", None)  # paragraphs of filler text: no chat template needs them
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
+    return env
+
+
+@lru_cache(maxsize=8)
+def _compiled(template: str):
+    from jinja2.exceptions import TemplateError
+
     try:
-        return env.from_string(template)
+        return _environment().from_string(template)
     except TemplateError as err:
         raise TemplateRefused(f"the chat template does not compile: {_first_line(err)}") from None
     except (RecursionError, MemoryError):
