@@ -6,12 +6,15 @@ so a user mistake is one line and a non-zero exit before torch is even imported.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.resources
 import logging
 import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +117,7 @@ def _task(command: str, schema: type):
             check_paths(typed)
             summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))
         except Exception as err:
+            _outcome["refused"] = isinstance(err, RunRefused)
             if command in TRAINING_COMMANDS and rank == 0 and not isinstance(err, RunRefused):
                 reason = first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
                 try:
@@ -211,7 +215,35 @@ def _run_command(command: str, rest: list[str]) -> int:
             rest = [*rest, *torchrun.shared_run_dir(command, args.overrides, typed.trainer)]
         except UserError as err:
             return _fail(f"{command} (rank {os.environ.get('RANK', '0')})", err)
-    return _run_hydra(command, config_name, schema, rest)
+    with _hydra_files_kept_if_refused(command, args.overrides, args.multirun):
+        return _run_hydra(command, config_name, schema, rest)
+
+
+_outcome = {"refused": False}  # set when a training command refuses to start (RunRefused)
+
+
+@contextlib.contextmanager
+def _hydra_files_kept_if_refused(command: str, overrides: list[str], multirun: bool) -> Iterator[None]:
+    """Hydra rewrites the run dir's `.hydra/` before the command runs; a refused command must leave the run dir
+    as it was. The old folder is renamed aside for the run, and renamed back if the command refuses (else
+    removed)."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")]
+    old = Path(given[-1]).expanduser() / ".hydra" if given else None
+    rank = int(os.environ.get("RANK", "0"))
+    if command not in TRAINING_COMMANDS or multirun or rank > 0 or old is None or not old.is_dir() or old.is_symlink():
+        yield
+        return
+    kept = old.with_name(f".hydra.kept-{os.getpid()}")
+    os.rename(old, kept)
+    _outcome["refused"] = False
+    try:
+        yield
+    finally:
+        if _outcome["refused"]:
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(kept, old)
+        else:
+            shutil.rmtree(kept, ignore_errors=True)
 
 
 def _checked(config_name: str, schema: type, args: Any) -> Any:

@@ -2,6 +2,7 @@
 traceback, and leaves the files of existing runs as they were."""
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -62,6 +63,8 @@ CASES = [
     ([*FT, "data.train={clf_data}", "data.validation={root}/unseen_label.jsonl"], "label 7 in data.validation"),
     ([*FT, "task=lm", "data.train={root}/empty_texts.jsonl"], "data.train: no tokens to train on"),
     ([*FT, "data.train={root}/body.jsonl"], "has no field 'text'"),
+    ([*FT, "data.train={root}/broken.jsonl"], "data.train: '{root}/broken.jsonl' line 3: not JSON"),
+    (["pretrain", "data.train={root}/broken.jsonl", "hydra.run.dir={fresh}"], "broken.jsonl' line 3: not JSON"),
     (["evaluate", "ckpt={lm}", "data.test={root}/empty_texts.jsonl", "hydra.run.dir={fresh}"], "no tokens to score"),
     (["predict", f"ckpt={CLF}", "input={root}/null_text.jsonl", "on_bad_record=error"], "line 2: field 'text' is"),
     (["pretrain", "data.train={root}/int_text.jsonl", "data.on_bad_record=error", "hydra.run.dir={fresh}"], "line 2"),
@@ -105,6 +108,9 @@ def sandbox(tiny_runs, corpus, tmp_path_factory):
     write_jsonl(root / "unseen_label.jsonl", [good[0], {"text": "a cat", "label": 7}])
     write_jsonl(root / "empty_texts.jsonl", [{"text": ""}] * 3)
     write_jsonl(root / "body.jsonl", [{"body": "x", "label": 1}] * 3)
+    write_jsonl(root / "broken.jsonl", [good[0], good[1]])
+    with open(root / "broken.jsonl", "a") as f:
+        f.write('{"text": "a cut-off line\n' + json.dumps(good[0]) + "\n")
     write_jsonl(root / "int_text.jsonl", [{"text": "the cat sat " * 20}, {"text": 5}] * 20)
     torn = root / "torn"
     shutil.copytree(tiny_runs["lm"] / "checkpoints" / "latest", torn)

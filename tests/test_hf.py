@@ -218,16 +218,16 @@ def test_generate_honours_generation_config(folders, tmp_path):
     (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
     _, tokenizer = load_model(str(folder), CPU)
     special = load_special_tokens(str(folder), tokenizer)
-    assert sampling(GenerateConfig(ckpt=str(folder)), special) == {
+    assert sampling(GenerateConfig(ckpt=str(folder)), special, 96) == {
         "max_new_tokens": 200,
         "temperature": 0.6,
         "top_k": 50,
         "top_p": 0.9,
     }
-    assert sampling(GenerateConfig(ckpt=str(folder), temperature=0.0, top_p=1.0), special)["temperature"] == 0.0
+    assert sampling(GenerateConfig(ckpt=str(folder), temperature=0.0, top_p=1.0), special, 96)["temperature"] == 0.0
     (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "eos_token_id": [1, 2]}))
     greedy = load_special_tokens(str(folder), tokenizer)
-    assert sampling(GenerateConfig(ckpt=str(folder)), greedy)["temperature"] == 0.0
+    assert sampling(GenerateConfig(ckpt=str(folder)), greedy, 96)["temperature"] == 0.0
     assert {1, 2} <= set(greedy.stop)
 
 

@@ -199,9 +199,12 @@ def test_refusals_do_not_rewrite_result_or_tokenizer(tmp_path, corpus):
     args = ["pretrain", *TINY, "trainer.max_steps=3", f"data.train={corpus}", f"hydra.run.dir={tmp_path}"]
     assert lmtrain(*args).returncode == 0
     result, tokenizer = (tmp_path / "result.json").read_text(), (tmp_path / "tokenizer.json").read_text()
+    hydra = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / ".hydra").iterdir()}
     again = lmtrain(*args)
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr
     assert (tmp_path / "result.json").read_text() == result
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / ".hydra").iterdir()} == hydra
+    assert not list(tmp_path.glob(".hydra.kept-*"))
     # 12. a resume that does not fit names what differs
     with pytest.raises(RunRefused, match=r"the tokenizer in .* differs .*data.tokenizer: 'char' there, 'byte' here"):
         train(tmp_path, corpus, "trainer.resume=true", "data.tokenizer=byte")

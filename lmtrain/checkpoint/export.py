@@ -18,6 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmtrain.core.dtypes import DTYPES
+from lmtrain.core.errors import UserError
+from lmtrain.core.folder_files import read_folder_text
+from lmtrain.core.safe_io import writing
 from lmtrain.model.transformer import TransformerLM
 
 EXPORT_MARKER = "export.json"
@@ -74,17 +77,45 @@ def _state(model: TransformerLM) -> dict[str, torch.Tensor]:
 def staged(out: Path) -> Iterator[Path]:
     """A temporary folder beside `out`, renamed to `out` when the block succeeds (an earlier export there is
     replaced only then) and removed when it fails, so `out` never holds half an export."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_staging(out)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private
     try:
-        yield staging
+        try:
+            with writing(out):
+                yield staging
+        except UserError as err:  # name the file as it will be, not its staging copy
+            raise UserError(str(err).replace(str(staging), str(out))) from err.__cause__
         if out.exists():  # only an earlier export is replaced (checked by the command)
             shutil.rmtree(out)
         os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def clean_staging(out: Path) -> list[Path]:
+    """Remove the staging folders (`.<out>.tmp-<pid>-*`) that killed exports of `out` left, those whose process
+    is gone (one that lives may still be writing). Returns what was removed."""
+    removed = []
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = path.name.removeprefix(f".{out.name}.tmp-").split("-", 1)[0]
+        if path.is_dir() and not path.is_symlink() and not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_export(model: TransformerLM, out: Path, dtype: str, quantize: str, files: dict[str, str]) -> int:
@@ -95,9 +126,11 @@ def write_export(model: TransformerLM, out: Path, dtype: str, quantize: str, fil
         state[f"{name}.weight"], scale = quantize_int8(model.get_parameter(f"{name}.weight").detach())
         state[f"{name}.weight_scale"] = scale
     with staged(out) as staging:
-        save_file({k: v.cpu() for k, v in state.items()}, str(staging / "model.safetensors"))
+        with writing(staging / "model.safetensors"):
+            save_file({k: v.cpu() for k, v in state.items()}, str(staging / "model.safetensors"))
         for name, text in files.items():
-            (staging / name).write_text(text)
+            with writing(staging / name):
+                (staging / name).write_text(text)
         size = (staging / "model.safetensors").stat().st_size
         meta = {"dtype": dtype, "quantize": quantize, "int8_layers": quantized, "bytes": size}
         (staging / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
@@ -106,7 +139,7 @@ def write_export(model: TransformerLM, out: Path, dtype: str, quantize: str, fil
 
 def load_export_weights(model: TransformerLM, folder: Path) -> TransformerLM:
     """Load an export's weights into `model` (built from its model.json), int8 layers included."""
-    meta = json.loads((folder / EXPORT_MARKER).read_text())
+    meta = json.loads(read_folder_text(folder, EXPORT_MARKER, "ckpt"))
     _swap_in_int8(model, meta["int8_layers"])
     state = load_file(str(folder / "model.safetensors"))
     dtype = DTYPES[meta["dtype"]]

@@ -196,8 +196,13 @@ def complete_steps(checkpoint_root: Path) -> list[Path]:
 
 def set_aside_after(checkpoint_root: Path, step: int) -> list[Path]:
     """Rename checkpoints newer than `step` (an abandoned continuation, when a run is resumed from an
-    older checkpoint) to hidden `.abandoned-step_*` folders, so neither `latest` nor pruning mixes them up."""
+    older checkpoint) to hidden `.abandoned-step_*` folders, so neither `latest` nor pruning mixes them up. Only
+    the latest abandoned continuation is kept: those set aside before are removed (each is a full checkpoint)."""
     moved = []
+    newer = [path for path in complete_steps(checkpoint_root) if step_of(path) > step]
+    for earlier in checkpoint_root.glob(".abandoned-step_*") if newer else []:
+        if earlier.is_dir() and not earlier.is_symlink():
+            shutil.rmtree(earlier, ignore_errors=True)
     for path in complete_steps(checkpoint_root):
         if step_of(path) > step:
             target = path.with_name(f".abandoned-{path.name}")

@@ -15,6 +15,7 @@ from lmtrain.checkpoint import files as checkpoint
 from lmtrain.checkpoint import meta as checkpoint_meta
 from lmtrain.checkpoint.export import EXPORT_MARKER, load_export_weights
 from lmtrain.core.errors import UserError
+from lmtrain.core.folder_files import folder_file
 from lmtrain.data.tokenizer import SpecialTokens, side_files, special_tokens
 from lmtrain.hf.load import is_hf_folder, load_hf, read_config, side_files_from_hf
 from lmtrain.hf.load import load_tokenizer as hf_tokenizer
@@ -56,7 +57,7 @@ def weights_digest(path: str | Path, key: str = "ckpt") -> str:
         if file.name in ("optimizer.safetensors", "rng.safetensors"):
             continue
         digest.update(file.name.encode())
-        with open(file, "rb") as f:
+        with open(folder_file(source, file.name, key), "rb") as f:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
     return digest.hexdigest()
@@ -125,4 +126,4 @@ def load_special_tokens(path: str, tokenizer: Tokenizer, key: str = "ckpt") -> S
 def load_side_files(path: str, key: str = "ckpt") -> dict[str, str]:
     """The tokenizer/generation files a checkpoint made from this model must carry (none for lmtrain's own)."""
     source = checkpoint.resolve(path, key)
-    return side_files_from_hf(source, key) if is_hf_folder(source) else side_files(source)
+    return side_files_from_hf(source, key) if is_hf_folder(source) else side_files(source, key)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,12 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from lmtrain.core.errors import UserError
+from lmtrain.core.folder_files import safetensors_shapes
 from lmtrain.core.safe_io import read_text_capped
 from lmtrain.data.tokenizer import plain_text
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
 
 MAX_JSON_BYTES = 64 << 20  # a 250k-entry BPE tokenizer.json is ~20 MB
-MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_SIZE = 1 << 31  # no model dimension is larger
 
 # model.json: field -> (type, check of the value, what the check wants)
@@ -82,45 +80,6 @@ def _type_ok(name: str, value: Any, kind: type) -> bool:
     if kind in (int, float) and isinstance(value, bool):
         return False
     return isinstance(value, int | float) if kind is float else isinstance(value, kind)
-
-
-def safetensors_shapes(path: Path, key: str) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors header, checked against the file's real size (so no shape can
-    claim more bytes than the file holds)."""
-    if path.is_symlink() or not path.is_file():
-        raise UserError(f"{key}: '{path}' is {'a symlink' if path.is_symlink() else 'missing'}")
-    size = path.stat().st_size
-    damaged = f"{key}: '{path}' is damaged"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(f"{damaged} (shorter than a safetensors header)")
-        (length,) = struct.unpack("<Q", head)
-        if length > min(MAX_HEADER_BYTES, size - 8):
-            raise UserError(f"{damaged} (its header claims {length:,} bytes of a {size:,}-byte file)")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:
-            raise UserError(f"{damaged} (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{damaged} (its header is not a table of tensors)")
-    shapes, end = {}, 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            shape, (start, stop) = entry["shape"], entry["data_offsets"]
-            numel = math.prod(shape)
-            ok = all(isinstance(n, int) and n >= 0 for n in [*shape, start, stop])
-            ok = ok and stop - start == numel * DTYPE_BYTES[entry["dtype"]]
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise UserError(f"{damaged} (tensor '{name}' has a malformed entry)")
-        shapes[name], end = list(shape), max(end, stop)
-    if 8 + length + end != size:
-        raise UserError(f"{damaged} (it holds {size:,} bytes, its header describes {8 + length + end:,}; torn?)")
-    return shapes
 
 
 def as_model_config(values: dict[str, Any]) -> TransformerConfig:

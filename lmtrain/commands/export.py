@@ -20,6 +20,8 @@ from lmtrain.config import DataConfig, ExportConfig
 from lmtrain.core.distributed import resolve_device
 from lmtrain.core.dtypes import DTYPES
 from lmtrain.core.errors import UserError
+from lmtrain.core.folder_files import read_folder_text
+from lmtrain.core.safe_io import writing
 from lmtrain.data import tokens
 from lmtrain.hf.families import family_of
 from lmtrain.hf.save import write_hf, write_peft
@@ -121,9 +123,10 @@ def run(cfg: ExportConfig, run_dir: str) -> None:
         raise UserError(f"out: '{out}' exists and is not an lmtrain export; choose a new folder")
     # model.json from the model itself: a Hugging Face folder has none
     files = {"model.json": json.dumps(dataclasses.asdict(model.config), indent=2), "tokenizer.json": tokenizer.to_str()}
-    files.update(
-        {name: (source / name).read_text() for name in ("task.json", "config.yaml") if (source / name).is_file()}
-    )
+    carried = [
+        name for name in ("task.json", "config.yaml") if (source / name).exists() or (source / name).is_symlink()
+    ]
+    files.update({name: read_folder_text(source, name, "ckpt") for name in carried})
     files.update(load_side_files(str(source)))
     before = validation_score(model, tokenizer, source, cfg.eval_batches, device)
     size = _write(cfg, model, tokenizer, source, out, files, adapter)
@@ -142,7 +145,8 @@ def run(cfg: ExportConfig, run_dir: str) -> None:
         "validation_before": before,
         "validation_after": after,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with writing(out / "report.json"):
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"export      {out}")
     print(f"size        {size / 1e6:.2f} MB on disk ({size / fp32_bytes:.0%} of fp32 {fp32_bytes / 1e6:.2f} MB)")
     for name, score in (("before", before), ("after", after)):

@@ -21,12 +21,15 @@ from lmtrain.tasks.registry import task_class, task_for
 DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 50, "top_p": 1.0}
 
 
-def sampling(cfg: GenerateConfig, special: SpecialTokens) -> dict:
+def sampling(cfg: GenerateConfig, special: SpecialTokens, context: int) -> dict:
     """max_new_tokens, temperature, top_k, top_p: the command line's, else the model's generation_config.json
-    (do_sample=false means greedy), else DEFAULTS. top_k=0 and top_p=1 switch those filters off."""
+    (do_sample=false means greedy; its max_new_tokens at most the `context` the model attends to), else
+    DEFAULTS. top_k=0 and top_p=1 switch those filters off."""
     model_defaults = dict(special.generation)
     if model_defaults.pop("do_sample", True) is False:
         model_defaults["temperature"] = 0.0
+    if "max_new_tokens" in model_defaults:
+        model_defaults["max_new_tokens"] = min(model_defaults["max_new_tokens"], context)
     chosen = {key: getattr(cfg, key) for key in DEFAULTS}
     return {
         key: value if value is not None else model_defaults.get(key, DEFAULTS[key]) for key, value in chosen.items()
@@ -58,7 +61,7 @@ def run(cfg: GenerateConfig, run_dir: str) -> None:
             if prompt
             else [special.bos if special.adds_bos and special.bos is not None else stop]
         )
-    settings = sampling(cfg, special)
+    settings = sampling(cfg, special, model.config.max_seq_len)
     prompt_tokens = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = generate(

@@ -6,12 +6,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from lmtrain.core.errors import UserError
 
 # Errors that say "this machine cannot take the write", not "lmtrain has a bug": one line, no traceback.
+_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
@@ -25,6 +29,12 @@ def writing(path: Path | str) -> Iterator[None]:
         if err.errno not in WRITE_ERRNOS:
             raise
         raise UserError(f"cannot write '{path}': {err.strerror or os.strerror(err.errno)}") from err
+    except SafetensorError as err:  # safetensors reports the OS error in its message: "... (os error 28)"
+        found = _OS_ERROR.search(str(err))
+        code = int(found.group(1) or found.group(2)) if found else None
+        if code not in WRITE_ERRNOS:
+            raise
+        raise UserError(f"cannot write '{path}': {os.strerror(code)}") from err
 
 
 def umask() -> int:

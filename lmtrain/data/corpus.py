@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import logging
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -84,6 +87,46 @@ def fingerprint(source: str, files: list[Path] | None) -> str:
     return digest.hexdigest()
 
 
+def first_broken_line(files: list[Path]) -> str | None:
+    """ "'<file>' line N: <why>" for the first line of the .jsonl `files` that is not a JSON object (datasets'
+    own error names neither), or None."""
+    for path in files:
+        if path.suffix != ".jsonl":
+            continue
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError as err:
+                    return f"'{path}' line {number}: not JSON ({str(err).splitlines()[0]})"
+                if not isinstance(value, dict):
+                    return f"'{path}' line {number}: not a JSON object"
+    return None
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """datasets logs its own error lines before raising; lmtrain reports the failure in one line of its own."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def unreadable(err: Exception, key: str, source: str, files: list[Path] | None) -> UserError:
+    """The one-line error for a data source `datasets` cannot read: the broken line where there is one."""
+    broken = first_broken_line(files) if files else None
+    if broken:
+        return UserError(f"{key}: {broken}")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"{key}: cannot read '{source}': {first}")
+
+
 def iter_documents(
     source: str,
     files: list[Path] | None,
@@ -110,10 +153,10 @@ def iter_documents(
         else:
             builder = BUILDERS[files[0].suffix]
             options = {"sample_by": "document"} if builder == "text" else {}
-            dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+            with quiet_datasets():
+                dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
     except Exception as err:  # datasets raises many types for unreadable input
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{key}: cannot read '{source}': {first}") from err
+        raise unreadable(err, key, source, files) from err
     field = "text" if files is not None and BUILDERS[files[0].suffix] == "text" else text_field
     if field not in dataset.column_names:
         raise UserError(

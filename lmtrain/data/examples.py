@@ -50,10 +50,10 @@ def read_records(source: str, key: str, fields: list[str] | None = None, txt_by:
         else:
             builder = corpus.BUILDERS[files[0].suffix]
             options = {"sample_by": txt_by} if builder == "text" else {}
-            dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+            with corpus.quiet_datasets():
+                dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
     except Exception as err:  # datasets raises many types for unreadable input
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{key}: cannot read '{source}': {first}") from err
+        raise corpus.unreadable(err, key, source, files) from err
     missing = [f for f in fields or [] if f not in dataset.column_names]
     if missing:
         raise UserError(

@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from lmtrain.core.errors import UserError
 from lmtrain.core.safe_io import write_text_atomic, writing
 
 
@@ -122,14 +123,22 @@ class TokenView:
         return out if dtype is None else out.astype(dtype)
 
 
-def open_split(folder: Path, name: str, record: dict, shard_tokens: int, dtype: str) -> np.ndarray | TokenView:
-    """The token stream of split `name` (its manifest `record`): a memmap when it is one shard."""
-    shards = [
-        np.memmap(folder / f"{shard_name(name, n)}.bin", dtype=dtype, mode="r")
-        if (folder / f"{shard_name(name, n)}.bin").stat().st_size
-        else np.zeros(0, dtype=dtype)
-        for n in range(record["shards"])
-    ]
+def open_split(
+    folder: Path, name: str, record: dict, shard_tokens: int, dtype: str, vocab_size: int
+) -> np.ndarray | TokenView:
+    """The token stream of split `name` (its manifest `record`): a memmap when it is one shard. Each shard's
+    largest id is checked against `vocab_size` once here (UserError naming the shard), so a damaged cache
+    fails as it opens rather than mid-run."""
+    shards = []
+    for n in range(record["shards"]):
+        path = folder / f"{shard_name(name, n)}.bin"
+        shard = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
+        if len(shard) and int(shard.max()) >= vocab_size:
+            raise UserError(
+                f"data.cache_dir: '{path}' holds token id {int(shard.max())}, beyond the cache's {vocab_size}-token "
+                "vocabulary: the cache is damaged; delete it to tokenize again"
+            )
+        shards.append(shard)
     if len(shards) == 1:
         return shards[0]
     return TokenView(shards or [np.zeros(0, dtype=dtype)], shard_tokens)

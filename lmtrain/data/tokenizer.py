@@ -4,8 +4,8 @@ All three save as one `tokenizer.json`; byte and BPE decode losslessly, char map
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmtrain.core.errors import UserError
+from lmtrain.core.folder_files import read_folder_json, read_folder_text
 
 log = logging.getLogger("lmtrain")
 END_OF_TEXT = "<|endoftext|>"
@@ -180,38 +181,63 @@ class SpecialTokens:
     chat_template: str | None = None  # Jinja; None: lmtrain's default (see lmtrain.data.chat)
 
 
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+def _ids(value: Any, where: str) -> list[int]:
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise UserError(f"{where}: a token id must be an integer >= 0, got {value!r}")
+    return values
 
 
 def _token_name(value: Any) -> str | None:
     """A tokenizer_config.json special token: a string or an AddedToken-style {"content": ...}."""
-    return value.get("content") if isinstance(value, dict) else value
+    name = value.get("content") if isinstance(value, dict) else value
+    return name if isinstance(name, str) else None
 
 
-def read_json(path: Path, what: str) -> dict:
-    """A JSON object from `path`; UserError naming the file when it is not one."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{what}: cannot read '{path}': {str(err).splitlines()[0]}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{what}: '{path}' does not hold a JSON object")
-    return value
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# generation_config.json's sampling defaults, checked as the command line's keys are: key -> (check, wanted)
+GENERATION_CHECKS: dict[str, tuple[Any, str]] = {
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "temperature": (lambda v: _number(v) and 0 <= v < math.inf, "a number >= 0"),
+    "top_k": (lambda v: _number(v) and isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "max_new_tokens": (lambda v: _number(v) and isinstance(v, int) and v >= 1, "an integer >= 1"),
+}
+GENERATION_KEYS = tuple(GENERATION_CHECKS)
+
+
+def generation_defaults(generation: dict, where: str) -> dict:
+    """The sampling settings of a generation_config.json, each checked (UserError naming `where` and the key)."""
+    chosen = {k: generation[k] for k in GENERATION_KEYS if generation.get(k) is not None}
+    for name, value in chosen.items():
+        check, wanted = GENERATION_CHECKS[name]
+        if not check(value):
+            raise UserError(f"{where}: {name} must be {wanted}, got {value!r}")
+    return chosen
+
+
+def _side_json(folder: Path, key: str) -> dict[str, dict]:
+    names = (*SIDE_FILES[:2], "config.json")
+    return {n: read_folder_json(folder, n, key) for n in names if (folder / n).exists() or (folder / n).is_symlink()}
 
 
 def special_tokens(tokenizer: Tokenizer, folder: Path, key: str = "ckpt") -> SpecialTokens:
     """The special tokens of the model in `folder` (a checkpoint, export or Hugging Face folder), from its
-    generation_config.json, config.json and tokenizer_config.json where present, else lmtrain's own."""
-    found = {
-        name: read_json(folder / name, key) for name in (*SIDE_FILES[:2], "config.json") if (folder / name).is_file()
-    }
+    generation_config.json, config.json and tokenizer_config.json where present, else lmtrain's own. Every
+    file is read inside the folder and size-capped; ids and sampling settings are checked (UserError)."""
+    found = _side_json(folder, key)
     generation = found.get("generation_config.json", {})
     model_config = found.get("config.json", {})
     tokenizer_config = found.get("tokenizer_config.json", {})
-    stop = _ids(generation.get("eos_token_id")) or _ids(model_config.get("eos_token_id"))
+    in_generation, in_config = f"{key}: '{folder / SIDE_FILES[1]}'", f"{key}: '{folder / 'config.json'}'"
+    ids = {
+        k: (_ids(generation.get(k), in_generation), _ids(model_config.get(k), in_config))
+        for k in ("eos_token_id", "bos_token_id")
+    }
+    stop = ids["eos_token_id"][0] or ids["eos_token_id"][1]
     name = _token_name(tokenizer_config.get("eos_token"))
     end_of_text = tokenizer.token_to_id(name) if name else None
     if end_of_text is None:
@@ -223,26 +249,31 @@ def special_tokens(tokenizer: Tokenizer, folder: Path, key: str = "ckpt") -> Spe
     bos_name = _token_name(tokenizer_config.get("bos_token"))
     bos = tokenizer.token_to_id(bos_name) if bos_name else None
     if bos is None:
-        bos = next(iter(_ids(generation.get("bos_token_id")) or _ids(model_config.get("bos_token_id"))), None)
+        bos = next(iter(ids["bos_token_id"][0] or ids["bos_token_id"][1]), None)
+    vocab = tokenizer.get_vocab_size()
+    for what, token in [("eos_token_id", end_of_text), ("bos_token_id", bos), *(("eos_token_id", i) for i in stop)]:
+        if token is not None and token >= vocab:
+            raise UserError(f"{key}: '{folder}': {what} {token} is beyond the tokenizer's {vocab} tokens")
     # a BOS counts only where the tokenizer's own post-processor puts it in front of a text (Llama)
     adds_bos = bos is not None and tokenizer.encode("a", add_special_tokens=True).ids[:1] == [bos]
-    jinja = folder / "chat_template.jinja"
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+        named = [t for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        template = {t["name"]: t.get("template") for t in named}.get("default")
+    if (folder / SIDE_FILES[2]).exists() or (folder / SIDE_FILES[2]).is_symlink():
+        template = read_folder_text(folder, SIDE_FILES[2], key)
     return SpecialTokens(
         end_of_text=end_of_text,
         stop=list(dict.fromkeys([*stop, end_of_text])),
         bos=bos,
         adds_bos=adds_bos,
-        chat_template=jinja.read_text() if jinja.is_file() else template if isinstance(template, str) else None,
-        generation={k: generation[k] for k in GENERATION_KEYS if generation.get(k) is not None},
+        chat_template=template if isinstance(template, str) else None,
+        generation=generation_defaults(generation, in_generation),
     )
 
 
-GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens")
-
-
-def side_files(folder: Path) -> dict[str, str]:
-    """The SIDE_FILES present in `folder`, by name, to carry into a checkpoint or export."""
-    return {name: (folder / name).read_text() for name in SIDE_FILES if (folder / name).is_file()}
+def side_files(folder: Path, key: str = "ckpt") -> dict[str, str]:
+    """The SIDE_FILES present in `folder`, by name, to carry into a checkpoint or export (each read inside the
+    folder and size-capped)."""
+    present = [n for n in SIDE_FILES if (folder / n).exists() or (folder / n).is_symlink()]
+    return {name: read_folder_text(folder, name, key) for name in present}

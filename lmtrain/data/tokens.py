@@ -189,8 +189,10 @@ def _build(c: Corpus, folder: Path, train_files, val_files) -> None:
 
 def _load(folder: Path) -> TokenData:
     manifest = json.loads((folder / MANIFEST).read_text())
+    tokenizer = load_tokenizer(str(folder / "tokenizer.json"))
+    vocab = tokenizer.get_vocab_size()
     streams = {
-        name: open_split(folder, name, record, manifest["shard_tokens"], manifest["dtype"])
+        name: open_split(folder, name, record, manifest["shard_tokens"], manifest["dtype"], vocab)
         for name, record in manifest["splits"].items()
     }
     (train_split, train_start, train_stop), (val_split, val_start, val_stop) = (
@@ -201,7 +203,7 @@ def _load(folder: Path) -> TokenData:
     return TokenData(
         train=streams[train_split][train_start:train_stop],
         validation=streams[val_split][val_start:val_stop],
-        tokenizer=load_tokenizer(str(folder / "tokenizer.json")),
+        tokenizer=tokenizer,
         cache_path=folder,
         skipped=manifest.get("skipped", {}),
         train_documents=starts[starts < train_stop - train_start],

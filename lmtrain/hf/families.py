@@ -9,6 +9,7 @@ LlamaForCausalLM (Mistral, Qwen2 and Qwen3 share its layout; Qwen3 adds q_norm/k
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from lmtrain.core.errors import UserError
 from lmtrain.model.transformer import TransformerConfig
 
 log = logging.getLogger("lmtrain")
+MAX_SIZE = 1 << 31  # no model dimension is larger (the bound model.json is checked by)
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -87,15 +89,15 @@ def _rope_settings(hf: dict) -> dict:
     params = dict(hf.get("rope_scaling") or {})
     params.update(hf.get("rope_parameters") or {})
     kind = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    settings: dict = {"rope_theta": float(theta)}
+    theta = _positive({"rope_theta": params.get("rope_theta", hf.get("rope_theta", 10000.0))}, "rope_theta")
+    settings: dict = {"rope_theta": theta}
     if kind == "llama3":
         settings.update(
             rope_scaling=RopeScaling.llama3,
-            rope_scaling_factor=float(params["factor"]),
-            rope_low_freq_factor=float(params["low_freq_factor"]),
-            rope_high_freq_factor=float(params["high_freq_factor"]),
-            rope_original_max_seq_len=int(params["original_max_position_embeddings"]),
+            rope_scaling_factor=_positive(params, "factor"),
+            rope_low_freq_factor=_positive(params, "low_freq_factor"),
+            rope_high_freq_factor=_positive(params, "high_freq_factor"),
+            rope_original_max_seq_len=_size(params, "original_max_position_embeddings"),
         )
     elif kind != "default":
         raise UserError(f"config.json: rope scaling '{kind}' is not supported (supported: default, llama3)")
@@ -105,15 +107,15 @@ def _rope_settings(hf: dict) -> dict:
 def _context_length(hf: dict, family: str) -> int:
     """max_position_embeddings, capped at the sliding window where one applies: lmtrain attends to the whole
     context, which equals sliding-window attention exactly as long as the context fits in the window."""
-    length = int(hf["max_position_embeddings"])
-    window = hf.get("sliding_window")
+    length = _size(hf, "max_position_embeddings")
+    window = _size(hf, "sliding_window") if hf.get("sliding_window") is not None else None
     layer_types = hf.get("layer_types") or []
     sliding = (
         family == "mistral"
         or bool(hf.get("use_sliding_window"))
         or any(kind == "sliding_attention" for kind in layer_types)
     )
-    if sliding and window and int(window) < length:
+    if sliding and window and window < length:
         log.warning(
             "config.json: sliding_window=%d is shorter than max_position_embeddings=%d; lmtrain uses full "
             "attention, so the context is capped at %d tokens (exact within it)",
@@ -121,8 +123,24 @@ def _context_length(hf: dict, family: str) -> int:
             length,
             window,
         )
-        return int(window)
+        return window
     return length
+
+
+def _size(hf: dict, key: str, default: int | None = None) -> int:
+    """config.json's `key`: an integer in 1..MAX_SIZE (KeyError when missing without a default)."""
+    value = hf[key] if default is None else hf.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE:
+        raise UserError(f"config.json: {key} must be an integer in 1..{MAX_SIZE}, got {value!r}")
+    return value
+
+
+def _positive(hf: dict, key: str, default: float | None = None) -> float:
+    """config.json's `key`: a finite number > 0 (KeyError when missing without a default)."""
+    value = hf[key] if default is None else hf.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise UserError(f"config.json: {key} must be a number > 0, got {value!r}")
+    return float(value)
 
 
 def _need(hf: dict, key: str, expected, why: str) -> None:
@@ -138,13 +156,17 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     if family not in FAMILIES:
         raise UserError(f"config.json: model_type '{family}' is not supported (supported: {', '.join(FAMILIES)})")
     try:
-        if family == "gpt2":
-            return _gpt2_config(hf)
-        return _llama_config(hf, family)
+        config = _gpt2_config(hf) if family == "gpt2" else _llama_config(hf, family)
     except KeyError as err:
         raise UserError(f"config.json: missing key {err} for model_type '{family}'") from None
     except (TypeError, ValueError) as err:  # a value of the wrong type: untrusted input, one line
         raise UserError(f"config.json: a value has the wrong type ({err})") from None
+    if config.num_heads % config.kv_heads or (config.head_dim is None and config.d_model % config.num_heads):
+        raise UserError(
+            f"config.json: {config.num_heads} attention heads do not split into {config.kv_heads} key/value heads "
+            f"of a {config.d_model}-wide model"
+        )
+    return config
 
 
 def _gpt2_config(hf: dict) -> TransformerConfig:
@@ -161,19 +183,19 @@ def _gpt2_config(hf: dict) -> TransformerConfig:
     _need(hf, "scale_attn_by_inverse_layer_idx", False, "no per-layer attention scaling")
     _need(hf, "add_cross_attention", False, "decoder-only")
     return TransformerConfig(
-        vocab_size=int(hf["vocab_size"]),
-        d_model=int(hf["n_embd"]),
-        num_heads=int(hf["n_head"]),
-        num_layers=int(hf["n_layer"]),
-        max_seq_len=int(hf["n_positions"]),
-        d_ff=hf.get("n_inner"),
+        vocab_size=_size(hf, "vocab_size"),
+        d_model=_size(hf, "n_embd"),
+        num_heads=_size(hf, "n_head"),
+        num_layers=_size(hf, "n_layer"),
+        max_seq_len=_size(hf, "n_positions"),
+        d_ff=_size(hf, "n_inner") if hf.get("n_inner") is not None else None,
         activation=activations[act],
         norm=Norm.layernorm,
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        norm_eps=_positive(hf, "layer_norm_epsilon", 1e-5),
         position=Position.learned,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         bias=True,
-        init_std=float(hf.get("initializer_range", 0.02)),
+        init_std=_positive(hf, "initializer_range", 0.02),
     )
 
 
@@ -187,27 +209,28 @@ def _llama_config(hf: dict, family: str) -> TransformerConfig:
         )
     if hf.get("pretraining_tp", 1) != 1:
         log.info("config.json: pretraining_tp=%s only changes how the reference splits matmuls", hf["pretraining_tp"])
-    heads = int(hf["num_attention_heads"])
-    d_model = int(hf["hidden_size"])
-    head_dim = hf.get("head_dim") or d_model // heads
+    heads = _size(hf, "num_attention_heads")
+    d_model = _size(hf, "hidden_size")
+    if hf.get("head_dim") is None and d_model % heads:
+        raise UserError(f"config.json: num_attention_heads={heads} does not divide hidden_size={d_model}")
     return TransformerConfig(
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=_size(hf, "vocab_size"),
         d_model=d_model,
         num_heads=heads,
-        num_layers=int(hf["num_hidden_layers"]),
+        num_layers=_size(hf, "num_hidden_layers"),
         max_seq_len=_context_length(hf, family),
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(head_dim),
-        d_ff=int(hf["intermediate_size"]),
+        num_kv_heads=_size(hf, "num_key_value_heads") if hf.get("num_key_value_heads") else heads,
+        head_dim=_size(hf, "head_dim") if hf.get("head_dim") is not None else d_model // heads,
+        d_ff=_size(hf, "intermediate_size"),
         activation=Activation.swiglu,
         norm=Norm.rmsnorm,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=_positive(hf, "rms_norm_eps", 1e-6),
         position=Position.rope,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bias=attention_bias,
         qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3",
-        init_std=float(hf.get("initializer_range", 0.02)),
+        init_std=_positive(hf, "initializer_range", 0.02),
         **_rope_settings(hf),
     )
 

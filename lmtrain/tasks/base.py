@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from lmtrain.checkpoint import files as checkpoint
 from lmtrain.config import FinetuneConfig, TaskConfig
 from lmtrain.core.errors import UserError
+from lmtrain.core.folder_files import read_folder_text
 from lmtrain.data import chat
 from lmtrain.data.examples import Example, collate, collate_packed, fixed_batches
 from lmtrain.data.tokenizer import end_of_text_id, warn_unknown
@@ -236,7 +237,7 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.
 def load_task_info(path: str, key: str = "ckpt") -> TaskInfo | None:
     """The task a finetuned checkpoint was trained on (None for a pretrained one)."""
     source = checkpoint.resolve(path, key)
-    if not (source / "task.json").is_file():
+    if not ((source / "task.json").exists() or (source / "task.json").is_symlink()):
         return None
     with checkpoint.readable(source, key):
-        return TaskInfo(**json.loads((source / "task.json").read_text()))
+        return TaskInfo(**json.loads(read_folder_text(source, "task.json", key)))

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from lmtrain.config import TaskConfig
 from lmtrain.config.choices import TaskName
+from lmtrain.core.errors import UserError
 from lmtrain.data import chat
 from lmtrain.data.examples import Example
 from lmtrain.data.tokenizer import warn_unknown
@@ -31,7 +32,10 @@ class Chat(Task):
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """The tokens generation starts from: `messages` and the template's assistant header."""
-        return chat.tokenize(self.tokenizer, self.chat_template, messages, self.chat_tokens, True)[0]
+        try:
+            return chat.tokenize(self.tokenizer, self.chat_template, messages, self.chat_tokens, True)[0]
+        except chat.ChatError as err:
+            raise UserError(f"ckpt: {err}") from None
 
     def user_prompt_ids(self, prompt: str, context: str | None, system: str | None) -> list[int] | None:
         """One user turn (after the `system` message, if any), in the model's chat template."""
