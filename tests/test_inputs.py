@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY, lmtrain, write_jsonl
+from conftest import TINY, lmtrain, prepare_tokens, write_jsonl
 
 from lmtrain.commands import evaluate, finetune, predict, pretrain
 from lmtrain.config import (
@@ -70,6 +70,12 @@ def test_pretraining_counts_skipped_records(tmp_path):
     assert texts == ["abc"] and skipped == {"data.train": 3}
     with pytest.raises(UserError, match="line 2: field 'text' is null or missing"):
         list(corpus_module.iter_documents(str(data), files, "text", "data.train", "error"))
+
+
+def test_a_corpus_left_without_text_says_why(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": None}, {"text": ""}, {"text": 5}])
+    with pytest.raises(UserError, match=r"holds no text \(2 records skipped for a null, missing or non-text field, "):
+        prepare_tokens(tmp_path / "cache", data)
 
 
 # 2. nothing to score is an error, never a perfect score --------------------------------------------------

@@ -191,6 +191,9 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     d = cfg.data
     _positive(d, "data.", errors, "max_chars", "tokenizer_sample_chars", "num_workers", nullable=True)
     _positive(d, "data.", errors, "shard_tokens")
+    for number, source in enumerate(d.sources):
+        if not source.weight > 0:
+            errors.append(f"data.sources[{number}].weight: must be > 0, got {source.weight} (drop the source instead)")
     if d.streaming and (d.sources or d.window != "random" or d.validation):
         errors.append(
             "data.streaming: reads one stream of train; it takes no data.sources, data.validation or data.window"

@@ -118,6 +118,7 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
         except HydraException as err:
             raise ConfigError(first_line(err)) from None
     check_identity(cfg)
+    check_mixture(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     return validate(cfg, schema, explicit=explicit_keys(values)) if check_values else cfg
@@ -126,6 +127,15 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
 # the key of each group that names its option: `optimizer=sgd` is how the name is chosen
 IDENTITY = {"optimizer": "name", "scheduler": "name", "loss": "name", "task": "name", "adapter": "name"}
 IDENTITY["grad_accum"] = "mode"
+
+
+def check_mixture(cfg) -> None:
+    """data=mixture with no source would train on data.train instead, which nobody asked for."""
+    if cfg.hydra.runtime.choices.get("data") == "mixture" and not cfg.data.get("sources"):
+        raise ConfigError(
+            "data.sources: data=mixture needs at least one source, e.g. "
+            "data.sources='[{path: web/, weight: 1.0}]' (or drop data=mixture to train on data.train)"
+        )
 
 
 def check_identity(cfg) -> None:
