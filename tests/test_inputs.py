@@ -249,3 +249,28 @@ def test_short_run_warms_up_for_the_whole_run(tmp_path, corpus, caplog):
     assert lrs == pytest.approx([cfg.optimizer.lr * (step + 1) / 4 for step in range(3)])
     with pytest.raises(ConfigError, match="scheduler.warmup_steps: 10 exceeds trainer.max_steps=3"):
         check("pretrain", PretrainConfig, ["trainer.max_steps=3", "scheduler.warmup_steps=10"])
+
+
+def test_export_scores_eval_batches_of_a_task_or_nothing(tiny_runs, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lmtrain.checkpoint.load import load_model, load_special_tokens
+    from lmtrain.commands import export
+    from lmtrain.config import ExportConfig
+    from lmtrain.tasks.base import load_task_info, task_for
+    from lmtrain.tasks.records import split_examples
+
+    ckpt = tiny_runs["classifier"] / "checkpoints" / "latest"
+    monkeypatch.setattr(export, "TASK_BATCH", 2)
+    export.run(ExportConfig(ckpt=str(ckpt), out=str(tmp_path / "a"), eval_batches=1, device="cpu"), ".")
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    model, tokenizer = load_model(str(ckpt), torch.device("cpu"))
+    info = load_task_info(str(ckpt))
+    task = task_for(info, tokenizer, model.config.max_seq_len, load_special_tokens(str(ckpt), tokenizer))
+    examples = split_examples(OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml")), task, "validation")[0]
+    assert len(examples) > 2  # one batch of 2 is what export scored
+    scored = task.evaluate(model, examples[:2], batch_size=2, device=torch.device("cpu"))
+    assert report["validation_before"]["loss"] == pytest.approx(scored["loss"], rel=1e-6)
+    export.run(ExportConfig(ckpt=str(ckpt), out=str(tmp_path / "b"), score=False, device="cpu"), ".")
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["validation_before"] is None and report["validation_after"] is None

@@ -187,7 +187,8 @@ class TaskConfig:
     temperature: float = 1.0  # decoding=sample
     top_k: int | None = None  # decoding=sample
     max_new_tokens: int = 64  # longest generated answer or translation
-    max_eval_examples: int | None = None  # validate on at most this many examples (null: all)
+    # validate on the first N examples (null: N = trainer.eval_batches × trainer.micro_batch_size)
+    max_eval_examples: int | None = None
     overlong: Overlong = Overlong.truncate  # chat: an overlong conversation is truncated (counted) or dropped
 
 
@@ -229,7 +230,8 @@ class FinetuneConfig:
     freeze_blocks: int = 0  # keep the first k Transformer blocks fixed
     dropout: float | None = None  # the model's dropout for finetuning (null: as pretrained)
     epochs: float | None = 3.0  # passes over train, at most trainer.max_steps steps (null: trainer.max_steps decides)
-    evals_per_epoch: int = 2  # validations per epoch when epochs is set (else trainer.eval_every)
+    # validations per epoch when epochs is set; null (or trainer.eval_every on the command line): trainer.eval_every
+    evals_per_epoch: int | None = 2
     task: TaskConfig = field(default_factory=TaskConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -295,7 +297,8 @@ class ExportConfig:
     merge_adapter: bool = False  # adapters folded into the weights (else format=hf writes them alone, PEFT layout)
     quantize: Quantize = Quantize.none  # int8: weight-only int8 of the linear layers, one scale per output channel
     out: str | None = None  # export folder (default: <run dir>/export-<dtype or int8>)
-    eval_batches: int = 20  # validation batches for the before/after score
+    score: bool = True  # score the validation data before and after export (false: size only)
+    eval_batches: int = 20  # validation batches for that score: of 16 windows, or of 32 examples of a task
     device: Device = Device.auto  # auto: CUDA when present, else CPU
 
 
