@@ -96,6 +96,15 @@ def test_empty_texts_have_no_tokens_to_score():
 
 
 # 3. BPE on long unbroken lines ---------------------------------------------------------------------------
+def test_bpe_pre_tokenizes_ordinary_text_as_gpt2_does():
+    from tokenizers import pre_tokenizers
+
+    text = "First Citizen:\nWe're   told, 'tis 2024!  héllo wörld 日本語\n\n\tdef f(x):  return x**2 # ok\n"
+    ours = build_tokenizer("bpe", [text], 300).pre_tokenizer.pre_tokenize_str(text)
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)
+    assert ours == gpt2
+
+
 def test_bpe_splits_long_pieces(caplog):
     line = "abcdefgh" * 1500  # 12,000 letters, no space
     with caplog.at_level(logging.WARNING, logger="lmtrain"):

@@ -82,7 +82,7 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
     """
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     groups: list[str] = []
     values: list[str] = []
@@ -98,30 +98,38 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
         if value and value not in options:
             raise no_such_option(key.lstrip("+~"), value, options)
     with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
-        try:
-            base = compose(config_name, overrides=groups)
-        except HydraException as err:
-            raise ConfigError(plugin_hint(first_line(err))) from None
-        known = all_keys(base)
-        for override in values:
-            key = override.split("=", 1)[0]
-            if key.startswith(("+", "~")) or OmegaConf.select(base, key, default=_MISSING) is not _MISSING:
-                continue
-            parent, _, leaf = key.rpartition(".")
-            siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
-            hint = nearest(leaf, siblings) if siblings else nearest(key, known)
-            if hint and siblings:
-                hint = f"{parent}.{hint}" if parent else hint
-            raise ConfigError(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
-        try:
+        try:  # composed once when all is well; the groups alone only to explain a failure
             cfg = compose(config_name, overrides=groups + values, return_hydra_config=True)
         except HydraException as err:
+            try:
+                base = compose(config_name, overrides=groups)
+            except HydraException as group_err:
+                raise ConfigError(plugin_hint(first_line(group_err))) from None
+            _check_keys(base, values)
             raise ConfigError(first_line(err)) from None
     check_identity(cfg)
     check_mixture(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     return validate(cfg, schema, explicit=explicit_keys(values)) if check_values else cfg
+
+
+def _check_keys(base, values: list[str]) -> None:
+    """Raise ConfigError naming the first override whose key `base` (the composed groups) lacks, with the
+    nearest known key."""
+    from omegaconf import OmegaConf
+
+    known = all_keys(base)
+    for override in values:
+        key = override.split("=", 1)[0]
+        if key.startswith(("+", "~")) or OmegaConf.select(base, key, default=_MISSING) is not _MISSING:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+        hint = nearest(leaf, siblings) if siblings else nearest(key, known)
+        if hint and siblings:
+            hint = f"{parent}.{hint}" if parent else hint
+        raise ConfigError(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
 
 
 # the key of each group that names its option: `optimizer=sgd` is how the name is chosen
