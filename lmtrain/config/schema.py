@@ -150,7 +150,7 @@ class TrainerConfig:
     seed: int = 1337  # seeds init, dropout and data order
     device: Device = Device.auto  # auto: CUDA when present, else CPU
     precision: Precision = Precision.fp32  # autocast dtype of the matmuls; the weights stay fp32
-    compile: bool = False  # torch.compile the training step (compiled once; its time is logged)
+    compile: bool = False  # torch.compile the training step: pays on a GPU over long runs, rarely on a CPU
     compile_eval: bool = False  # also compile evaluation (a second graph); false: evaluate eagerly
     resume: Any = False  # false | true (this run dir's latest) | path to a checkpoint or run dir
     progress_bar: bool = True  # tqdm bar on a terminal
