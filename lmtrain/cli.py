@@ -208,6 +208,16 @@ def _run_command(command: str, rest: list[str]) -> int:
         if os.environ.get("LMTRAIN_DEBUG"):
             raise
         return _fail(command, err)
+    hydra_options = (
+        args.multirun,
+        args.cfg,
+        args.config_path,
+        args.config_name,
+        args.config_dir,
+        args.experimental_rerun,
+    )
+    if command == "prepare" and not any(hydra_options) and not any(o.startswith("hydra") for o in args.overrides):
+        return _prepare(typed)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.multirun:
         if command not in TRAINING_COMMANDS:  # evaluate, generate, ...: the main process does the work
             return 0 if int(os.environ.get("RANK", "0")) > 0 else _run_hydra(command, config_name, schema, rest)
@@ -244,6 +254,21 @@ def _hydra_files_kept_if_refused(command: str, overrides: list[str], multirun: b
             os.rename(kept, old)
         else:
             shutil.rmtree(kept, ignore_errors=True)
+
+
+def _prepare(typed: PretrainConfig) -> int:
+    """`lmtrain prepare`: no run dir and no job of its own, so no Hydra run (a second composition of the
+    config); log lines go to stdout."""
+    from lmtrain.commands import prepare
+
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="[%(asctime)s][%(levelname)s] - %(message)s")
+    try:
+        prepare.run(typed, ".")
+    except UserError as err:
+        if os.environ.get("LMTRAIN_DEBUG"):
+            raise
+        return _fail("prepare", err)
+    return 0
 
 
 def _checked(config_name: str, schema: type, args: Any) -> Any:

@@ -4,9 +4,11 @@ library's own `encode_batch` on the same text, tokenizer and cores; and lmtrain'
     python scripts/bench_prepare.py --mb 1000              # generates /tmp/bench_prepare/<mb>mb/, then deletes it
     python scripts/bench_prepare.py --mb 200 --mb 400      # two sizes: peak memory must not grow with the corpus
     python scripts/bench_prepare.py --mb 20 --tokenizer bpe
+    python scripts/bench_prepare.py --mb 50 --tokenizer bpe --bpe-sample-mb 50 --rounds 3
 
-Each measurement runs in a fresh process (peak RSS is that process's). The BPE is trained once on a 20 MB sample
-(reported separately) and then used as an existing tokenizer.json, like a pretrained model's.
+Each measurement runs in a fresh process (peak RSS is that process's). The BPE is trained on a 20 MB sample by
+lmtrain and by the `tokenizers` library's own `Tokenizer.train` (GPT-2 pre-tokenizer, same trainer settings) on
+the same file, alternately, and the times compared; lmtrain's is then used as an existing tokenizer.json.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def generate(folder: Path, megabytes: int, file_mb: int = 100) -> None:
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process, all threads: on a shared machine it counts the work, not the wait."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measure_library(folder: str, tokenizer_json: str, cap_mb: str, method: str) -> dict:
@@ -96,22 +104,65 @@ def measure_lmtrain(folder: str, tokenizer_json: str, cache: str) -> dict:
     return {"mb_per_s": size / 1e6 / seconds, "seconds": seconds, "peak_mb": _peak_mb(), "tokens": tokens_count}
 
 
-def train_bpe(folder: str, out: str, sample_mb: int = 20) -> dict:
+def write_sample(folder: Path, out: Path, sample_mb: int) -> None:
+    """The first `sample_mb` MB of the corpus, in one file: what both BPE trainings read."""
+    with open(out, "w") as f:
+        for path in sorted(folder.glob("*.txt")):
+            with open(path) as source:
+                while f.tell() < sample_mb * 1_000_000 and (line := source.readline()):
+                    f.write(line)
+
+
+def train_bpe(sample: str, out: str) -> dict:
+    """lmtrain's BPE (4,096) trained on the sample file, read as lmtrain reads a corpus."""
     from lmtrain.data.corpus import read_text_pieces
     from lmtrain.data.tokenizer import build_tokenizer
 
-    def sample():
-        taken = 0
-        for path in sorted(Path(folder).glob("*.txt")):
-            for piece in read_text_pieces(path, "bench"):
-                if taken >= sample_mb * 1_000_000:
-                    return
-                taken += len(piece)
-                yield piece
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    tokenizer = build_tokenizer("bpe", read_text_pieces(Path(sample), "bench"), 4096)
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+    tokenizer.save(out)
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": _peak_mb()}
 
-    started = time.perf_counter()
-    build_tokenizer("bpe", sample(), 4096).save(out)
-    return {"seconds": time.perf_counter() - started, "sample_mb": sample_mb, "peak_mb": _peak_mb()}
+
+def train_bpe_library(sample: str, out: str) -> dict:
+    """The `tokenizers` library's own byte-level BPE training on the same file (GPT-2's pre-tokenizer, the same
+    trainer settings): the reference lmtrain's training time is compared with."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet, show_progress=False
+    )
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    tokenizer.train([sample], trainer=trainer)
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+    tokenizer.save(out)
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": _peak_mb()}
+
+
+def compare_bpe_training(folder: Path, root: Path, out: str, sample_mb: int, rounds: int) -> None:
+    """lmtrain's and the library's BPE training on one sample, alternated `rounds` times in fresh processes: the
+    fastest of each in wall time and in CPU time (which another process's load on a shared machine hardly moves)."""
+    sample = root / "bpe_sample.txt"
+    write_sample(folder, sample, sample_mb)
+    runs: dict[str, list[dict]] = {"train": [], "train_library": []}
+    for _ in range(rounds):
+        for what, done in runs.items():
+            target = out if what == "train" else str(root / "bpe_library.json")
+            done.append(_in_fresh_process(what, str(sample), target))
+    for unit in ("seconds", "cpu_seconds"):
+        ours, library = (min(r[unit] for r in runs[what]) for what in ("train", "train_library"))
+        every = {what: ", ".join(f"{r[unit]:.1f}" for r in done) for what, done in runs.items()}
+        print(
+            f"BPE (4,096) on a {sample_mb} MB sample, {unit.replace('_', ' ')}, fastest of {rounds}: lmtrain "
+            f"{ours:.1f}, tokenizers {library:.1f} (lmtrain/library {ours / library:.2f}); all: lmtrain "
+            f"{every['train']}; tokenizers {every['train_library']}",
+            flush=True,
+        )
 
 
 def _in_fresh_process(*args: str) -> dict:
@@ -125,11 +176,14 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/bench_prepare")
     parser.add_argument("--tokenizer", choices=["byte", "bpe"], action="append", help="default: both")
     parser.add_argument("--library-mb", type=int, default=50, help="MB the library's throughput is measured on")
+    parser.add_argument("--bpe-sample-mb", type=int, default=20, help="MB both BPE trainings learn from")
+    parser.add_argument("--rounds", type=int, default=3, help="BPE trainings of each kind (the fastest counts)")
     parser.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         what, *rest = args.measure
-        print(json.dumps({"library": measure_library, "lmtrain": measure_lmtrain, "train": train_bpe}[what](*rest)))
+        measures = {"library": measure_library, "lmtrain": measure_lmtrain, "train": train_bpe}
+        print(json.dumps({**measures, "train_library": train_bpe_library}[what](*rest)))
         return
     root = Path(args.root)
     for megabytes in args.mb or [1000]:
@@ -142,9 +196,7 @@ def main() -> None:
             build_tokenizer("byte", [], 0).save(byte_json)
             chosen = args.tokenizer or ["byte", "bpe"]
             if "bpe" in chosen:
-                trained = _in_fresh_process("train", str(folder), bpe_json)
-                sample = trained["sample_mb"]
-                print(f"{megabytes} MB: BPE (4,096) trained on a {sample} MB sample in {trained['seconds']:.1f} s")
+                compare_bpe_training(folder, root, bpe_json, min(args.bpe_sample_mb, megabytes), args.rounds)
             for name in chosen:
                 tokenizer_json = {"byte": byte_json, "bpe": bpe_json}[name]
                 ours = _in_fresh_process("lmtrain", str(folder), tokenizer_json, str(root / f"cache_{name}"))

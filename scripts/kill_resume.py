@@ -115,10 +115,13 @@ def start(run_dir: Path, corpus: Path, resume: bool, env: dict) -> subprocess.Po
     )
 
 
+SPEED = ("tokens_per_s", "mfu")  # what the clock measures: differs between any two runs
+
+
 def records(run_dir: Path) -> list[dict]:
     from lmtrain.train.sinks import read_metrics
 
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run_dir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in SPEED} for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def problems(run_dir: Path, reference: Path) -> list[str]:

@@ -26,6 +26,8 @@ CASES = [
     (["pretrain", "optimizer=muon", "trainer.strategy=fsdp"], "optimizer=muon: not supported with trainer.strategy"),
     (["pretrain", "model.logit_softcap=0"], "model.logit_softcap: must be > 0 or null"),
     (["pretrain", "trainer.max_steps=5", "scheduler.warmup_steps=10"], "scheduler.warmup_steps: 10 exceeds"),
+    (["pretrain", "data=mixture", "data.sources=[]"], "data.sources: data=mixture needs at least one source"),
+    (["pretrain", "data=mixture", "data.sources=[{{path: a, weight: 0}}]"], "data.sources[0].weight: must be > 0"),
     (["pretrain", "data.on_bad_record=drop"], "data.on_bad_record: 'drop' is not one of skip, error"),
     (["pretrain", "-m", "model=glob(zzz*)"], "model: glob(zzz*) matches none"),
     (["pretrain", "-m", "optimizer.lr=interval(1e-4,1e-2)"], "optimizer.lr: interval(...)"),

@@ -400,3 +400,21 @@ def test_rouge_equals_rouge_score_and_task_metric_rouge_l_picks_the_best_checkpo
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert report["rouge_l"] == pytest.approx(scores[best_step], abs=1e-6) and "bleu" in report
+
+
+def test_explicit_eval_every_and_eval_batches_are_honoured(tmp_path, data, base, caplog):
+    """trainer.eval_every on the command line replaces the per-epoch interval; validation scores the first
+    trainer.eval_batches × micro_batch_size examples of the 100, not all of them."""
+    train, val = data["classification"]
+    args = [f"init_from={base}", "task=classification", f"data.train={train}", f"data.validation={val}"]
+    args += ["trainer.device=cpu", "trainer.progress_bar=false", "trainer.max_steps=3", "trainer.eval_every=1"]
+    cfg = check("finetune", FinetuneConfig, [*args, "trainer.eval_batches=1", "trainer.micro_batch_size=4"])
+    assert cfg.evals_per_epoch is None
+    with caplog.at_level("INFO", logger="lmtrain"):
+        finetune.run(cfg, str(tmp_path))
+    validations = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "val_accuracy" in r]
+    assert [r["step"] for r in validations] == [0, 1, 2, 3]
+    assert all((r["val_accuracy"] * 4).is_integer() for r in validations)  # 4 examples scored
+    assert "validation: the first 4 of 100 examples (trainer.eval_batches × micro_batch_size)" in caplog.text
+    with pytest.raises(UserError, match="trainer.eval_every: evals_per_epoch is set too"):
+        check("finetune", FinetuneConfig, [*args, "evals_per_epoch=2"])

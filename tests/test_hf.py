@@ -111,6 +111,18 @@ def test_sharded_weights_import_and_export(tmp_path):
     assert torch.allclose(logits_of(reference(out), ids), logits_of(model, ids), atol=1e-5, rtol=0)
 
 
+def test_index_naming_the_wrong_shard_is_one_line(tmp_path):
+    folder = build("llama", tmp_path / "sharded", shard=True)
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    wrong = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][name])
+    index["weight_map"][name] = wrong
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(UserError, match=f"puts weight '{name}' in '{folder / wrong}', which lacks it"):
+        load_model(str(folder), CPU)
+
+
 @pytest.mark.parametrize(
     "config, family",
     [

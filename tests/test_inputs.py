@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY, lmtrain, write_jsonl
+from conftest import TINY, lmtrain, prepare_tokens, write_jsonl
 
 from lmtrain.commands import evaluate, finetune, predict, pretrain
 from lmtrain.config import (
@@ -73,6 +73,12 @@ def test_pretraining_counts_skipped_records(tmp_path):
         list(corpus_module.iter_documents(str(data), files, "text", "data.train", "error"))
 
 
+def test_a_corpus_left_without_text_says_why(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": None}, {"text": ""}, {"text": 5}])
+    with pytest.raises(UserError, match=r"holds no text \(2 records skipped for a null, missing or non-text field, "):
+        prepare_tokens(tmp_path / "cache", data)
+
+
 # 2. nothing to score is an error, never a perfect score --------------------------------------------------
 def test_empty_texts_have_no_tokens_to_score():
     tokenizer = build_tokenizer("byte", [], 0)
@@ -91,6 +97,15 @@ def test_empty_texts_have_no_tokens_to_score():
 
 
 # 3. BPE on long unbroken lines ---------------------------------------------------------------------------
+def test_bpe_pre_tokenizes_ordinary_text_as_gpt2_does():
+    from tokenizers import pre_tokenizers
+
+    text = "First Citizen:\nWe're   told, 'tis 2024!  héllo wörld 日本語\n\n\tdef f(x):  return x**2 # ok\n"
+    ours = build_tokenizer("bpe", [text], 300).pre_tokenizer.pre_tokenize_str(text)
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)
+    assert ours == gpt2
+
+
 def test_bpe_splits_long_pieces(caplog):
     line = "abcdefgh" * 1500  # 12,000 letters, no space
     with caplog.at_level(logging.WARNING, logger="lmtrain"):
@@ -244,3 +259,28 @@ def test_short_run_warms_up_for_the_whole_run(tmp_path, corpus, caplog):
     assert lrs == pytest.approx([cfg.optimizer.lr * (step + 1) / 4 for step in range(3)])
     with pytest.raises(ConfigError, match="scheduler.warmup_steps: 10 exceeds trainer.max_steps=3"):
         check("pretrain", PretrainConfig, ["trainer.max_steps=3", "scheduler.warmup_steps=10"])
+
+
+def test_export_scores_eval_batches_of_a_task_or_nothing(tiny_runs, tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lmtrain.checkpoint.load import load_model, load_special_tokens
+    from lmtrain.commands import export
+    from lmtrain.config import ExportConfig
+    from lmtrain.tasks.base import load_task_info, task_for
+    from lmtrain.tasks.records import split_examples
+
+    ckpt = tiny_runs["classifier"] / "checkpoints" / "latest"
+    monkeypatch.setattr(export, "TASK_BATCH", 2)
+    export.run(ExportConfig(ckpt=str(ckpt), out=str(tmp_path / "a"), eval_batches=1, device="cpu"), ".")
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    model, tokenizer = load_model(str(ckpt), torch.device("cpu"))
+    info = load_task_info(str(ckpt))
+    task = task_for(info, tokenizer, model.config.max_seq_len, load_special_tokens(str(ckpt), tokenizer))
+    examples = split_examples(OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml")), task, "validation")[0]
+    assert len(examples) > 2  # one batch of 2 is what export scored
+    scored = task.evaluate(model, examples[:2], batch_size=2, device=torch.device("cpu"))
+    assert report["validation_before"]["loss"] == pytest.approx(scored["loss"], rel=1e-6)
+    export.run(ExportConfig(ckpt=str(ckpt), out=str(tmp_path / "b"), score=False, device="cpu"), ".")
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["validation_before"] is None and report["validation_after"] is None

@@ -53,8 +53,28 @@ def test_tied_head_shares_the_embedding():
 def test_flops_per_token_counts_matmuls_and_attention():
     model = tiny()
     c = model.config
-    non_embedding = model.num_parameters() - c.max_seq_len * c.d_model  # learned positions are lookups
-    assert model.flops_per_token() == 6 * non_embedding + 12 * c.num_layers * c.d_model * c.max_seq_len
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2) - c.max_seq_len * c.d_model  # positions
+    assert model.flops_per_token() == 6 * matrices + 12 * c.num_layers * c.d_model * c.max_seq_len
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_flops_per_token_equals_torch_flop_count_of_a_training_step(lora):
+    # what torch counts in one forward and backward, matmuls and attention alike; frozen weights (LoRA's base)
+    # get no weight gradient, so they count 4 per token instead of 6
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lmtrain.model.lora import add_lora
+
+    model = TransformerLM(TransformerConfig(vocab_size=50, d_model=32, num_heads=4, num_layers=8, max_seq_len=16))
+    if lora:
+        add_lora(model, ["all_linear"], rank=4, alpha=8.0, dropout=0.0)
+    tokens = torch.randint(0, 50, (2, 16))
+    # the math kernel: attention as matmuls torch counts (the fused CPU kernel has no FLOP formula)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(tokens).sum().backward()
+    # with LoRA the first block's frozen matmuls need no input gradient either (nothing below them trains)
+    assert counter.get_total_flops() / tokens.numel() == pytest.approx(model.flops_per_token(16), rel=0.02)
 
 
 def test_residual_projections_get_scaled_init():

@@ -49,6 +49,24 @@ def test_finetune_plan_counts_frozen_and_new_parameters(tmp_path, tiny_checkpoin
     assert plan["parameters"]["trainable"] < plan["parameters"]["total"]
 
 
+def test_finetune_plan_uses_the_capped_steps_and_the_examples_lengths(tmp_path, tiny_checkpoint):
+    """epochs=50 capped by trainer.max_steps=3 is 3 steps; attention runs over the examples' own lengths (a
+    token of an n-token example attends over n), not over the model's whole context."""
+    records = [{"text": "the cat " * n, "label": int(n > 2)} for n in (1, 2, 3) * 10]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    overrides = [f"init_from={tiny_checkpoint}", f"data.train={train}", "task=classification"]
+    cfg = check("finetune", FinetuneConfig, [*overrides, "epochs=50", "trainer.max_steps=3", "trainer.device=cpu"])
+    plan = build("finetune", cfg, "cpu")
+    assert plan["tokens"]["max_steps"] == 3
+    model, tokenizer = load_model(str(tiny_checkpoint), torch.device("cpu"))
+    lengths = [len(tokenizer.encode(r["text"]).ids) + 1 for r in records]  # + the end-of-text classified at
+    assert plan["flops"]["attention_len"] == round(sum(n * n for n in lengths) / sum(lengths))
+    assert plan["flops"]["attention_len"] < model.config.max_seq_len
+    model.add_classifier(2)
+    assert plan["flops"]["per_token"] == model.flops_per_token(plan["flops"]["attention_len"])
+
+
 def test_too_big_a_batch_gets_the_largest_micro_batch_that_fits():
     cfg = compose("model=gpt2_124m", "trainer=gpu", "trainer.micro_batch_size=256", "data.tokenizer=byte")
     plan = build("pretrain", cfg, "l4")

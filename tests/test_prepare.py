@@ -107,3 +107,24 @@ def test_one_line_of_5_mb_without_spaces_prepares_in_seconds(tmp_path):
     assert time.perf_counter() - started < 60  # ~5 s on 2 cores; quadratic BPE training took minutes
     assert line.read_text().startswith(data.tokenizer.decode(np.asarray(data.train[:100]).tolist()))
     assert len(data.train) + len(data.validation) > 500_000
+
+
+def test_lmtrain_prepare_composes_the_config_once_and_never_imports_torch(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "corpus.txt").write_text("hello world, hello tokens\n" * 200)
+    script = f"""
+import sys
+import hydra
+from hydra._internal import hydra as hydra_internal
+calls = []
+compose = hydra_internal.Hydra.compose_config
+hydra_internal.Hydra.compose_config = lambda *a, **k: calls.append(1) or compose(*a, **k)
+from lmtrain.cli import main
+rc = main(["prepare", "data.tokenizer=byte", "data.train={tmp_path / "corpus.txt"}", "data.cache_dir={tmp_path}/c"])
+print(rc, len(calls), "torch" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split()[-3:] == ["0", "1", "False"], result.stderr
+    assert "prepared train" in result.stdout and any((tmp_path / "c").iterdir())

@@ -130,5 +130,45 @@ class Collect:
     def write(self, record: dict, split: str) -> None:
         self.records.append((split, record))
 
+    def summary(self, values: dict) -> None:
+        pass
+
     def close(self) -> None:
         pass
+
+
+def test_validation_and_checkpoint_time_stay_out_of_tokens_per_s():
+    """Validating at steps 0 and 1 sleeps 0.5 s each; the window logged at step 2 counts only its two steps."""
+    import time
+
+    trainer = make_trainer()
+    x = torch.arange(16).repeat(2, 1)
+    records: list[tuple[str, dict]] = []
+
+    def slow_validation() -> dict:
+        time.sleep(0.5)
+        return {"loss": 1.0}
+
+    started = time.perf_counter()
+    trainer.fit(
+        lambda: [(x, x)],
+        slow_validation,
+        cadence=Cadence(max_steps=2, eval_every=1, log_every=2, checkpoint_every=1),
+        sink=Collect(records),
+        save_checkpoint=lambda: time.sleep(0.5) if trainer.state.step == 1 else None,
+        progress_bar=False,
+    )
+    total = time.perf_counter() - started
+    window_seconds = x.numel() * 2 / next(r for _, r in records if "tokens_per_s" in r)["tokens_per_s"]
+    assert window_seconds < total - 1.4  # the three sleeps before the log record are not in it
+
+
+def test_mfu_is_never_above_one_on_cpu():
+    from lmtrain.core import devices
+
+    # a rate no CPU peak measurement reaches: reported as unknown, not as a utilisation above 1
+    assert devices.mfu(1e30, devices.cpu_peak("fp32"), CPU, "fp32") is None
+    peak = devices.cpu_peak("fp32")
+    assert devices.mfu(peak / 2, peak, CPU, "fp32") == 0.5
+    # a stale low peak is raised to this process's measurement before dividing
+    assert devices.mfu(peak / 2, peak / 4, CPU, "fp32") == 0.5

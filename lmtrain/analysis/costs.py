@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lmtrain.core import devices
 from lmtrain.core.devices import ASSUMED_MFU, Device
 from lmtrain.core.errors import UserError
 
@@ -181,6 +182,33 @@ def fit(memory: dict[str, int], micro_batch: int, device_bytes: int) -> dict:
     }
 
 
+def device_for(name: str, precision: str) -> Device:
+    """The device of the peak table to plan for: cpu, this machine's GPU (auto, cuda), or a GPU by name."""
+    if name == "cpu":
+        return devices.cpu_device(precision)
+    import torch
+
+    if name in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            found = devices.cuda_device()
+            if found is None:
+                raise UserError(
+                    f"--device: {torch.cuda.get_device_name()} is not in lmtrain's peak table; "
+                    f"pass --device with one of {', '.join(devices.GPUS)}"
+                )
+            return found
+        if name == "auto":
+            return devices.cpu_device(precision)
+        raise UserError(
+            f"trainer.device=cuda but this machine has no CUDA device; plan for one with --device "
+            f"({', '.join(devices.GPUS)}) or use trainer.device=cpu"
+        )
+    found = devices.lookup(name)
+    if found is None:
+        raise UserError(f"--device: unknown device '{name}'; choose cpu or one of {', '.join(devices.GPUS)}")
+    return found
+
+
 def time_estimate(
     device: Device,
     precision: str,
@@ -251,7 +279,8 @@ def render(plan: dict) -> str:
         f"             {p['embedding']:>15,}  embedding (token + position tables)",
         f"             {p['non_embedding']:>15,}  non-embedding",
         f"             {p['trainable']:>15,}  trainable",
-        f"compute      {_flops(f['per_token']):>15}  per token (training: 6 per matmul parameter + attention)",
+        f"compute      {_flops(f['per_token']):>15}  per token (training: 6 per trained matmul weight, 4 per frozen "
+        f"one, attention over {f['attention_len']:,} tokens)",
         f"             {_flops(f['per_step']):>15}  per step",
         f"             {_flops(f['per_run']):>15}  per run",
         f"tokens       {tok['per_step']:>15,.0f}  per step ({tok['micro_batch_size']} sequences × "
@@ -292,7 +321,8 @@ def _measured_lines(ms: dict, mem: dict, tm: dict) -> list[str]:
         "",
         f"measured     ({ms['steps']} steps on random tokens, the first a warm-up)",
         f"             {_duration(ms['step_seconds']):>15}  per step (estimate {_duration(tm['step_seconds'])})",
-        f"             {ms['tokens_per_s']:>15,.0f}  tokens/s, MFU {ms['mfu']:.1%}",
+        f"             {ms['tokens_per_s']:>15,.0f}  tokens/s, MFU "
+        + (f"{ms['mfu']:.1%}" if ms["mfu"] is not None else "- (above the measured CPU peak)"),
         f"             {_size(ms['peak_memory']):>15}  peak memory (estimate {_size(mem['total'])}, "
         f"measured {error:+.0%}; {ms['memory_source']})",
     ]

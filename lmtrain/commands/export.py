@@ -31,11 +31,13 @@ from lmtrain.tasks.records import split_examples
 from lmtrain.train.losses import validation_loss
 
 log = logging.getLogger("lmtrain")
+TASK_BATCH = 32  # examples per validation batch of a task checkpoint (a language model's: 16 windows)
 
 
 @torch.no_grad()
 def validation_score(model, tokenizer, source: Path, eval_batches: int, device: torch.device) -> dict | None:
-    """Validation loss (and perplexity) on the data the checkpoint trained with; None when it is gone."""
+    """Validation loss (and perplexity, or the task's metrics) on `eval_batches` batches of the data the
+    checkpoint trained with (a task's first examples); None when the data is gone."""
     config_file = source / "config.yaml"
     if not config_file.is_file():
         return None
@@ -48,7 +50,8 @@ def validation_score(model, tokenizer, source: Path, eval_batches: int, device: 
             from lmtrain.tasks.registry import task_for
 
             task = task_for(info, tokenizer, model.config.max_seq_len, load_special_tokens(str(source), tokenizer))
-            result = task.evaluate(model, split_examples(trained, task, "validation")[0], batch_size=32, device=device)
+            examples = split_examples(trained, task, "validation")[0][: eval_batches * TASK_BATCH]
+            result = task.evaluate(model, examples, batch_size=TASK_BATCH, device=device)
             return {k: v for k, v in result.items() if isinstance(v, float)}
         # the run's whole data config (an older run's lacks newer keys: the schema's defaults fill them)
         saved = {k: v for k, v in trained["data"].items() if k in DataConfig.__dataclass_fields__}
@@ -128,10 +131,10 @@ def run(cfg: ExportConfig, run_dir: str) -> None:
     ]
     files.update({name: read_folder_text(source, name, "ckpt") for name in carried})
     files.update(load_side_files(str(source)))
-    before = validation_score(model, tokenizer, source, cfg.eval_batches, device)
+    before = validation_score(model, tokenizer, source, cfg.eval_batches, device) if cfg.score else None
     size = _write(cfg, model, tokenizer, source, out, files, adapter)
     after = None
-    if not adapter or cfg.merge_adapter:  # a PEFT adapter alone is no model to score
+    if cfg.score and (not adapter or cfg.merge_adapter):  # a PEFT adapter alone is no model to score
         exported, _ = load_model(str(out), device)
         after = validation_score(exported, tokenizer, source, cfg.eval_batches, device)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())

@@ -134,8 +134,11 @@ def _examples(
         val_examples = task.encode(records, "data.validation")
     else:  # held out after encoding, so evaluate/export can hold out the same examples again
         train_examples, val_examples = split_off(train_examples, d.val_fraction, t.seed)
-    if cfg.task.max_eval_examples:
-        val_examples = val_examples[: cfg.task.max_eval_examples]
+    limit = cfg.task.max_eval_examples or t.eval_batches * t.micro_batch_size
+    if len(val_examples) > limit:
+        why = "task.max_eval_examples" if cfg.task.max_eval_examples else "trainer.eval_batches × micro_batch_size"
+        log.info("validation: the first %d of %d examples (%s)", limit, len(val_examples), why)
+        val_examples = val_examples[:limit]
     log.info("data: %d train / %d validation examples, task %s", len(train_examples), len(val_examples), info.name)
     return info, task, train_examples, val_examples, counts
 
@@ -188,7 +191,9 @@ def _schedule(
                 math.ceil(cfg.epochs * steps_per_epoch),
                 max_steps,
             )
+    if cfg.epochs is not None and cfg.evals_per_epoch is not None:
         eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+        log.info("validation every %d steps (evals_per_epoch=%d)", eval_every, cfg.evals_per_epoch)
     log.info(
         "model: %s parameters (%s trainable); %d steps of %d micro-batches (%d steps per epoch)",
         f"{model.num_parameters():,}",

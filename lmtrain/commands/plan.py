@@ -136,6 +136,7 @@ class _Workload:
     vocab_source: str  # where the vocabulary size came from
     longest: int  # the longest micro-batch's length, which sets the memory peak
     mean_len: float  # the mean tokens per sequence (pretraining: the context; finetuning: the mean example)
+    attention_len: int  # the sequence length a token attends over, on average over tokens
     accumulation: int
     max_steps: int
 
@@ -148,17 +149,21 @@ def _pretrain_workload(cfg, world: int) -> _Workload:
     seq_len = cfg.model.max_seq_len
     t = cfg.trainer
     accumulation = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, world)
-    return _Workload(model, vocab_source, seq_len, seq_len, accumulation, t.max_steps)
+    return _Workload(model, vocab_source, seq_len, seq_len, seq_len, accumulation, t.max_steps)
 
 
 def _finetune_workload(cfg, world: int) -> _Workload:
-    """The model and batches finetune would train: its examples, for `epochs` or trainer.max_steps."""
+    """The model and batches finetune would train: its examples (batched by length, so padded little), for
+    `epochs` capped by trainer.max_steps, or trainer.max_steps."""
     model, lengths = _finetune_model(cfg)
     t, accumulation = cfg.trainer, cfg.grad_accum.steps
     max_steps = t.max_steps
     if cfg.epochs is not None:
-        max_steps = costs.finetune_steps(len(lengths), t.micro_batch_size, accumulation, world, cfg.epochs)
-    return _Workload(model, "init_from", max(lengths), sum(lengths) / len(lengths), accumulation, max_steps)
+        epochs = costs.finetune_steps(len(lengths), t.micro_batch_size, accumulation, world, cfg.epochs)
+        max_steps = min(epochs, max_steps)
+    attention_len = round(sum(n * n for n in lengths) / sum(lengths))  # a token of an n-token example attends n
+    mean_len = sum(lengths) / len(lengths)
+    return _Workload(model, "init_from", max(lengths), mean_len, attention_len, accumulation, max_steps)
 
 
 # ---- the plan --------------------------------------------------------------------------------------------------
@@ -170,13 +175,13 @@ def build(command: str, cfg, device_name: str | None) -> dict:
     work = _pretrain_workload(cfg, world) if command == "pretrain" else _finetune_workload(cfg, world)
     c = work.model.config
     parameters = _parameter_counts(work.model)
-    flops_per_token = work.model.flops_per_token()
+    flops_per_token = work.model.flops_per_token(work.attention_len)
     tokens = costs.token_counts(
         t.micro_batch_size, work.mean_len, work.longest, work.accumulation, world, work.max_steps
     )
     tokens_per_step = tokens["per_step"]
     memory = _memory(cfg, work, parameters, strategy, world)
-    device = _device(device_name or t.device, t.precision)
+    device = costs.device_for(device_name or t.device, t.precision)
     return {
         "command": command,
         "model": {
@@ -191,6 +196,7 @@ def build(command: str, cfg, device_name: str | None) -> dict:
         "parameters": parameters,
         "flops": {
             "per_token": flops_per_token,
+            "attention_len": work.attention_len,
             "per_step": flops_per_token * tokens_per_step,
             "per_run": flops_per_token * tokens_per_step * work.max_steps,
         },
@@ -247,35 +253,6 @@ def _memory(cfg, work: _Workload, parameters: dict[str, int], strategy: str, wor
     )
 
 
-def _device(name: str, precision: str):
-    """The device of the peak table to plan for: cpu, this machine's GPU (auto, cuda), or a GPU by name."""
-    from lmtrain.core import devices
-
-    if name == "cpu":
-        return devices.cpu_device(precision)
-    import torch
-
-    if name in ("auto", "cuda"):
-        if torch.cuda.is_available():
-            found = devices.cuda_device()
-            if found is None:
-                raise UserError(
-                    f"--device: {torch.cuda.get_device_name()} is not in lmtrain's peak table; "
-                    f"pass --device with one of {', '.join(devices.GPUS)}"
-                )
-            return found
-        if name == "auto":
-            return devices.cpu_device(precision)
-        raise UserError(
-            f"trainer.device=cuda but this machine has no CUDA device; plan for one with --device "
-            f"({', '.join(devices.GPUS)}) or use trainer.device=cpu"
-        )
-    found = devices.lookup(name)
-    if found is None:
-        raise UserError(f"--device: unknown device '{name}'; choose cpu or one of {', '.join(devices.GPUS)}")
-    return found
-
-
 # ---- measuring -------------------------------------------------------------------------------------------------
 def _rss(field: str) -> int:
     """VmRSS (now) or VmHWM (peak since the last reset) of this process, in bytes (Linux)."""
@@ -300,7 +277,7 @@ def measure(plan: dict, cfg, steps: int) -> dict:
     (VmHWM, reset before the model is built) over its RSS at that moment."""
     import torch
 
-    from lmtrain.core import distributed
+    from lmtrain.core import devices, distributed
     from lmtrain.model.transformer import TransformerConfig, TransformerLM
     from lmtrain.train import build as runs
 
@@ -345,7 +322,7 @@ def measure(plan: dict, cfg, steps: int) -> dict:
         "steps": steps,
         "step_seconds": step_seconds,
         "tokens_per_s": tokens / step_seconds,
-        "mfu": plan["flops"]["per_step"] / step_seconds / plan["time"]["peak_flops"],
+        "mfu": devices.mfu(plan["flops"]["per_step"] / step_seconds, plan["time"]["peak_flops"], device, t.precision),
         "peak_memory": peak,
         "memory_source": "torch.cuda.max_memory_allocated" if cuda else "growth of peak RSS (VmHWM)",
     }

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 
-from lmtrain.checkpoint.load import load_special_tokens, load_tokenizer
 from lmtrain.config import PretrainConfig
 from lmtrain.data import mixture, streaming, tokens
 
@@ -18,6 +17,8 @@ def run(cfg: PretrainConfig, run_dir: str) -> None:
     d = cfg.data
     existing, end_of_text = None, None
     if cfg.init_from:  # the model's own tokenizer: nothing to train
+        from lmtrain.checkpoint.load import load_special_tokens, load_tokenizer  # torch: only for a checkpoint
+
         existing = load_tokenizer(cfg.init_from, key="init_from")
         end_of_text = load_special_tokens(cfg.init_from, existing, key="init_from").end_of_text
     started = time.perf_counter()

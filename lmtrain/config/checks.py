@@ -209,6 +209,9 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     d = cfg.data
     _positive(d, "data.", errors, "max_chars", "tokenizer_sample_chars", "num_workers", nullable=True)
     _positive(d, "data.", errors, "shard_tokens")
+    for number, source in enumerate(d.sources):
+        if not source.weight > 0:
+            errors.append(f"data.sources[{number}].weight: must be > 0, got {source.weight} (drop the source instead)")
     if d.streaming and (d.sources or d.window != "random" or d.validation):
         errors.append(
             "data.streaming: reads one stream of train; it takes no data.sources, data.validation or data.window"
@@ -233,7 +236,7 @@ def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
     if not cfg.data.train:
         errors.append("data.train: missing; pass data.train=path/to/train.jsonl")
     _positive(cfg, "", errors, "epochs", nullable=True)
-    _positive(cfg, "", errors, "evals_per_epoch")
+    _positive(cfg, "", errors, "evals_per_epoch", nullable=True)
     _positive(cfg.data, "data.", errors, "pack_len", nullable=True)
     a = cfg.adapter
     _positive(a, "adapter.", errors, "rank", "alpha")
@@ -350,6 +353,13 @@ def _check_warmup(cfg: Any, errors: list[str]) -> None:
         )
 
 
+def _eval_every_given(cfg: FinetuneConfig, evals_per_epoch_given: bool, errors: list[str]) -> None:
+    """finetune: a trainer.eval_every given on the command line sets the interval, not evals_per_epoch."""
+    if evals_per_epoch_given and cfg.evals_per_epoch is not None:
+        errors.append("trainer.eval_every: evals_per_epoch is set too; give one of them (or evals_per_epoch=null)")
+    cfg.evals_per_epoch = None
+
+
 def validate(cfg: DictConfig, schema: type, explicit: Collection[str] = ()) -> Any:
     """Type-check `cfg` against `schema` and run the cross-field checks; returns the dataclass object.
     `explicit`: the keys the user set on the command line (a few checks apply to those only).
@@ -366,6 +376,8 @@ def validate(cfg: DictConfig, schema: type, explicit: Collection[str] = ()) -> A
         CHECKS[schema](obj, errors)
         if "scheduler.warmup_steps" in explicit:
             _check_warmup(obj, errors)
+        if isinstance(obj, FinetuneConfig) and "trainer.eval_every" in explicit:
+            _eval_every_given(obj, "evals_per_epoch" in explicit, errors)
     if errors:
         raise ConfigError("\n".join(errors))
     return obj

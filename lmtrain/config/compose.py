@@ -93,7 +93,6 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
     """
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
 
     groups: list[str] = []
     values: list[str] = []
@@ -111,26 +110,17 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
             raise no_such_option(key.lstrip("+~"), value, options)
     with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
         _check_groups_are_the_commands(compose(config_name, return_hydra_config=True), schema, groups)
-        try:
-            base = compose(config_name, overrides=groups)
-        except HydraException as err:
-            raise ConfigError(plugin_hint(first_line(err))) from None
-        known = all_keys(base)
-        for override in values:
-            key = override.split("=", 1)[0]
-            if key.startswith(("+", "~")) or OmegaConf.select(base, key, default=_MISSING) is not _MISSING:
-                continue
-            parent, _, leaf = key.rpartition(".")
-            siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
-            hint = nearest(leaf, siblings) if siblings else nearest(key, known)
-            if hint and siblings:
-                hint = f"{parent}.{hint}" if parent else hint
-            raise ConfigError(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
-        try:
+        try:  # composed once when all is well; the groups alone only to explain a failure
             cfg = compose(config_name, overrides=groups + values, return_hydra_config=True)
         except HydraException as err:
+            try:
+                base = compose(config_name, overrides=groups)
+            except HydraException as group_err:
+                raise ConfigError(plugin_hint(first_line(group_err))) from None
+            _check_keys(base, values)
             raise ConfigError(first_line(err)) from None
     name_options(cfg, cfg.hydra.runtime.choices)
+    check_mixture(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     return validate(cfg, schema, explicit=explicit_keys(values)) if check_values else cfg
@@ -164,6 +154,33 @@ def name_options(cfg: DictConfig, choices: Mapping[str, str | None]) -> None:
         for group, key in IDENTITY.items():
             if choices.get(group) and group in cfg:
                 cfg[group][key] = choices[group]
+
+
+def _check_keys(base, values: list[str]) -> None:
+    """Raise ConfigError naming the first override whose key `base` (the composed groups) lacks, with the
+    nearest known key."""
+    from omegaconf import OmegaConf
+
+    known = all_keys(base)
+    for override in values:
+        key = override.split("=", 1)[0]
+        if key.startswith(("+", "~")) or OmegaConf.select(base, key, default=_MISSING) is not _MISSING:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+        hint = nearest(leaf, siblings) if siblings else nearest(key, known)
+        if hint and siblings:
+            hint = f"{parent}.{hint}" if parent else hint
+        raise ConfigError(f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+
+
+def check_mixture(cfg) -> None:
+    """data=mixture with no source would train on data.train instead, which nobody asked for."""
+    if cfg.hydra.runtime.choices.get("data") == "mixture" and not cfg.data.get("sources"):
+        raise ConfigError(
+            "data.sources: data=mixture needs at least one source, e.g. "
+            "data.sources='[{path: web/, weight: 1.0}]' (or drop data=mixture to train on data.train)"
+        )
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:

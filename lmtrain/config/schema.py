@@ -155,7 +155,7 @@ class TrainerConfig:
     seed: int = 1337  # seeds init, dropout and data order
     device: Device = Device.auto  # auto: CUDA when present, else CPU
     precision: Precision = Precision.fp32  # autocast dtype of the matmuls; the weights stay fp32
-    compile: bool = False  # torch.compile the training step (compiled once; its time is logged)
+    compile: bool = False  # torch.compile the training step: pays on a GPU over long runs, rarely on a CPU
     compile_eval: bool = False  # also compile evaluation (a second graph); false: evaluate eagerly
     resume: Any = False  # false | true (this run dir's latest) | path to a checkpoint or run dir
     progress_bar: bool = True  # tqdm bar on a terminal
@@ -197,7 +197,8 @@ class TaskConfig:
     top_k: int | None = None  # decoding=sample
     max_new_tokens: int = 64  # longest generated answer or translation
     metric: Seq2SeqMetric = Seq2SeqMetric.bleu  # seq2seq: the score that picks checkpoints/best (rouge_l: summaries)
-    max_eval_examples: int | None = None  # validate on at most this many examples (null: all)
+    # validate on the first N examples (null: N = trainer.eval_batches × trainer.micro_batch_size)
+    max_eval_examples: int | None = None
     overlong: Overlong = Overlong.truncate  # chat: an overlong conversation is truncated (counted) or dropped
 
 
@@ -239,7 +240,8 @@ class FinetuneConfig:
     freeze_blocks: int = 0  # keep the first k Transformer blocks fixed
     dropout: float | None = None  # the model's dropout for finetuning (null: as pretrained)
     epochs: float | None = 3.0  # passes over train, at most trainer.max_steps steps (null: trainer.max_steps decides)
-    evals_per_epoch: int = 2  # validations per epoch when epochs is set (else trainer.eval_every)
+    # validations per epoch when epochs is set; null (or trainer.eval_every on the command line): trainer.eval_every
+    evals_per_epoch: int | None = 2
     task: TaskConfig = field(default_factory=TaskConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -305,7 +307,8 @@ class ExportConfig:
     merge_adapter: bool = False  # adapters folded into the weights (else format=hf writes them alone, PEFT layout)
     quantize: Quantize = Quantize.none  # int8: weight-only int8 of the linear layers, one scale per output channel
     out: str | None = None  # export folder (default: <run dir>/export-<dtype or int8>)
-    eval_batches: int = 20  # validation batches for the before/after score
+    score: bool = True  # score the validation data before and after export (false: size only)
+    eval_batches: int = 20  # validation batches for that score: of 16 windows, or of 32 examples of a task
     device: Device = Device.auto  # auto: CUDA when present, else CPU
 
 

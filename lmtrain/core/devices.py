@@ -1,18 +1,20 @@
 """Peak FLOP/s and memory of the devices lmtrain trains on: what MFU (model FLOPs utilisation) divides by.
 
 The GPU figures are the vendors' dense (no sparsity) tensor-core peaks of the data sheets; fp32 is the plain
-(non-TF32) peak, since lmtrain leaves TF32 off. A CPU's peak is measured once with a short matmul and cached
-under the lmtrain cache dir, keyed by CPU model, thread count and torch version.
+(non-TF32) peak, since lmtrain leaves TF32 off. A CPU's peak is measured in each process with short matmuls
+(the fastest of them), per thread count; it is not cached across runs, whose load and threads differ.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("lmtrain")
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,6 @@ def cuda_device(index: int = 0) -> Device | None:
     return Device(props.name, known.peak_flops, props.total_memory) if known else None
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LMTRAIN_CACHE", "~/.cache/lmtrain")).expanduser()
-
-
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -85,7 +83,8 @@ def _cpu_name() -> str:
 
 
 def measure_cpu_peak(precision: str = "fp32", size: int = 1024, seconds: float = 0.3) -> float:
-    """FLOP/s of a square matmul (2·n³ FLOPs each) in `precision` on this CPU, over ~`seconds`."""
+    """FLOP/s of a square matmul (2·n³ FLOPs each) in `precision` on this CPU: the fastest of the matmuls
+    timed one by one over ~`seconds`, so another process's load during a few of them does not lower it."""
     import torch
 
     from lmtrain.core.dtypes import DTYPES
@@ -93,31 +92,28 @@ def measure_cpu_peak(precision: str = "fp32", size: int = 1024, seconds: float =
     dtype = DTYPES[precision]
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up: thread pool and kernels
-    count, start = 0, time.perf_counter()
+    fastest, count, start = float("inf"), 0, time.perf_counter()
     while time.perf_counter() - start < seconds or count < 3:
+        before = time.perf_counter()
         a @ b
+        fastest = min(fastest, time.perf_counter() - before)
         count += 1
-    return 2 * size**3 * count / (time.perf_counter() - start)
+    return 2 * size**3 / fastest
 
 
-def cpu_peak(precision: str = "fp32") -> float:
-    """This CPU's matmul FLOP/s in `precision`: measured once, then read from the cache."""
+_CPU_PEAKS: dict[tuple[str, int], float] = {}  # (precision, threads) -> FLOP/s, measured in this process
+
+
+def cpu_peak(precision: str = "fp32", remeasure: bool = False) -> float:
+    """This CPU's matmul FLOP/s in `precision` with this process's thread count: measured in this process
+    (a value cached across runs would carry another moment's load and thread count), once unless `remeasure`;
+    a new measurement only ever raises it."""
     import torch
 
-    key = f"{_cpu_name()}|{torch.get_num_threads()} threads|torch {torch.__version__}|{precision}"
-    path = _cache_dir() / "devices" / "cpu_peak.json"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key not in cached:
-        cached[key] = measure_cpu_peak(precision)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cached, indent=2) + "\n")
-        except OSError:
-            pass  # an unwritable cache only means measuring again next time
-    return cached[key]
+    key = (precision, torch.get_num_threads())
+    if remeasure or key not in _CPU_PEAKS:
+        _CPU_PEAKS[key] = max(_CPU_PEAKS.get(key, 0.0), measure_cpu_peak(precision))
+    return _CPU_PEAKS[key]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -151,6 +147,20 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def mfu(flops_per_s: float, peak: float, device, precision: str) -> float | None:
+    """`flops_per_s` (one process's achieved model FLOP/s) as a fraction of its device's `peak`. A CPU's peak
+    is measured: a rate above it measures it again, and a rate still above the new peak (the measurement was
+    disturbed) gives None and a warning, never a utilisation above 1."""
+    if device.type == "cpu" and flops_per_s > peak:
+        peak = max(peak, cpu_peak(precision))
+        if flops_per_s > peak:
+            peak = cpu_peak(precision, remeasure=True)
+        if flops_per_s > peak:
+            log.warning("mfu: %.3g FLOP/s exceeds the measured CPU peak %.3g; not reported", flops_per_s, peak)
+            return None
+    return flops_per_s / peak
 
 
 def peak_flops(device, precision: str) -> float | None:

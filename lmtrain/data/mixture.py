@@ -7,9 +7,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from lmtrain.core.errors import UserError
@@ -17,6 +17,9 @@ from lmtrain.core.safe_io import write_text_atomic
 from lmtrain.data import corpus, tokens
 from lmtrain.data.prepare import locked
 from lmtrain.data.tokenizer import build_tokenizer, end_of_text_id, load_tokenizer
+
+if TYPE_CHECKING:  # torch is imported where it is used: `lmtrain prepare` never loads it
+    import torch
 
 
 @dataclass
@@ -105,6 +108,8 @@ class MixtureSampler:
     is saved with the windows drawn from each source, so a resumed run draws exactly what it would have."""
 
     def __init__(self, samplers: list[tokens.WindowSampler], names: list[str], weights: list[float], seed: int):
+        import torch
+
         self.samplers, self.names = samplers, names
         self.weights = torch.tensor(weights, dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(seed)
@@ -116,6 +121,8 @@ class MixtureSampler:
         self, num_micro_batches: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """As `WindowSampler.next_step`, windows drawn from the mixture."""
+        import torch
+
         count = num_micro_batches * micro_batch_size
         which = torch.multinomial(self.weights, count * world_size, replacement=True, generator=self.generator)
         windows = torch.empty(count * world_size, self.seq_len + 1, dtype=torch.int64)

@@ -101,7 +101,9 @@ def build(
             assert writer.record is not None, "a finished split has its record"
             records[name] = writer.record
             if records[name]["tokens"] == 0:
-                raise UserError(f"{split.key}: '{split.source}' holds no text")
+                bad = sum(records[name].get("skipped", {}).values())
+                why = f"{bad} records skipped for a null, missing or non-text field, " if bad else ""
+                raise UserError(f"{split.key}: '{split.source}' holds no text ({why}every other record empty)")
         num_train = records["train"]["tokens"]
         if "validation" in records:
             spans = {"train": ["train", 0, num_train], "validation": ["validation", 0, records["validation"]["tokens"]]}

@@ -15,9 +15,9 @@ import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from lmtrain.core.errors import UserError
@@ -25,6 +25,9 @@ from lmtrain.core.safe_io import write_text_atomic
 from lmtrain.data.encoder import Encoder
 from lmtrain.data.prepare import locked
 from lmtrain.data.tokenizer import build_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # torch is imported where it is used: `lmtrain prepare` never loads it
+    import torch
 
 BATCH_RECORDS = 256  # documents per encode call
 AHEAD = 16  # encoded batches waiting for the trainer
@@ -171,6 +174,8 @@ class StreamSampler:
     reads the whole stream and keeps its own slice, as WindowSampler does)."""
 
     def __init__(self, stream: TokenStream, seq_len: int):
+        import torch
+
         self.stream, self.seq_len = stream, seq_len
         self.carry = stream.take(1)  # the first token of the next window (the last target of the previous)
         self.taken = torch.zeros((), dtype=torch.int64)  # training tokens drawn (inputs), all processes
@@ -178,6 +183,8 @@ class StreamSampler:
     def next_step(
         self, num_micro_batches: int, micro_batch_size: int, rank: int = 0, world_size: int = 1
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
         count = num_micro_batches * micro_batch_size
         flat = np.concatenate([self.carry, self.stream.take(count * world_size * self.seq_len)])
         self.carry = flat[-1:]
@@ -190,6 +197,8 @@ class StreamSampler:
         return {"stream_documents": self.stream.position[0]}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        import torch
+
         document, offset = self.stream.position
         return {"position": torch.tensor([document, offset]), "carry": torch.from_numpy(self.carry.astype(np.int64))}
 

@@ -9,9 +9,9 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from lmtrain.core.errors import UserError
@@ -19,6 +19,9 @@ from lmtrain.data import corpus
 from lmtrain.data.prepare import FORMAT_VERSION, MANIFEST, Split, build
 from lmtrain.data.shards import TokenView, document_starts, open_split
 from lmtrain.data.tokenizer import build_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # torch is imported where it is used: `lmtrain prepare` never loads it
+    import torch
 
 log = logging.getLogger("lmtrain")
 
@@ -226,6 +229,8 @@ class WindowSampler:
         starts: np.ndarray | None = None,
         key="data.train",
     ):
+        import torch
+
         if len(tokens) < seq_len + 2:
             raise UserError(
                 f"{key}: {len(tokens)} training tokens are too few for model.max_seq_len={seq_len}; "
@@ -242,6 +247,8 @@ class WindowSampler:
 
     def draw(self, count: int) -> np.ndarray:
         """`count` window start positions, int64."""
+        import torch
+
         self.windows += count
         if self.starts is None:
             return torch.randint(len(self.tokens) - self.seq_len, (count,), generator=self.generator).numpy()
@@ -249,6 +256,8 @@ class WindowSampler:
 
     def windows_at(self, starts: np.ndarray) -> torch.Tensor:
         """int64 [len(starts), seq_len + 1]: the windows beginning at `starts`."""
+        import torch
+
         return torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
 
     def next_step(
@@ -269,6 +278,8 @@ class WindowSampler:
         return {"generator": self.generator.get_state(), "windows": self.windows.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        import torch
+
         self.generator.set_state(state["generator"])
         self.windows = state.get("windows", torch.zeros((), dtype=torch.int64)).clone()
 
@@ -284,6 +295,8 @@ def validation_batches(
     tokens: np.ndarray | TokenView, seq_len: int, num_batches: int, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed set of windows spread evenly over the validation tokens (the same at every evaluation)."""
+    import torch
+
     if len(tokens) < seq_len + 1:
         raise UserError(
             f"data.validation: {len(tokens)} validation tokens are too few for model.max_seq_len={seq_len}; "

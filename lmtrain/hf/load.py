@@ -124,6 +124,8 @@ def load_weights(model: TransformerLM, folder: Path, key: str) -> None:
         used.add(name)
         # a file opened per tensor: its memory map (which counts as resident once read) is released at once
         with safe_open(str(path), framework="pt") as f:
+            if name not in f.keys():  # the index names the wrong shard
+                raise UserError(f"{key}: model.safetensors.index.json puts weight '{name}' in '{path}', which lacks it")
             return f.get_tensor(name)
 
     with torch.no_grad():

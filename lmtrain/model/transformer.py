@@ -369,8 +369,14 @@ class TransformerLM(nn.Module):
         return total
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token at context `seq_len` (default max_seq_len): 6 per matmul parameter plus
-        attention scores (PaLM, appendix B)."""
+        """Training FLOPs per token at context `seq_len` (default max_seq_len): for each weight-matrix entry 2 in
+        the forward pass, 2 for its input's gradient and 2 for its own gradient when it trains (6 in all for full
+        training: PaLM, appendix B; frozen weights, as under LoRA, take 4), plus attention scores."""
         c = self.config
         attention = 12 * c.num_layers * c.num_heads * c.head_size * (seq_len or c.max_seq_len)
-        return 6 * self.num_parameters(exclude_embeddings=True) + attention
+        lookups = {id(m.weight) for m in (self.token_embedding, self.position_embedding) if m is not None}
+        if c.tie_embeddings:  # the token embedding is also the LM head's matrix
+            lookups.discard(id(self.token_embedding.weight))
+        matmul = [p for p in self.parameters() if p.dim() == 2 and id(p) not in lookups]  # not norms, biases
+        trained = sum(p.numel() for p in matmul if p.requires_grad)
+        return 4 * sum(p.numel() for p in matmul) + 2 * trained + attention

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lmtrain.config.choices import OnNonfinite, Precision
-from lmtrain.core import distributed
+from lmtrain.core import devices, distributed
 from lmtrain.core.distributed import Placement
 from lmtrain.core.dtypes import autocast_dtype
 from lmtrain.model.transformer import TransformerLM
@@ -88,6 +88,11 @@ class _Window:
     def restart(self, tokens_seen: int) -> None:
         self.started, self.start_tokens = time.perf_counter(), tokens_seen
 
+    def pause(self, work: Callable[[], None]) -> None:  # validating, saving: no training time in tokens/s
+        started = time.perf_counter()
+        work()
+        self.started += time.perf_counter() - started
+
     def total(self, world: int) -> float:
         """The window's loss summed over processes (saved with a checkpoint, so a resumed window continues)."""
         total = self.loss.clone()
@@ -130,6 +135,7 @@ class Trainer:
         self.scheduler = scheduler
         self.loss_fn = loss_fn
         self.device = device
+        self.precision = precision
         self.amp_dtype = autocast_dtype(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision is Precision.fp16)
         self.grad_clip = grad_clip if grad_clip > 0 else float("inf")
@@ -236,11 +242,12 @@ class Trainer:
 
     def mfu(self, tokens_per_s: float | None) -> float | None:
         """Model FLOPs utilisation: training FLOPs per token × tokens/s (all processes) over the peak FLOP/s of
-        all processes' devices; None when the device's peak or the model's FLOPs are unknown."""
+        all processes' devices (lmtrain.core.devices.mfu); None when the peak or the model's FLOPs are unknown."""
         flops_per_token = getattr(self.model, "flops_per_token", None)
         if not (tokens_per_s and self.peak_flops and flops_per_token and self.seq_len):
             return None
-        return flops_per_token(self.seq_len) * tokens_per_s / (self.peak_flops * self.placement.world_size)
+        achieved = flops_per_token(self.seq_len) * tokens_per_s / self.placement.world_size
+        return devices.mfu(achieved, self.peak_flops, self.device, self.precision)
 
     def _validate(self, evaluate, main_metric, higher_is_better, sink: Sink, bar, save_best) -> None:
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
@@ -340,7 +347,7 @@ class Trainer:
 
         try:
             if state.step == 0:  # where the run starts from
-                validate()
+                window.pause(validate)
             compiling = self.compiled is not self.parallel
             while state.step < max_steps and not self.patience_ran_out():
                 lr, grad_norm = self._step(next_step, window, divergence, compiling)
@@ -353,19 +360,19 @@ class Trainer:
                     divergence.check()
                 bar.update(1, record)
                 if cadence.validates(step):
-                    validate()
+                    window.pause(validate)
                 stop = self.patience_ran_out()
                 if cadence.checkpoints(step) or stop:
                     divergence.check()
                     state.window_loss = window.total(world)
-                    save_checkpoint()
+                    window.pause(save_checkpoint)
                 if stop:
                     bar.write(
                         f"step {step}: stopping early, no better val_{main_metric} in "
                         f"{state.validations_since_best} validations"
                     )
                     break
-                if record is not None:  # time spent evaluating and saving between windows is not counted
+                if record is not None:
                     window.restart(state.tokens_seen)
         finally:
             bar.close()
