@@ -90,3 +90,15 @@ def test_the_estimate_is_a_power_of_two_that_divides_the_global_batch():
     )
     tight = memory["weights"] + memory["gradients"] + memory["optimizer"] + 5 * memory["activations"]
     assert costs.fitting_micro_batch(model, 32, cfg, tight, 512, 1) == 4
+
+
+def test_plan_shows_the_micro_batch_auto_would_choose():
+    from lmtrain.cli import check
+    from lmtrain.commands.plan import build
+    from lmtrain.config import PretrainConfig
+
+    cfg = check(
+        "pretrain", PretrainConfig, [*GLOBAL, "trainer.micro_batch_size=auto", "grad_accum.global_batch_tokens=2048"]
+    )
+    plan = build("pretrain", cfg, "cpu")
+    assert plan["tokens"]["micro_batch_size"] == 64  # 64 × 32 tokens: the whole global batch fits at once

@@ -141,13 +141,17 @@ class _Workload:
     max_steps: int
 
 
-def _pretrain_workload(cfg, world: int) -> _Workload:
+def _pretrain_workload(cfg, world: int, device_name: str | None) -> _Workload:
     """The model and batches pretrain would train: full windows of the context length."""
     from lmtrain.config import accumulation_steps
 
     model, vocab_source = _pretrain_model(cfg)
     seq_len = cfg.model.max_seq_len
     t = cfg.trainer
+    if t.micro_batch_size == "auto":  # as pretrain chooses it, against the planned device's memory
+        memory = costs.device_for(device_name or t.device, t.precision).memory_bytes
+        tokens = cfg.grad_accum.global_batch_tokens or 0
+        t.micro_batch_size = costs.fitting_micro_batch(model, seq_len, cfg, memory, tokens, world)
     accumulation = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, world)
     return _Workload(model, vocab_source, seq_len, seq_len, seq_len, accumulation, t.max_steps)
 
@@ -172,7 +176,7 @@ def build(command: str, cfg, device_name: str | None) -> dict:
     t = cfg.trainer
     world = max(t.nproc, 1)
     strategy = t.strategy if t.strategy not in ("auto", "single") else ("ddp" if world > 1 else "single")
-    work = _pretrain_workload(cfg, world) if command == "pretrain" else _finetune_workload(cfg, world)
+    work = _pretrain_workload(cfg, world, device_name) if command == "pretrain" else _finetune_workload(cfg, world)
     c = work.model.config
     parameters = _parameter_counts(work.model)
     flops_per_token = work.model.flops_per_token(work.attention_len)
