@@ -26,6 +26,7 @@ from lmtrain.config.compose import (
     first_values,
     group_options,
     literal_strings,
+    section_paths,
 )
 from lmtrain.config.paths import check_paths
 from lmtrain.core.errors import RunRefused, UserError
@@ -233,6 +234,7 @@ def _run_command(command: str, rest: list[str]) -> int:
     from hydra._internal.utils import get_args_parser
 
     config_name, schema = COMMANDS[command]
+    rest = section_paths(schema, rest)
     args = get_args_parser().parse_args(rest)
     if args.overrides:  # string values as typed, here and in the torchrun relaunch
         given = set(args.overrides)

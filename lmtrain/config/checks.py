@@ -258,6 +258,10 @@ def _check_generate(cfg: GenerateConfig, errors: list[str]) -> None:
 def _check_evaluate(cfg: EvaluateConfig, errors: list[str]) -> None:
     _need_ckpt(cfg, errors)
     _positive(cfg, "", errors, "batch_size")
+    _positive(cfg.suite, "suite.", errors, "batch_size")
+    _positive(cfg.suite, "suite.", errors, "limit", nullable=True)
+    if cfg.suite.num_fewshot is not None and cfg.suite.num_fewshot < 0:
+        errors.append(f"suite.num_fewshot: must be >= 0, got {cfg.suite.num_fewshot}")
     _positive(cfg, "", errors, "num_beams", "max_new_tokens", "max_examples", nullable=True)
 
 

@@ -35,7 +35,7 @@ CHECKPOINTS: dict[type, list[str]] = {
     PredictConfig: ["ckpt"],
     ExportConfig: ["ckpt"],
 }
-TEXT_FILES: dict[type, list[str]] = {GenerateConfig: ["prompt_file"]}
+TEXT_FILES: dict[type, list[str]] = {GenerateConfig: ["prompt_file"], EvaluateConfig: ["suite.path"]}
 OUT_FILES: dict[type, list[str]] = {PredictConfig: ["output"]}
 OUT_FOLDERS: dict[type, list[str]] = {PretrainConfig: ["data.cache_dir"], ExportConfig: ["out"]}
 

@@ -261,8 +261,20 @@ class EvalDataConfig:
 
 
 @dataclass
+class SuiteConfig:
+    """Benchmark tasks in lm-evaluation-harness's YAML format (docs/benchmarks.md)."""
+
+    path: str | None = None  # a task or group YAML (`suite=<file>` sets it); null: evaluate scores a split instead
+    limit: int | None = None  # score the first N documents of each task (lm_eval --limit N); null: all
+    num_fewshot: int | None = None  # examples in each prompt; null: the task file's (a file's 0 stays 0, as lm_eval)
+    batch_size: int = 32  # prompts per generation batch
+    precision: Precision = Precision.fp32  # autocast dtype of the matmuls while scoring
+
+
+@dataclass
 class EvaluateConfig:
     ckpt: str | None = None  # checkpoint (or run dir) to evaluate
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
     split: Split = Split.test  # which data.<split> file to score
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     batch_size: int = 32  # examples per forward pass
