@@ -220,3 +220,79 @@ def test_a_key_lmtrain_cannot_run_is_one_line_naming_file_and_key(tmp_path, keys
     with pytest.raises(UserError) as err:
         load_suite(path)
     assert str(err.value).startswith(f"{path}: {message}")
+
+
+def pretrain_with_suite(run_dir: Path, corpus: Path, *extra: str) -> dict:
+    from conftest import TINY
+
+    from lmtrain.cli import check
+    from lmtrain.commands import pretrain
+    from lmtrain.config import PretrainConfig
+
+    overrides = [o for o in TINY if not o.startswith("data.tokenizer")] + ["data.tokenizer=byte"]
+    overrides += [f"data.train={corpus}", f"trainer.eval_suite={EXAMPLES / 'core_small.yaml'}"]
+    overrides += ["trainer.eval_suite_every=6", "trainer.eval_suite_limit=3"]
+    return pretrain.run(check("pretrain", PretrainConfig, [*overrides, *extra]), str(run_dir))
+
+
+def test_eval_suite_scores_at_its_cadence_and_resume_keeps_them(tmp_path, corpus, monkeypatch):
+    from conftest import assert_resume_is_exact
+
+    from lmtrain.train.run_log import read_metrics
+
+    def run(run_dir, *extra):
+        pretrain_with_suite(run_dir, corpus, *extra)
+
+    run(tmp_path / "straight")
+    validations = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in validations] == [0, 3, 6]
+    assert [r["step"] for r in validations if "val_suite_core" in r] == [0, 6]
+    final = validations[-1]
+    assert {"val_suite_tiny_choice_acc", "val_suite_tiny_fill_acc", "val_suite_tiny_answer_exact_match"} <= set(final)
+    assert_resume_is_exact(run, tmp_path, monkeypatch, 4, "step_0000003")
+
+
+def test_eval_suite_metric_picks_the_best_checkpoint(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    summary = pretrain_with_suite(
+        run_dir, corpus, "trainer.eval_suite_every=null", "trainer.eval_suite_metric=suite_tiny_fill_acc"
+    )
+    assert (
+        summary["metric"] == "val_suite_tiny_fill_acc"
+        and summary["objective"] == -summary["best_val_suite_tiny_fill_acc"]
+    )
+    assert (run_dir / "checkpoints" / "best").exists()
+
+
+def test_evaluate_command_on_checkpoint_lora_and_hf_folder(tiny_checkpoint, llama, tmp_path):
+    """`lmtrain evaluate suite=...` on an lmtrain checkpoint, a LoRA checkpoint (finetuned with the suite scored
+    at its validations) and a Hugging Face folder."""
+    from conftest import lmtrain_many
+
+    from lmtrain.cli import check
+    from lmtrain.commands import finetune
+    from lmtrain.config import FinetuneConfig
+    from lmtrain.train.run_log import read_metrics
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"the quick brown fox {i} jumps"} for i in range(24)])
+    overrides = [f"init_from={llama}", "task=lm", f"data.train={train}", "adapter=lora", "epochs=null"]
+    overrides += ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.micro_batch_size=4", "trainer.device=cpu"]
+    overrides += [
+        "scheduler.warmup_steps=1",
+        "trainer.progress_bar=false",
+        f"trainer.eval_suite={EXAMPLES / 'tiny_choice.yaml'}",
+    ]
+    finetune.run(check("finetune", FinetuneConfig, overrides), str(tmp_path / "lora"))
+    assert "val_suite_tiny_choice_acc_norm" in read_metrics(tmp_path / "lora" / "metrics.jsonl")[-1]
+    checkpoints = {"lmtrain": tiny_checkpoint, "lora": tmp_path / "lora" / "checkpoints" / "latest", "hf": llama}
+    suite = [f"suite={EXAMPLES / 'core_small.yaml'}", "suite.limit=4", "device=cpu"]
+    cases = [["evaluate", f"ckpt={c}", *suite, f"hydra.run.dir={tmp_path / n}"] for n, c in checkpoints.items()]
+    for name, result in zip(checkpoints, lmtrain_many(cases, tmp_path), strict=True):
+        assert result["rc"] == 0, result["stderr"]
+        scores = json.loads((tmp_path / name / "eval.json").read_text())
+        assert {t: s["n"] for t, s in scores.items() if t != "suite"} == {
+            "tiny_choice": 4,
+            "tiny_fill": 4,
+            "tiny_answer": 4,
+        }
+        assert "tiny_choice" in result["stdout"] and (tmp_path / name / "samples.jsonl").is_file()

@@ -15,7 +15,8 @@ from lmtrain.config import PretrainConfig, accumulation_steps
 from lmtrain.core import distributed
 from lmtrain.core.errors import UserError
 from lmtrain.data import mixture, streaming, tokens
-from lmtrain.data.tokenizer import end_of_text_id
+from lmtrain.data.tokenizer import SpecialTokens, end_of_text_id
+from lmtrain.evals.training import suite_evaluation
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
 from lmtrain.tasks.metrics import perplexity
 from lmtrain.train import build as runs
@@ -37,10 +38,11 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     t, d = cfg.trainer, cfg.data
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
     source = resume_source(t.resume, run_dir)
-    pretrained, existing, end_of_text = None, None, None
+    pretrained, existing, end_of_text, special = None, None, None, None
     if cfg.init_from:  # continued pretraining: the model's own shape, weights and tokenizer
         pretrained, existing = load_model(cfg.init_from, placement.device, key="init_from")
-        end_of_text = load_special_tokens(cfg.init_from, existing, key="init_from").end_of_text
+        special = load_special_tokens(cfg.init_from, existing, key="init_from")
+        end_of_text = special.end_of_text
     tokenizer, sources = _tokens(cfg, existing, end_of_text)
     model, seq_len = _model(cfg, pretrained, tokenizer, placement.device)
     accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, placement.world_size)
@@ -49,6 +51,8 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     eos = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
     sampler, validation = _windows(cfg, sources, tokenizer, eos, seq_len)
     separator = eos if d.document_masking else None
+    special = special or SpecialTokens(end_of_text=eos, stop=[eos])
+    suite = suite_evaluation(t, model, tokenizer, special, placement.device, lambda: trainer.state.step, t.max_steps)
 
     def next_step() -> list:
         windows = sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size)
@@ -58,7 +62,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         losses = {name: trainer.evaluate_loss(batches) for name, batches in validation.items()}
         loss = mixture.weighted_loss(losses, sources) if sources else losses[""]
         per_source = {f"{name}_loss": value for name, value in losses.items()} if d.sources else {}
-        return {"loss": loss, "ppl": perplexity(loss), **per_source}
+        return {"loss": loss, "ppl": perplexity(loss), **per_source, **suite()}
 
     files = runs.run_files(cfg, model, tokenizer_json)
     skipped = {f"skipped_{k.split('.')[1]}_records": n for s in sources for k, n in s.data.skipped.items()}
@@ -76,6 +80,9 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         started=started,
         data_counts=skipped,
         accounting=sampler.accounting,
+        main_metric=t.eval_suite_metric or "loss",
+        higher_is_better=t.eval_suite_metric is not None,
+        keep_best=t.eval_suite_metric is not None,
     )
     log.info("try: " + HINT, run_dir / "checkpoints" / "latest")
     return summary

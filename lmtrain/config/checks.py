@@ -179,6 +179,7 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
     if t.ema_decay is not None and t.strategy == "fsdp":
         errors.append("trainer.ema_decay: not supported with trainer.strategy=fsdp (use ddp, or ema_decay=null)")
     _positive(t, "trainer.", errors, "early_stopping_patience", nullable=True)
+    _check_eval_suite(t, errors)
     if o.name == "muon" and t.strategy == "fsdp":  # its Newton-Schulz step needs whole matrices, FSDP shards them
         errors.append("optimizer=muon: not supported with trainer.strategy=fsdp (use ddp, or optimizer=adamw)")
     if not isinstance(t.resume, bool | str):
@@ -253,6 +254,20 @@ def _check_generate(cfg: GenerateConfig, errors: list[str]) -> None:
         errors.append(f"temperature: must be >= 0, got {cfg.temperature}")
     if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
         errors.append(f"top_p: must be in (0, 1], got {cfg.top_p}")
+
+
+def _check_eval_suite(t: Any, errors: list[str]) -> None:
+    _positive(t, "trainer.", errors, "eval_suite_every", "eval_suite_limit", nullable=True)
+    if t.eval_suite_num_fewshot is not None and t.eval_suite_num_fewshot < 0:
+        errors.append(f"trainer.eval_suite_num_fewshot: must be >= 0, got {t.eval_suite_num_fewshot}")
+    if t.eval_suite_metric is None:
+        return
+    if t.eval_suite is None:
+        errors.append("trainer.eval_suite_metric: needs trainer.eval_suite (a task or group YAML)")
+    elif not t.eval_suite_metric.startswith("suite_"):
+        errors.append(f"trainer.eval_suite_metric: '{t.eval_suite_metric}' is not a suite metric (suite_core, ...)")
+    elif t.eval_suite_every is not None:
+        errors.append("trainer.eval_suite_every: the main metric is needed at every validation; leave it null")
 
 
 def _check_evaluate(cfg: EvaluateConfig, errors: list[str]) -> None:

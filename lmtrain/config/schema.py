@@ -163,6 +163,11 @@ class TrainerConfig:
     on_nonfinite: OnNonfinite = OnNonfinite.stop  # a non-finite loss: stop (last finite checkpoint stays) or skip
     ema_decay: float | None = None  # keep an exponential moving average of the weights, validated and saved
     early_stopping_patience: int | None = None  # stop after this many validations without a new best; null: off
+    eval_suite: str | None = None  # benchmark task or group YAML scored at validations (docs/benchmarks.md)
+    eval_suite_every: int | None = None  # score it at validations whose step is a multiple of N; null: every one
+    eval_suite_limit: int | None = None  # score the first N documents of each task; null: all
+    eval_suite_num_fewshot: int | None = None  # examples in each prompt; null: the task file's
+    eval_suite_metric: str | None = None  # e.g. suite_core: the main metric (higher is better) for best and stopping
 
 
 @dataclass
