@@ -235,9 +235,10 @@ def pretrain_with_suite(run_dir: Path, corpus: Path, *extra: str) -> dict:
     return pretrain.run(check("pretrain", PretrainConfig, [*overrides, *extra]), str(run_dir))
 
 
-def test_eval_suite_scores_at_its_cadence_and_resume_keeps_them(tmp_path, corpus, monkeypatch):
+def test_eval_suite_scores_at_its_cadence_and_resume_keeps_them(tmp_path, corpus, monkeypatch, capsys):
     from conftest import assert_resume_is_exact
 
+    from lmtrain.commands.report import main as report
     from lmtrain.train.run_log import read_metrics
 
     def run(run_dir, *extra):
@@ -249,6 +250,9 @@ def test_eval_suite_scores_at_its_cadence_and_resume_keeps_them(tmp_path, corpus
     assert [r["step"] for r in validations if "val_suite_core" in r] == [0, 6]
     final = validations[-1]
     assert {"val_suite_tiny_choice_acc", "val_suite_tiny_fill_acc", "val_suite_tiny_answer_exact_match"} <= set(final)
+    assert report([str(tmp_path / "straight"), "--out", str(tmp_path / "plots")]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "core" in header and "tiny_choice_acc_norm" in header and (tmp_path / "plots" / "report_suite.png").is_file()
     assert_resume_is_exact(run, tmp_path, monkeypatch, 4, "step_0000003")
 
 
@@ -296,3 +300,26 @@ def test_evaluate_command_on_checkpoint_lora_and_hf_folder(tiny_checkpoint, llam
             "tiny_answer": 4,
         }
         assert "tiny_choice" in result["stdout"] and (tmp_path / name / "samples.jsonl").is_file()
+
+
+def test_the_docs_commands_compose(tiny_runs, tmp_path):
+    """Every `lmtrain` line of docs/benchmarks.md composes, validates and finds its paths (`--cfg job`)."""
+    import re
+    import shlex
+
+    from conftest import lmtrain_many
+
+    text = (Path(__file__).parent.parent / "docs" / "benchmarks.md").read_text()
+    blocks = [body for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S) if not lang]
+    lines = [line for block in blocks for line in block.splitlines()]
+    commands = [line for line in lines if line.startswith("lmtrain ")]
+    assert len(commands) >= 5
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "outputs" / "run").symlink_to(tiny_runs["lm"])
+    (tmp_path / "models" / "SmolLM2-135M").symlink_to(tiny_runs["lm"] / "checkpoints" / "latest")
+    (tmp_path / "configs").symlink_to(EXAMPLES.parent)
+    shutil.copy(EXAMPLES / "tiny_choice.yaml", tmp_path / "my_tasks.yaml")
+    cases = [shlex.split(re.sub(r"outputs/<[^>]+>", "outputs/run", line))[1:] + ["--cfg", "job"] for line in commands]
+    for argv, result in zip(cases, lmtrain_many(cases, tmp_path), strict=True):
+        assert result["rc"] == 0 and not result["stderr"], (argv, result["stderr"])
