@@ -42,7 +42,7 @@ commands:
   pretrain   train a causal LM from scratch            (configs/pretrain.yaml)
   prepare    tokenize pretrain's corpus into token shards, once; resumable   (configs/prepare.yaml)
   finetune   adapt a checkpoint to a task              (configs/finetune.yaml)
-  evaluate   score a checkpoint on a split: eval.json  (configs/evaluate.yaml)
+  evaluate   score a checkpoint on a split or a benchmark suite: eval.json  (configs/evaluate.yaml, docs/benchmarks.md)
   generate   sample text from a checkpoint             (configs/generate.yaml)
   predict    classify text with a checkpoint           (configs/predict.yaml)
   export     weights for inference: bf16/fp16/int8     (configs/export.yaml)
