@@ -16,7 +16,7 @@ from lmtrain.core import distributed
 from lmtrain.core.errors import UserError
 from lmtrain.data import mixture, streaming, tokens
 from lmtrain.data.tokenizer import SpecialTokens, end_of_text_id
-from lmtrain.evals.training import suite_evaluation
+from lmtrain.evals.training import main_metric_args, suite_evaluation
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
 from lmtrain.tasks.metrics import perplexity
 from lmtrain.train import build as runs
@@ -80,9 +80,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         started=started,
         data_counts=skipped,
         accounting=sampler.accounting,
-        main_metric=t.eval_suite_metric or "loss",
-        higher_is_better=t.eval_suite_metric is not None,
-        keep_best=t.eval_suite_metric is not None,
+        **main_metric_args(t, "loss", higher_is_better=False, keep_best=False),
     )
     log.info("try: " + HINT, run_dir / "checkpoints" / "latest")
     return summary

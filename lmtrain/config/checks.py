@@ -179,7 +179,6 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
     if t.ema_decay is not None and t.strategy == "fsdp":
         errors.append("trainer.ema_decay: not supported with trainer.strategy=fsdp (use ddp, or ema_decay=null)")
     _positive(t, "trainer.", errors, "early_stopping_patience", nullable=True)
-    _check_eval_suite(t, errors)
     if o.name == "muon" and t.strategy == "fsdp":  # its Newton-Schulz step needs whole matrices, FSDP shards them
         errors.append("optimizer=muon: not supported with trainer.strategy=fsdp (use ddp, or optimizer=adamw)")
     if not isinstance(t.resume, bool | str):
@@ -189,6 +188,7 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
 def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     _check_model(cfg.model, errors)
     _check_training(cfg, errors)
+    _check_eval_suite(cfg.trainer, errors)
     d = cfg.data
     _positive(d, "data.", errors, "max_chars", "tokenizer_sample_chars", "num_workers", nullable=True)
     _positive(d, "data.", errors, "shard_tokens")
@@ -209,6 +209,7 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
 
 def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
     _check_training(cfg, errors)
+    _check_eval_suite(cfg.trainer, errors)
     if not cfg.init_from:
         errors.append("init_from: missing; pass init_from=outputs/<pretrain-run>/checkpoints/latest")
     if not cfg.data.train:

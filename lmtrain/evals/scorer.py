@@ -8,8 +8,8 @@ lm-evaluation-harness's `HFLM` (`lm_eval.models.huggingface`) so the numbers are
   most max_gen_toks tokens; the text (special tokens skipped, ending at the end-of-sequence token) is cut at the
   first stop string.
 
-Speed: the choices of one question share their context, which is encoded once (its KV cache is copied to each
-choice); generations run in batches of equal-length prompts, longest first.
+Speed: requests are scored in batches, longest first, the choices of a question in the same batch; generations
+run in batches of equal-length prompts, longest first, with a KV cache.
 """
 
 from __future__ import annotations
@@ -72,44 +72,34 @@ class Scorer:
 
     def loglikelihoods(self, pairs: list[Pair], progress: Callable[[int], None] = lambda n: None) -> list[tuple]:
         """(summed log-likelihood of the continuation, whether greedy decoding gives it) for each pair.
-        Pairs with the same context are scored together on one encoding of the shared context."""
+
+        Pairs with the same context (a question's choices) go into the same batch; batches hold about
+        `batch_size` rows, longest first, right-padded (causal attention never sees the padding)."""
         self.model.eval()
         results: list[tuple] = [None] * len(pairs)  # type: ignore[list-item]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (context, _) in enumerate(pairs):
             groups.setdefault(tuple(context), []).append(i)
-        for shared, members in sorted(groups.items(), key=lambda item: -len(item[0])):
-            continuations = [pairs[i][1] for i in members]
-            if len(shared) + max(len(c) for c in continuations) > self.max_length + 1:
-                scored = [self._windowed(list(shared), c) for c in continuations]
-            else:
-                scored = self._shared(list(shared), continuations)
-            for i, result in zip(members, scored, strict=True):
-                results[i] = result
-            progress(len(members))
+        ordered = sorted(groups.values(), key=lambda g: -max(len(pairs[i][0]) + len(pairs[i][1]) for i in g))
+        batch: list[int] = []
+        for members in ordered:
+            batch += members
+            if len(batch) >= self.batch_size or members is ordered[-1]:
+                for i, result in zip(batch, self._batch([pairs[i] for i in batch]), strict=True):
+                    results[i] = result
+                progress(len(batch))
+                batch = []
         return results
 
-    def _shared(self, context: list[int], continuations: list[list[int]]) -> list[tuple]:
-        """One forward pass of context[:-1] (cached), then every continuation's input in one batch."""
-        rows = [[context[-1], *c[:-1]] for c in continuations]
-        width = max(len(r) for r in rows)
-        cache = None
-        if len(context) > 1:
-            dtype = next(self.model.parameters()).dtype
-            cache = KVCache(self.model.config, 1, self.device, dtype, len(context) - 1 + width)
-            with torch.no_grad(), self._autocast():
-                self.model(torch.tensor([context[:-1]], device=self.device), cache)
-            cache.keys = [k.expand(len(rows), -1, -1, -1).clone() for k in cache.keys]
-            cache.values = [v.expand(len(rows), -1, -1, -1).clone() for v in cache.values]
-        batch = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.device)
-        log_probs = self._forward(batch, cache)
-        return [self._score(log_probs[i, : len(c)], c) for i, c in enumerate(continuations)]
-
-    def _windowed(self, context: list[int], continuation: list[int]) -> tuple:
-        """HFLM's input for an overlong pair: (context + continuation)[-(max_length + 1):][:-1]."""
-        tokens = (context + continuation)[-(self.max_length + 1) :][:-1]
-        log_probs = self._forward(torch.tensor([tokens], device=self.device))[0]
-        return self._score(log_probs[-len(continuation) :], continuation)
+    def _batch(self, pairs: list[Pair]) -> list[tuple]:
+        """HFLM's input for each pair, (context + continuation)[-(max_length + 1):][:-1], in one forward pass."""
+        rows = [(context + continuation)[-(self.max_length + 1) :][:-1] for context, continuation in pairs]
+        width = max(len(row) for row in rows)
+        log_probs = self._forward(torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device))
+        return [
+            self._score(log_probs[i, len(row) - len(continuation) : len(row)], continuation)
+            for i, (row, (_, continuation)) in enumerate(zip(rows, pairs, strict=True))
+        ]
 
     def _score(self, log_probs: torch.Tensor, continuation: list[int]) -> tuple:
         target = torch.tensor(continuation, device=log_probs.device)

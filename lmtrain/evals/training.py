@@ -57,3 +57,11 @@ def suite_evaluation(
         return suite_metrics(report(results))
 
     return evaluate
+
+
+def main_metric_args(settings: TrainerConfig, metric: str, higher_is_better: bool, keep_best: bool) -> dict:
+    """`runs.train`'s main-metric arguments: trainer.eval_suite_metric, when set, replaces the run's own metric
+    (higher is better; the best checkpoint is kept)."""
+    if settings.eval_suite_metric is None:
+        return {"main_metric": metric, "higher_is_better": higher_is_better, "keep_best": keep_best}
+    return {"main_metric": settings.eval_suite_metric, "higher_is_better": True, "keep_best": True}
