@@ -183,13 +183,17 @@ GOOD = {"q": "a?", "choices": ["x", "y"], "gold": 1}
     "record, keys, message",
     [
         ({"q": "a?", "choices": ["x", "y"]}, {}, "record 1: doc_to_target: the field 'gold' is missing"),
-        ({"q": "a?", "choices": ["x", "y"], "gold": 2}, {}, "record 1: doc_to_target: gold index 2 is out of range"),
+        (
+            {"q": "a?", "choices": ["x", "y"], "gold": 2},
+            {},
+            "record 1: doc_to_target: gold index 2 is out of range for 2 choices",
+        ),
         ({"q": "a?", "choices": [], "gold": 0}, {}, "record 1: doc_to_choice: needs a non-empty list of strings"),
         (GOOD, {"doc_to_text": "{{ question }}"}, "record 0: doc_to_text: 'question' is undefined"),
-        (GOOD, {"doc_to_choice": "{{ [q, answer] }}"}, "record 0: doc_to_choice: 'answer' is undefined"),
+        (GOOD, {"doc_to_target": "{{ label }}"}, "record 0: doc_to_target: 'label' is undefined"),
     ],
 )
-def test_a_bad_record_is_one_line_naming_file_record_and_field(tmp_path, llama, record, keys, message):
+def test_a_bad_record_is_one_line_naming_file_record_and_field(tmp_path, record, keys, message):
     from lmtrain.evals.documents import Documents, load_splits
     from lmtrain.evals.runner import run_task
     from lmtrain.evals.suite import load_suite

@@ -68,7 +68,7 @@ def _gold(spec: TaskSpec, docs: Documents, doc: dict, index: int, choices: list[
 def _multiple_choice(
     spec: TaskSpec, docs: Documents, scorer: Scorer, chosen: list[dict], k: int, progress: Progress
 ) -> TaskResult:
-    pairs: list[tuple[list[int], list[int]]] = []
+    texts: list[tuple[str, str]] = []
     spans: list[tuple[int, int]] = []
     samples: list[dict[str, Any]] = []
     for index, doc in enumerate(chosen):
@@ -80,9 +80,10 @@ def _multiple_choice(
             requests = [(c, f"{spec.target_delimiter}{target}") for c in context]
         else:
             requests = [(str(context), f"{spec.target_delimiter}{c}") for c in choices]
-        spans.append((len(pairs), len(requests)))
-        pairs += [scorer.pair(c, t) for c, t in requests]
+        spans.append((len(texts), len(requests)))
+        texts += requests
         samples.append({"doc_id": index, "context": context, "choices": choices, "gold": gold})
+    pairs = [scorer.pair(context, continuation) for context, continuation in texts]  # every record checked first
     results = scorer.loglikelihoods(pairs, progress)
     names = [name for name, _ in spec.metrics]
     for sample, (start, count) in zip(samples, spans, strict=True):
