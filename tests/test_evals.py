@@ -117,7 +117,7 @@ def assert_same(reference: tuple[dict, list[dict]], result) -> None:
     assert len(samples) == result.n
     for theirs, mine in zip(samples, result.samples, strict=True):
         if "loglikelihoods" in mine:
-            lls = [resp[0][0] for resp in theirs["resps"]]
+            lls = [float(resp[0][0]) for resp in theirs["resps"]]  # the lm_eval command logs them as text
             assert mine["pred"] == max(range(len(lls)), key=lambda i: (lls[i], -i))
             assert mine["loglikelihoods"] == pytest.approx(lls, abs=2e-4)
             assert all(mine[m] == theirs[m] for m in result.metrics)
@@ -136,7 +136,7 @@ def test_scores_equal_lm_evaluation_harness(request, tasks, which, task, shots):
     model = request.getfixturevalue(which)
     result = ours(model, task, shots, tasks)
     assert_same(harness(model, task, shots, tasks), result)
-    if which == "gpt2" and task == "tiny_answer":  # the trained model answers some: a score that can differ
+    if which == "gpt2" and task == "tiny_answer" and shots == 0:  # the trained model answers some: not all 0
         assert 0 < result.metrics["exact_match"]
 
 
