@@ -30,6 +30,7 @@ from lmtrain.config.compose import (
     group_options,
     literal_strings,
     name_options,
+    section_paths,
 )
 from lmtrain.config.paths import check_paths
 from lmtrain.core.errors import RunRefused, UserError
@@ -45,7 +46,7 @@ commands:
   pretrain   train a causal LM from scratch            (configs/pretrain.yaml)
   prepare    tokenize pretrain's corpus into token shards, once; resumable   (configs/prepare.yaml)
   finetune   adapt a checkpoint to a task              (configs/finetune.yaml)
-  evaluate   score a checkpoint on a split: eval.json  (configs/evaluate.yaml)
+  evaluate   score a checkpoint on a split or a benchmark suite: eval.json  (configs/evaluate.yaml, docs/benchmarks.md)
   generate   sample text from a checkpoint             (configs/generate.yaml)
   predict    classify text with a checkpoint           (configs/predict.yaml)
   export     weights for inference: bf16/fp16/int8     (configs/export.yaml)
@@ -185,6 +186,7 @@ def _run_command(command: str, rest: list[str]) -> int:
     from hydra._internal.utils import get_args_parser
 
     config_name, schema = COMMANDS[command]
+    rest = section_paths(schema, rest)
     args = get_args_parser().parse_args(rest)
     if args.overrides:  # string values as typed, here and in the torchrun relaunch
         given = set(args.overrides)

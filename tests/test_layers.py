@@ -12,7 +12,7 @@ LAYERS = [
     {"hf"},  # Hugging Face folders, one module per family
     {"checkpoint"},  # the checkpoint format, its checks, loading for use, export
     {"train"},  # the loop and what it is built from: optimizers, schedules, losses, run dir, sinks
-    {"tasks", "analysis"},  # finetuning tasks; plan estimates, interpretation, plots
+    {"tasks", "evals", "analysis"},  # finetuning tasks; benchmark suites; plan estimates, interpretation, plots
     {"commands"},
     {"cli", "torchrun", "__main__"},
 ]

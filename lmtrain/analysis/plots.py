@@ -92,6 +92,32 @@ def parameter_figure(runs: list[Run], key: str) -> plt.Figure:
     return fig
 
 
+SUITE_PREFIX = "val_suite_"  # benchmark scores recorded at validations (trainer.eval_suite)
+
+
+def suite_figure(runs: list[Run], keys: list[str]) -> plt.Figure | None:
+    """Each run's suite scores (val_suite_core solid; the tasks' main scores dotted) against step; None when no
+    run scored a suite."""
+    names = sorted({k for run in runs for r in run.metrics for k in r if k.startswith(SUITE_PREFIX)})
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, run in enumerate(runs):
+        for name in names:
+            points = [(r["step"], r[name]) for r in run.metrics if name in r]
+            if points:
+                style = "-" if name == "val_suite_core" else ":"
+                label = f"{_label(run, keys)} {name.removeprefix(SUITE_PREFIX)}"
+                ax.plot(*zip(*points, strict=True), color=f"C{i % 10}", linestyle=style, marker="o", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("score")
+    ax.set_title("benchmark suite against step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 def figures(runs: list[Run], swept_keys: list[str]) -> dict[str, plt.Figure]:
     figs = {
         "report_loss_vs_step.png": loss_figure(runs, swept_keys, "step"),
@@ -101,6 +127,8 @@ def figures(runs: list[Run], swept_keys: list[str]) -> dict[str, plt.Figure]:
     if len(swept_keys) == 1 and len(runs) > 1:
         safe = swept_keys[0].replace("/", "_")
         figs[f"report_metric_vs_{safe}.png"] = parameter_figure(runs, swept_keys[0])
+    if (suite := suite_figure(runs, swept_keys)) is not None:
+        figs["report_suite.png"] = suite
     return figs
 
 

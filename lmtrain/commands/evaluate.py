@@ -1,4 +1,5 @@
-"""`lmtrain evaluate`: score any checkpoint (pretrained or finetuned) on a split; writes `eval.json`."""
+"""`lmtrain evaluate`: score any checkpoint (pretrained or finetuned) on a split, or on a benchmark suite
+(`suite=<task or group YAML>`); writes `eval.json` (and, for a suite, `samples.jsonl`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from omegaconf import OmegaConf
 
 from lmtrain.checkpoint import files as checkpoint
@@ -24,6 +26,8 @@ log = logging.getLogger("lmtrain")
 def run(cfg: EvaluateConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
     assert cfg.ckpt is not None, "ckpt is checked before the run"
+    if cfg.suite.path is not None:
+        return run_suite(cfg, device, Path(run_dir))
     model, tokenizer = load_model(cfg.ckpt, device)
     source = checkpoint.resolve(cfg.ckpt)
     trained: dict[str, Any] = (  # a run's config.yaml is a mapping (OmegaConf types it as any container)
@@ -62,3 +66,25 @@ def run(cfg: EvaluateConfig, run_dir: str) -> None:
         if key != "per_class":
             print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     print(f"{'eval.json':<{width}}  {out}")
+
+
+def run_suite(cfg: EvaluateConfig, device: torch.device, run_dir: Path) -> None:
+    """Score the suite's tasks (docs/benchmarks.md); print a table; write eval.json and samples.jsonl."""
+    from tqdm import tqdm
+
+    from lmtrain.evals.scorer import Scorer
+    from lmtrain.evals.suite import load_suite, report, score_suite, table, write_samples
+
+    assert cfg.ckpt is not None and cfg.suite.path is not None
+    _, specs = load_suite(cfg.suite.path, "suite.path")
+    model, tokenizer = load_model(cfg.ckpt, device)
+    special = load_special_tokens(cfg.ckpt, tokenizer)
+    scorer = Scorer(model, tokenizer, special, device, cfg.suite.precision, cfg.suite.batch_size)
+    with tqdm(unit="doc", disable=None, leave=False) as bar:
+        results = score_suite(specs, scorer, cfg.suite.limit, cfg.suite.num_fewshot, bar)
+    scores = report(results)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
+    write_samples(results, run_dir / "samples.jsonl")
+    print(table(scores))
+    print(f"eval.json  {run_dir / 'eval.json'}")

@@ -32,6 +32,7 @@ from lmtrain.core.dtypes import autocast_dtype
 from lmtrain.core.errors import UserError
 from lmtrain.data.examples import Example, ExampleBatches, read_records, split_off, usable_records
 from lmtrain.data.tokenizer import SpecialTokens
+from lmtrain.evals.training import main_metric_args, suite_evaluation
 from lmtrain.model.lora import add_lora
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.tasks.base import Task, TaskInfo, load_task_info
@@ -71,11 +72,14 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     if adapter_json:
         files[checkpoint.ADAPTER_FILE] = adapter_json
 
+    suite = suite_evaluation(t, model, tokenizer, special, device, lambda: trainer.state.step, max_steps)
+
     def evaluate() -> dict[str, float]:
         amp, size = autocast_dtype(t.precision), t.micro_batch_size
         result = task.evaluate(model, val_examples, batch_size=size, device=device, amp_dtype=amp, seed=t.seed)
-        return {k: v for k, v in result.items() if isinstance(v, int | float)}
+        return {k: v for k, v in result.items() if isinstance(v, int | float)} | suite()
 
+    metric = main_metric_args(t, task.main_metric, task.higher_is_better, keep_best=True)
     summary = runs.train(
         trainer,
         batches,
@@ -88,15 +92,13 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
         max_steps=max_steps,
         eval_every=eval_every,
         started=started,
-        main_metric=task.main_metric,
-        higher_is_better=task.higher_is_better,
-        keep_best=True,
+        **metric,
         data_counts=counts,
     )
     log.info(
         "best checkpoint (val_%s %.4f): %s",
-        task.main_metric,
-        summary[f"best_val_{task.main_metric}"],
+        metric["main_metric"],
+        summary[f"best_val_{metric['main_metric']}"],
         summary["best_checkpoint"],
     )
     return summary

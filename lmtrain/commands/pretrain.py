@@ -19,7 +19,8 @@ from lmtrain.core import devices, distributed
 from lmtrain.core.errors import UserError
 from lmtrain.core.safe_io import read_text_capped
 from lmtrain.data import mixture, streaming, tokens
-from lmtrain.data.tokenizer import end_of_text_id
+from lmtrain.data.tokenizer import SpecialTokens, end_of_text_id
+from lmtrain.evals.training import main_metric_args, suite_evaluation
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
 from lmtrain.tasks.metrics import perplexity
 from lmtrain.train import build as runs
@@ -41,10 +42,11 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     runs.check_options(cfg)
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
     source = resume_source(t.resume, run_dir)
-    pretrained, existing, end_of_text = None, None, None
+    pretrained, existing, end_of_text, special = None, None, None, None
     if cfg.init_from:  # continued pretraining: the model's own shape, weights and tokenizer
         pretrained, existing = load_model(cfg.init_from, placement.device, key="init_from")
-        end_of_text = load_special_tokens(cfg.init_from, existing, key="init_from").end_of_text
+        special = load_special_tokens(cfg.init_from, existing, key="init_from")
+        end_of_text = special.end_of_text
     tokenizer, sources = _tokens(cfg, existing, end_of_text)
     model, seq_len = _model(cfg, pretrained, tokenizer, placement.device)
     auto = t.micro_batch_size == "auto"
@@ -57,6 +59,8 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     eos = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
     sampler, validation = _windows(cfg, sources, tokenizer, eos, seq_len)
     separator = eos if d.document_masking else None
+    special = special or SpecialTokens(end_of_text=eos, stop=[eos])
+    suite = suite_evaluation(t, model, tokenizer, special, placement.device, lambda: trainer.state.step, t.max_steps)
 
     def next_step() -> list:
         windows = sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size)
@@ -66,7 +70,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         losses = {name: trainer.evaluate_loss(batches) for name, batches in validation.items()}
         loss = mixture.weighted_loss(losses, sources) if sources else losses[""]
         per_source = {f"{name}_loss": value for name, value in losses.items()} if d.sources else {}
-        return {"loss": loss, "ppl": perplexity(loss), **per_source}
+        return {"loss": loss, "ppl": perplexity(loss), **per_source, **suite()}
 
     files = runs.run_files(cfg, model, tokenizer_json)
     skipped = {f"skipped_{k.split('.')[1]}_records": n for s in sources for k, n in s.data.skipped.items()}
@@ -84,6 +88,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         started=started,
         data_counts=skipped,
         accounting=sampler.accounting,
+        **main_metric_args(t, "loss", higher_is_better=False, keep_best=False),
     )
     split = trainer.state.micro_batch_split
     summary.update(micro_batch_size=t.micro_batch_size // split, accumulation_steps=accum_steps * split)

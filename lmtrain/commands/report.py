@@ -94,6 +94,25 @@ def rows(runs: list[Run]) -> tuple[list[str], list[list]]:
     return header, table
 
 
+def suite_rows(runs: list[Run]) -> tuple[list[str], list[list]] | None:
+    """The benchmark suite's scores of each run (trainer.eval_suite), side by side: the last value each run
+    recorded of every val_suite_* metric; None when no run scored a suite."""
+    last: list[dict] = []
+    for run in runs:
+        scores: dict = {}
+        for record in run.metrics:
+            scores |= {k: v for k, v in record.items() if k.startswith("val_suite_")}
+        last.append(scores)
+    names = sorted({k for scores in last for k in scores}, key=lambda k: (k not in SUITE_FIRST, k))
+    if not names:
+        return None
+    header = ["run", *[n.removeprefix("val_suite_") for n in names]]
+    return header, [[run.name, *[s.get(n) for n in names]] for run, s in zip(runs, last, strict=True)]
+
+
+SUITE_FIRST = ("val_suite_core", "val_suite_mean")
+
+
 def _cell(value) -> str:
     if value is None:
         return "-"
@@ -131,7 +150,10 @@ def main(argv: list[str]) -> int:
     except UserError as err:
         print(f"lmtrain report: error: {str(err).removeprefix('report: ')}", file=sys.stderr)
         return 2
-    print(render(*rows(runs), args.format))
+    header, table = rows(runs)
+    if (suite := suite_rows(runs)) is not None:  # benchmark scores as more columns of the same runs
+        header, table = header + suite[0][1:], [row + extra[1:] for row, extra in zip(table, suite[1], strict=True)]
+    print(render(header, table, args.format))
     if args.no_plots:
         return 0
     try:

@@ -206,6 +206,7 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     _check_training(cfg, errors)
     _check_micro_batch(cfg, errors)
     _check_loggers(cfg.trainer, errors)
+    _check_eval_suite(cfg.trainer, errors)
     d = cfg.data
     _positive(d, "data.", errors, "max_chars", "tokenizer_sample_chars", "num_workers", nullable=True)
     _positive(d, "data.", errors, "shard_tokens")
@@ -231,6 +232,7 @@ def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
     _check_training(cfg, errors)
     _check_micro_batch(cfg, errors)
     _check_loggers(cfg.trainer, errors)
+    _check_eval_suite(cfg.trainer, errors)
     if not cfg.init_from:
         errors.append("init_from: missing; pass init_from=outputs/<pretrain-run>/checkpoints/latest")
     if not cfg.data.train:
@@ -276,9 +278,27 @@ def _check_generate(cfg: GenerateConfig, errors: list[str]) -> None:
         errors.append(f"top_p: must be in (0, 1], got {cfg.top_p}")
 
 
+def _check_eval_suite(t: Any, errors: list[str]) -> None:
+    _positive(t, "trainer.", errors, "eval_suite_every", "eval_suite_limit", nullable=True)
+    if t.eval_suite_num_fewshot is not None and t.eval_suite_num_fewshot < 0:
+        errors.append(f"trainer.eval_suite_num_fewshot: must be >= 0, got {t.eval_suite_num_fewshot}")
+    if t.eval_suite_metric is None:
+        return
+    if t.eval_suite is None:
+        errors.append("trainer.eval_suite_metric: needs trainer.eval_suite (a task or group YAML)")
+    elif not t.eval_suite_metric.startswith("suite_"):
+        errors.append(f"trainer.eval_suite_metric: '{t.eval_suite_metric}' is not a suite metric (suite_core, ...)")
+    elif t.eval_suite_every is not None:
+        errors.append("trainer.eval_suite_every: the main metric is needed at every validation; leave it null")
+
+
 def _check_evaluate(cfg: EvaluateConfig, errors: list[str]) -> None:
     _need_ckpt(cfg, errors)
     _positive(cfg, "", errors, "batch_size")
+    _positive(cfg.suite, "suite.", errors, "batch_size")
+    _positive(cfg.suite, "suite.", errors, "limit", nullable=True)
+    if cfg.suite.num_fewshot is not None and cfg.suite.num_fewshot < 0:
+        errors.append(f"suite.num_fewshot: must be >= 0, got {cfg.suite.num_fewshot}")
     _positive(cfg, "", errors, "num_beams", "max_new_tokens", "max_examples", nullable=True)
 
 

@@ -187,6 +187,19 @@ def explicit_keys(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
+def section_paths(schema: type, words: list[str]) -> list[str]:
+    """`suite=<file>` means `suite.path=<file>`: a section with a `path` key is set by its name (the section's
+    other keys stay settable: `suite.limit=500`)."""
+    keys = set(all_keys(schema))
+    out = []
+    for word in words:
+        key, eq, value = word.partition("=")
+        bare = key.lstrip("+")
+        shorthand = eq and not word.startswith("-") and bare in keys and f"{bare}.path" in keys
+        out.append(f"{key}.path={value}" if shorthand else word)
+    return out
+
+
 def literal_strings(schema: type, overrides: list[str], multirun: bool) -> list[str]:
     """Quote the value of each string-typed key for Hydra, so it arrives as typed: `prompt=def ` keeps its
     space, `text=1_000` stays the text 1_000. Left alone: values already quoted, null, interpolations `${..}`,

@@ -35,7 +35,12 @@ CHECKPOINTS: dict[type, list[str]] = {
     PredictConfig: ["ckpt"],
     ExportConfig: ["ckpt"],
 }
-TEXT_FILES: dict[type, list[str]] = {GenerateConfig: ["prompt_file"]}
+TEXT_FILES: dict[type, list[str]] = {
+    GenerateConfig: ["prompt_file"],
+    EvaluateConfig: ["suite.path"],
+    PretrainConfig: ["trainer.eval_suite"],
+    FinetuneConfig: ["trainer.eval_suite"],
+}
 OUT_FILES: dict[type, list[str]] = {PredictConfig: ["output"]}
 OUT_FOLDERS: dict[type, list[str]] = {PretrainConfig: ["data.cache_dir"], ExportConfig: ["out"]}
 

@@ -171,6 +171,11 @@ class TrainerConfig:
     on_nonfinite: OnNonfinite = OnNonfinite.stop  # a non-finite loss: stop (last finite checkpoint stays) or skip
     ema_decay: float | None = None  # keep an exponential moving average of the weights, validated and saved
     early_stopping_patience: int | None = None  # stop after this many validations without a new best; null: off
+    eval_suite: str | None = None  # benchmark task or group YAML scored at validations (docs/benchmarks.md)
+    eval_suite_every: int | None = None  # score it at validations whose step is a multiple of N; null: every one
+    eval_suite_limit: int | None = None  # score the first N documents of each task; null: all
+    eval_suite_num_fewshot: int | None = None  # examples in each prompt; null: the task file's
+    eval_suite_metric: str | None = None  # e.g. suite_core: the main metric (higher is better) for best and stopping
 
 
 @dataclass
@@ -273,8 +278,20 @@ class EvalDataConfig:
 
 
 @dataclass
+class SuiteConfig:
+    """Benchmark tasks in lm-evaluation-harness's YAML format (docs/benchmarks.md)."""
+
+    path: str | None = None  # a task or group YAML (`suite=<file>` sets it); null: evaluate scores a split instead
+    limit: int | None = None  # score the first N documents of each task (lm_eval --limit N); null: all
+    num_fewshot: int | None = None  # examples in each prompt; null: the task file's (a file's 0 stays 0, as lm_eval)
+    batch_size: int = 32  # prompts per generation batch
+    precision: Precision = Precision.fp32  # autocast dtype of the matmuls while scoring
+
+
+@dataclass
 class EvaluateConfig:
     ckpt: str | None = None  # checkpoint (or run dir) to evaluate
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
     split: Split = Split.test  # which data.<split> file to score
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     batch_size: int = 32  # examples per forward pass
