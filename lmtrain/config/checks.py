@@ -6,7 +6,6 @@ for a misspelling).
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -25,8 +24,8 @@ from lmtrain.config.schema import (
     PredictConfig,
     PretrainConfig,
     TaskConfig,
-    TrainerConfig,
 )
+from lmtrain.config.trainer_checks import check_trainer
 from lmtrain.core.errors import UserError
 
 
@@ -182,31 +181,10 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
         errors.append(f"trainer.resume: must be true, false or a path, got {t.resume!r}")
 
 
-def _check_micro_batch(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> None:
-    size = cfg.trainer.micro_batch_size
-    if size == "auto":
-        if isinstance(cfg, FinetuneConfig) or cfg.grad_accum.mode != "global_batch":
-            errors.append(
-                "trainer.micro_batch_size=auto: needs lmtrain pretrain with grad_accum=global_batch (the global batch "
-                "in tokens stays fixed while the micro-batch is chosen); give a number otherwise"
-            )
-    elif isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        errors.append(f"trainer.micro_batch_size: must be a number > 0 or auto, got {size!r}")
-
-
-def _check_loggers(t: TrainerConfig, errors: list[str]) -> None:
-    """A tracker asked for must be installed: caught here, before any training, with the command to fix it."""
-    for name, package in (("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "tensorboard")):
-        if name in t.loggers and importlib.util.find_spec(package) is None:
-            errors.append(f"trainer.loggers: {name} needs the {package} package: pip install 'lmtrain[{name}]'")
-
-
 def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
     _check_model(cfg.model, errors)
     _check_training(cfg, errors)
-    _check_micro_batch(cfg, errors)
-    _check_loggers(cfg.trainer, errors)
-    _check_eval_suite(cfg.trainer, errors)
+    check_trainer(cfg, errors)
     d = cfg.data
     _positive(d, "data.", errors, "max_chars", "tokenizer_sample_chars", "num_workers", nullable=True)
     _positive(d, "data.", errors, "shard_tokens")
@@ -230,9 +208,7 @@ def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:
 
 def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
     _check_training(cfg, errors)
-    _check_micro_batch(cfg, errors)
-    _check_loggers(cfg.trainer, errors)
-    _check_eval_suite(cfg.trainer, errors)
+    check_trainer(cfg, errors)
     if not cfg.init_from:
         errors.append("init_from: missing; pass init_from=outputs/<pretrain-run>/checkpoints/latest")
     if not cfg.data.train:
@@ -276,20 +252,6 @@ def _check_generate(cfg: GenerateConfig, errors: list[str]) -> None:
         errors.append(f"temperature: must be >= 0, got {cfg.temperature}")
     if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
         errors.append(f"top_p: must be in (0, 1], got {cfg.top_p}")
-
-
-def _check_eval_suite(t: Any, errors: list[str]) -> None:
-    _positive(t, "trainer.", errors, "eval_suite_every", "eval_suite_limit", nullable=True)
-    if t.eval_suite_num_fewshot is not None and t.eval_suite_num_fewshot < 0:
-        errors.append(f"trainer.eval_suite_num_fewshot: must be >= 0, got {t.eval_suite_num_fewshot}")
-    if t.eval_suite_metric is None:
-        return
-    if t.eval_suite is None:
-        errors.append("trainer.eval_suite_metric: needs trainer.eval_suite (a task or group YAML)")
-    elif not t.eval_suite_metric.startswith("suite_"):
-        errors.append(f"trainer.eval_suite_metric: '{t.eval_suite_metric}' is not a suite metric (suite_core, ...)")
-    elif t.eval_suite_every is not None:
-        errors.append("trainer.eval_suite_every: the main metric is needed at every validation; leave it null")
 
 
 def _check_evaluate(cfg: EvaluateConfig, errors: list[str]) -> None:
