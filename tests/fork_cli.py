@@ -1,11 +1,11 @@
 """Runs many `lmtrain` command lines as the real CLI does, each in a forked child: read a JSON list of
 argument lists on stdin, print a JSON list of {"rc", "stderr", "stdout"}. The imports (Hydra, torch) are
-paid once in the parent, so each bad input costs only its own checks. Used by tests/test_bad_inputs.py.
+paid once in the parent, so each bad input costs only its own checks. Used by tests/config/test_bad_inputs.py.
 
 Stdin may instead hold {"cases": [...], "memory": bytes, "cpu_seconds": s, "watch": folder}: each child may
 then map at most `memory` bytes beyond what the parent holds (RLIMIT_AS), use `cpu_seconds` of CPU
 (RLIMIT_CPU: past it the child is killed), and any file it opens under `watch` is reported on its stderr
-("OPENED <path>", through the interpreter's audit hook). Used by tests/test_untrusted_folders.py."""
+("OPENED <path>", through the interpreter's audit hook). Used by tests/hf/test_untrusted_folders.py."""
 
 import json
 import os

@@ -6,9 +6,9 @@ Each one composes, validates and finds its paths through the real CLI with `--cf
 any compute (forked children of one process, tests/fork_cli.py); a `--help` line prints its help; a sweep (`-m`)
 goes through the multirun pre-check (every job's group options exist, the first job composes); the lines shown
 under a `$ lmtrain ...` example are exactly the errors it prints. `lmtrain plan` lines compose the pretrain or
-finetune config they plan (what plan prints is tested in tests/test_plan.py), and `torchrun ... -m lmtrain ...`
-lines the config each of their processes composes (the processes themselves: tests/test_distributed.py).
-`lmtrain report` lines are left out: they need finished runs, and tests/test_sweep.py runs the command. The hints
+finetune config they plan (what plan prints is tested in tests/analysis/test_plan.py), and `torchrun ... -m lmtrain ...`
+lines the config each of their processes composes (the processes themselves: tests/core/test_distributed.py).
+`lmtrain report` lines are left out: they need finished runs, and tests/analysis/test_sweep.py runs the command. The hints
 lmtrain prints run too: USAGE's examples compose and the end-of-run hint really generates.
 
 A new page needs nothing here unless its commands name files the sandbox lacks: add those to TEXT_FILES,
@@ -197,10 +197,11 @@ def test_links_resolve_and_the_index_lists_every_page():
 
 
 def test_named_tests_exist():
-    sources = {path.name: path.read_text() for path in (ROOT / "tests").glob("test_*.py")}
+    sources = {path.name: path.read_text() for path in (ROOT / "tests").rglob("test_*.py")}
     missing = []
     for page in PAGES:
-        for file, name in re.findall(r"(?:(test_\w+\.py)::)?\b(test_\w+)\b(?!\.py)", page.read_text()):
+        prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold configs, not test names
+        for file, name in re.findall(r"(?:(test_\w+\.py)::)?\b(test_\w+)\b(?!\.py)", prose):
             where = [sources[file]] if file in sources else [] if file else sources.values()
             if not any(re.search(rf"^def {name}\(", text, re.M) for text in where):
                 missing.append(f"{page.relative_to(ROOT)}: {file + '::' if file else ''}{name}")

@@ -11,7 +11,7 @@ from fixtures.make_checkpoints import PROMPT, TEXTS, finetune_overrides, loaded,
 
 from lmtrain.train.sinks import read_metrics
 
-FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "checkpoints"
 
 
 @pytest.fixture(scope="module")

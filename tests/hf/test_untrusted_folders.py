@@ -260,7 +260,7 @@ def places(tmp_path_factory):
 
 
 def run_limited(cases: list[list[str]], cwd: Path, watch: Path) -> list[dict]:
-    runner = Path(__file__).parent / "fork_cli.py"
+    runner = Path(__file__).parents[1] / "fork_cli.py"
     given = {"cases": cases, "memory": 3 * GIB, "cpu_seconds": 60, "watch": str(watch.resolve())}
     result = subprocess.run(
         [sys.executable, str(runner)], input=json.dumps(given), capture_output=True, text=True, cwd=cwd, timeout=900

@@ -17,7 +17,7 @@ from hf_models import build
 
 from lmtrain.core.errors import UserError
 
-EXAMPLES = Path(__file__).parent.parent / "configs" / "eval"
+EXAMPLES = Path(__file__).parents[2] / "configs" / "eval"
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 SOUNDS = {"fox": "yip", "dog": "woof", "cat": "meow", "owl": "hoot", "bee": "buzz", "hen": "cluck"}
 ANIMALS, COLORS = list(SOUNDS), ["brown", "lazy", "quick", "red", "grey", "small"]
@@ -313,7 +313,7 @@ def test_the_docs_commands_compose(tiny_runs, tmp_path):
 
     from conftest import lmtrain_many
 
-    text = (Path(__file__).parent.parent / "docs" / "benchmarks.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "benchmarks.md").read_text()
     blocks = [body for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S) if not lang]
     lines = [line for block in blocks for line in block.splitlines()]
     commands = [line for line in lines if line.startswith("lmtrain ")]
