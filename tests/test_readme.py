@@ -8,8 +8,8 @@ goes through the multirun pre-check (every job's group options exist, the first 
 under a `$ lmtrain ...` example are exactly the errors it prints. `lmtrain plan` lines compose the pretrain or
 finetune config they plan (what plan prints is tested in tests/analysis/test_plan.py), and `torchrun ... -m lmtrain ...`
 lines the config each of their processes composes (the processes themselves: tests/core/test_distributed.py).
-`lmtrain report` lines are left out: they need finished runs, and tests/analysis/test_sweep.py runs the command. The hints
-lmtrain prints run too: USAGE's examples compose and the end-of-run hint really generates.
+`lmtrain report` lines are left out: they need finished runs, and tests/analysis/test_sweep.py runs the
+command. The hints lmtrain prints run too: USAGE's examples compose and the end-of-run hint really generates.
 
 A new page needs nothing here unless its commands name files the sandbox lacks: add those to TEXT_FILES,
 RECORD_FILES or CHECKPOINTS. The pages' relative links resolve, docs/index.md links every page, each test a page

@@ -10,6 +10,7 @@ from lmtrain.checkpoint import files as checkpoint
 from lmtrain.checkpoint.load import load_model
 from lmtrain.commands import pretrain
 from lmtrain.train.ema import EMA, decay_at
+from lmtrain.train.sinks import Sinks
 
 
 def repetitive_batch():
@@ -46,7 +47,7 @@ def test_validation_sees_the_average_and_training_its_own_weights():
         seen.extend(p.detach().clone() for p in trainer.model.parameters())
         return {"loss": 1.0}
 
-    trainer._validate(evaluate, "loss", False, lambda record: None, type("Bar", (), {"write": print})(), None)
+    trainer._validate(evaluate, "loss", False, Sinks([]), type("Bar", (), {"write": print})(), None)
     for a, b in zip(seen, trainer.ema.average, strict=True):
         assert torch.equal(a, b)
     for a, b in zip(trainer.model.parameters(), own, strict=True):
