@@ -271,6 +271,8 @@ class EvalDataConfig:
     context_field: str | None = None  # null: the checkpoint's data.context_field
     answer_field: str | None = None  # null: the checkpoint's data.answer_field
     messages_field: str | None = None  # null: the checkpoint's data.messages_field
+    chosen_field: str | None = None  # null: the checkpoint's data.chosen_field
+    rejected_field: str | None = None  # null: the checkpoint's data.rejected_field
     on_bad_record: OnBadRecord = OnBadRecord.skip  # a record missing a field: skipped (counted) or an error
 
 

@@ -62,15 +62,17 @@ def precompute(
     """The reference's summed answer log-probs of every pair: key -> [pairs, 2] (chosen, rejected), fp32 on
     the CPU, the row of a pair its index."""
     device = next(reference.parameters()).device
-    sizes: dict[str, int] = {}
+    by_key: dict[str, list[Example]] = {}
     for e in examples:
-        sizes[e.key] = max(sizes.get(e.key, 0), e.index + 1)  # type: ignore[attr-defined]
-    cache = {key: torch.zeros(n, 2) for key, n in sizes.items()}
+        by_key.setdefault(e.key, []).append(e)  # type: ignore[attr-defined]
+    cache = {}
     with torch.no_grad():
-        for tokens, t in fixed_batches(examples, batch_size, task.collate):
-            logits = _run_ref(reference, tokens, device, amp)
-            logps = losses.sequence_logps(logits, t["targets"].to(device), t["ignore_index"])[0].cpu()
-            cache[t["key"]][t["pairs"]] = torch.stack(logps.chunk(2), dim=-1)
+        for key, pairs in by_key.items():
+            cache[key] = torch.zeros(max(e.index for e in pairs) + 1, 2)  # type: ignore[attr-defined]
+            for tokens, t in fixed_batches(pairs, batch_size, task.collate):
+                logits = _run_ref(reference, tokens, device, amp)
+                logps = losses.sequence_logps(logits, t["targets"].to(device), t["ignore_index"])[0].cpu()
+                cache[key][t["pairs"]] = torch.stack(logps.chunk(2), dim=-1)
     return cache
 
 
