@@ -227,3 +227,16 @@ def test_two_processes_equal_one_with_accumulation(tiny_runs, data, tmp_path):
     for a, b in zip(*logs, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+
+
+def test_plan_counts_the_reference_model(tiny_runs, data):
+    from lmtrain.commands.plan import build
+
+    def memory(*extra):
+        return build("finetune", check("finetune", FinetuneConfig, overrides(tiny_runs, data, *extra)), "cpu")["memory"]
+
+    with_reference, precomputed, lora = memory(), memory("task.reference=precompute"), memory("adapter=lora")
+    assert with_reference["reference"] == with_reference["weights"]  # an fp32 copy of the fp32 weights
+    assert with_reference["total"] == precomputed["total"] + with_reference["reference"]
+    assert "reference" not in precomputed and "reference" not in lora
+    assert "reference" not in memory("task.loss=simpo")

@@ -138,6 +138,7 @@ class _Workload:
     mean_len: float  # the mean tokens per sequence (pretraining: the context; finetuning: the mean example)
     accumulation: int
     max_steps: int
+    references: int = 0  # frozen model copies beside it (a preference run's reference)
 
 
 def _pretrain_workload(cfg, world: int) -> _Workload:
@@ -153,12 +154,15 @@ def _pretrain_workload(cfg, world: int) -> _Workload:
 
 def _finetune_workload(cfg, world: int) -> _Workload:
     """The model and batches finetune would train: its examples, for `epochs` or trainer.max_steps."""
+    from lmtrain.tasks import registry
+
     model, lengths = _finetune_model(cfg)
     t, accumulation = cfg.trainer, cfg.grad_accum.steps
     max_steps = t.max_steps
     if cfg.epochs is not None:
         max_steps = costs.finetune_steps(len(lengths), t.micro_batch_size, accumulation, world, cfg.epochs)
-    return _Workload(model, "init_from", max(lengths), sum(lengths) / len(lengths), accumulation, max_steps)
+    references = registry.task_class(cfg.task.name).reference_models(cfg)
+    return _Workload(model, "init_from", max(lengths), sum(lengths) / len(lengths), accumulation, max_steps, references)
 
 
 # ---- the plan --------------------------------------------------------------------------------------------------
@@ -230,7 +234,7 @@ def _memory(cfg, work: _Workload, parameters: dict[str, int], strategy: str, wor
     import torch
 
     t = cfg.trainer
-    return costs.memory_estimate(
+    memory = costs.memory_estimate(
         costs.ModelShape.of(work.model.config),
         total_params=parameters["total"],
         trainable_params=parameters["trainable"],
@@ -244,6 +248,7 @@ def _memory(cfg, work: _Workload, parameters: dict[str, int], strategy: str, wor
         world_size=world,
         checkpointing=t.activation_checkpointing,
     )
+    return costs.with_references(memory, parameters["total"], work.references)
 
 
 def _device(name: str, precision: str):

@@ -186,6 +186,11 @@ class Task:
         """Keyword arguments of `lmtrain.train.build.build_trainer` for the task's training loss."""
         return {}
 
+    @classmethod
+    def reference_models(cls, cfg: FinetuneConfig) -> int:
+        """Frozen model copies a run of the task holds beside the model it trains (`lmtrain plan` counts them)."""
+        return 0
+
     def objective(
         self,
         cfg: FinetuneConfig,

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from lmtrain.config import FinetuneConfig, TaskConfig
-from lmtrain.config.choices import PreferenceLoss, TaskName
+from lmtrain.config.choices import AdapterName, PreferenceLoss, Reference, TaskName
 from lmtrain.core.distributed import Placement
 from lmtrain.core.errors import UserError
 from lmtrain.data import chat
@@ -237,6 +237,14 @@ class Preference(Task):
         loss, chosen, rejected, accuracy, margin = (v / n for v in sums.tolist())
         rewards = {"chosen_reward": chosen, "rejected_reward": rejected}
         return {"loss": loss, "accuracy": accuracy, "margin": margin, **rewards}
+
+    @classmethod
+    def reference_models(cls, cfg: FinetuneConfig) -> int:
+        """One frozen copy of init_from for a loss with a reference, none with task.reference=precompute (freed
+        before training), adapter=lora (the adapters switched off) or a reference-free loss."""
+        t = cfg.task
+        needed = t.loss not in REFERENCE_FREE and t.reference is Reference.model
+        return int(needed and cfg.adapter.name is not AdapterName.lora)
 
     @staticmethod
     def needs_reference(info: TaskInfo) -> bool:
