@@ -194,7 +194,8 @@ class Preference(Task):
         return super().input_length(example)
 
     def prompt_ids(self, record: dict) -> list[int]:
-        prompt = self._split(record)[0]
+        """Where generation starts: the record's prompt (its explicit prompt, or the answers' shared start)."""
+        prompt = record[self.info.fields["prompt"]] if self.info.instruction else self._split(record)[0]
         if isinstance(prompt, str):
             return self._encode([prompt], "prompt")[0] + [self.eot]
         return chat.tokenize(self.tokenizer, self.chat_template, chat.check_messages(prompt), self.chat_tokens, True)[0]
