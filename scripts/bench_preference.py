@@ -41,8 +41,9 @@ model = load_model(folder, torch.device("cpu"), key="init_from")[0]
 add_lora(model, ["all_linear"], rank=16, alpha=32.0, dropout=0.0)
 optimizer = torch.optim.AdamW(parameter_groups(model, 0.0), lr=1e-5)
 schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+reference = preference.Reference(adapters=True)
 objective = preference.PreferenceObjective(
-    preference.PreferenceLoss.dpo, preference.Settings(beta=0.1), preference.Reference(adapters=True), torch.device("cpu"))
+    preference.PreferenceLoss.dpo, preference.Settings(beta=0.1), reference, torch.device("cpu"))
 trainer = Trainer(model, optimizer, schedule, None, device=torch.device("cpu"), grad_clip=1.0, objective=objective)
 ids = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
 tokens = torch.tensor(ids)
