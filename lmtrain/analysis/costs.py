@@ -145,7 +145,7 @@ def memory_estimate(
 def largest_micro_batch(memory: dict[str, int], micro_batch: int, available: int) -> int:
     """The largest micro-batch whose estimate fits in `available` bytes (0 if even one sequence does not):
     everything but the activations is independent of the batch, and activations grow linearly with it."""
-    static = memory["weights"] + memory["gradients"] + memory["optimizer"]
+    static = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory.get("reference", 0)
     per_sequence = memory["activations"] / micro_batch
     return max(0, int((available - static) // per_sequence))
 
@@ -171,6 +171,15 @@ def token_counts(
         "per_run": per_step * max_steps,
         "max_steps": max_steps,
     }
+
+
+def with_references(memory: dict[str, int], total_params: int, copies: int) -> dict[str, int]:
+    """The estimate with `copies` frozen fp32 copies of the model beside it (a preference run's reference
+    model: its weights only, no gradients or optimizer state), as `reference` and in `total`."""
+    if not copies:
+        return memory
+    reference = 4 * total_params * copies
+    return {**memory, "reference": reference, "total": memory["total"] + reference}
 
 
 def fit(memory: dict[str, int], micro_batch: int, device_bytes: int) -> dict:
@@ -289,7 +298,7 @@ def render(plan: dict) -> str:
         f"memory       per process: {mem['precision']}, {mem['optimizer_name']}, {mem['strategy']}"
         + (", activation checkpointing" if mem["activation_checkpointing"] else ""),
     ]
-    for part in ("weights", "gradients", "optimizer", "activations"):
+    for part in ("weights", "gradients", "optimizer", "activations", "reference")[: 4 + ("reference" in mem)]:
         note = f" (micro-batch {tok['micro_batch_size']})" if part == "activations" else ""
         lines.append(f"             {_size(mem[part]):>15}  {part}{note}")
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"

@@ -139,6 +139,7 @@ class _Workload:
     attention_len: int  # the sequence length a token attends over, on average over tokens
     accumulation: int
     max_steps: int
+    references: int = 0  # frozen model copies beside it (a preference run's reference)
 
 
 def _pretrain_workload(cfg, world: int, device_name: str | None) -> _Workload:
@@ -158,7 +159,9 @@ def _pretrain_workload(cfg, world: int, device_name: str | None) -> _Workload:
 
 def _finetune_workload(cfg, world: int) -> _Workload:
     """The model and batches finetune would train: its examples (batched by length, so padded little), for
-    `epochs` capped by trainer.max_steps, or trainer.max_steps."""
+    `epochs` capped by trainer.max_steps, or trainer.max_steps; and the frozen models beside it."""
+    from lmtrain.tasks import registry
+
     model, lengths = _finetune_model(cfg)
     t, accumulation = cfg.trainer, cfg.grad_accum.steps
     max_steps = t.max_steps
@@ -167,7 +170,8 @@ def _finetune_workload(cfg, world: int) -> _Workload:
         max_steps = min(epochs, max_steps)
     attention_len = round(sum(n * n for n in lengths) / sum(lengths))  # a token of an n-token example attends n
     mean_len = sum(lengths) / len(lengths)
-    return _Workload(model, "init_from", max(lengths), mean_len, attention_len, accumulation, max_steps)
+    references = registry.task_class(cfg.task.name).reference_models(cfg)
+    return _Workload(model, "init_from", max(lengths), mean_len, attention_len, accumulation, max_steps, references)
 
 
 # ---- the plan --------------------------------------------------------------------------------------------------
@@ -242,7 +246,7 @@ def _memory(cfg, work: _Workload, parameters: dict[str, int], strategy: str, wor
     from lmtrain.train.optim import MEMORY_PER_PARAMETER
 
     t = cfg.trainer
-    return costs.memory_estimate(
+    memory = costs.memory_estimate(
         costs.ModelShape.of(work.model.config),
         total_params=parameters["total"],
         trainable_params=parameters["trainable"],
@@ -255,6 +259,7 @@ def _memory(cfg, work: _Workload, parameters: dict[str, int], strategy: str, wor
         world_size=world,
         checkpointing=t.activation_checkpointing,
     )
+    return costs.with_references(memory, parameters["total"], work.references)
 
 
 # ---- measuring -------------------------------------------------------------------------------------------------

@@ -31,7 +31,9 @@ from lmtrain.config.choices import (
     Pooling,
     Position,
     Precision,
+    PreferenceLoss,
     Quantize,
+    Reference,
     RopeScaling,
     SchedulerName,
     Seq2SeqMetric,
@@ -205,6 +207,11 @@ class TaskConfig:
     # validate on the first N examples (null: N = trainer.eval_batches × trainer.micro_batch_size)
     max_eval_examples: int | None = None
     overlong: Overlong = Overlong.truncate  # chat: an overlong conversation is truncated (counted) or dropped
+    loss: PreferenceLoss = PreferenceLoss.dpo  # preference: dpo, ipo, robust, hinge, simpo, orpo (docs/preference.md)
+    beta: float = 0.1  # preference: the loss's beta (inverse temperature; ORPO's odds-ratio weight)
+    gamma: float = 0.5  # preference, simpo: the target reward margin
+    label_smoothing: float = 0.0  # preference, dpo/robust/simpo: the assumed share of flipped labels
+    reference: Reference = Reference.model  # preference: a frozen reference model, or its log-probs precomputed
 
 
 @dataclass
@@ -225,6 +232,8 @@ class ExampleDataConfig:
     context_field: str = "context"  # qa: the passage the answer is in
     answer_field: str = "answer"  # qa: the answer
     messages_field: str = "messages"  # chat: a list of {role: system|user|assistant, content}
+    chosen_field: str = "chosen"  # preference: the preferred answer (text, or assistant messages)
+    rejected_field: str = "rejected"  # preference: the dispreferred answer
     on_bad_record: OnBadRecord = OnBadRecord.skip  # a record missing a field: skipped (counted) or an error
 
 
@@ -274,6 +283,8 @@ class EvalDataConfig:
     context_field: str | None = None  # null: the checkpoint's data.context_field
     answer_field: str | None = None  # null: the checkpoint's data.answer_field
     messages_field: str | None = None  # null: the checkpoint's data.messages_field
+    chosen_field: str | None = None  # null: the checkpoint's data.chosen_field
+    rejected_field: str | None = None  # null: the checkpoint's data.rejected_field
     on_bad_record: OnBadRecord = OnBadRecord.skip  # a record missing a field: skipped (counted) or an error
 
 
