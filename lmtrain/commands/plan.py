@@ -348,7 +348,11 @@ def plan_config(cfg, model: dict) -> dict:
 
 
 def _warm_up() -> None:
-    """One tiny training step first, so the libraries' lazily built kernels and thread pools are not counted."""
+    """One tiny training step first, so the libraries' lazily built kernels and thread pools are not counted;
+    then the memory freed so far (the CPU peak's matmuls, say) goes back to the system, so the run's own
+    allocations grow the RSS instead of reusing it unseen."""
+    import ctypes
+
     import torch
 
     from lmtrain.model.transformer import TransformerConfig, TransformerLM
@@ -357,6 +361,12 @@ def _warm_up() -> None:
     tokens = torch.randint(11, (2, 8))
     model(tokens).sum().backward()
     torch.optim.AdamW(model.parameters()).step()
+    del model, tokens
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the estimate may then read low
+        pass
 
 
 def _random_step(plan: dict, config: dict, device) -> list:

@@ -109,7 +109,8 @@ def check(config_name: str, schema: type, overrides: list[str], check_values: bo
         if value and value not in options:
             raise no_such_option(key.lstrip("+~"), value, options)
     with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
-        _check_groups_are_the_commands(compose(config_name, return_hydra_config=True), schema, groups)
+        if groups:  # the command's own groups, composed only when the command line picks an option
+            _check_groups_are_the_commands(compose(config_name, return_hydra_config=True), schema, groups)
         try:  # composed once when all is well; the groups alone only to explain a failure
             cfg = compose(config_name, overrides=groups + values, return_hydra_config=True)
         except HydraException as err:

@@ -170,7 +170,7 @@ def test_experiment_composes():
         ("scheduler.warmup_steps=5000", "scheduler.warmup_steps: 5000 exceeds trainer.max_steps"),
         ("optimizer.lr=0", "optimizer.lr: must be > 0"),
         ("optimizer.lr=-1", "optimizer.lr: must be > 0"),
-        ("trainer.micro_batch_size=0", "trainer.micro_batch_size: must be > 0"),
+        ("trainer.micro_batch_size=0", "trainer.micro_batch_size: must be a number > 0 or auto, got 0"),
         ("trainer.precision=fp8", "trainer.precision: 'fp8' is not one of fp32, bf16, fp16"),
         ("data.tokenizer=chars", "did you mean 'char'?"),
         ("grad_accum=global_batch grad_accum.global_batch_tokens=1000", "grad_accum.global_batch_tokens"),

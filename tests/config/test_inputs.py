@@ -235,7 +235,10 @@ def test_one_string_label_among_ints_is_an_error():
 
 
 # 11. characters a char vocabulary lacks ---------------------------------------------------------------------
-def test_unknown_chars_are_warned_once(caplog):
+def test_unknown_chars_are_warned_once(caplog, monkeypatch):
+    from lmtrain.data import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "_warned", set())  # once per process: earlier tests may have warned
     tokenizer = build_tokenizer("char", ["abc "], 0)
     with caplog.at_level(logging.WARNING, logger="lmtrain"):
         warn_unknown(tokenizer, ["abc é7", "7é"], "prompt")
@@ -267,7 +270,8 @@ def test_export_scores_eval_batches_of_a_task_or_nothing(tiny_runs, tmp_path, mo
     from lmtrain.checkpoint.load import load_model, load_special_tokens
     from lmtrain.commands import export
     from lmtrain.config import ExportConfig
-    from lmtrain.tasks.base import load_task_info, task_for
+    from lmtrain.tasks.base import load_task_info
+    from lmtrain.tasks.registry import task_for
     from lmtrain.tasks.records import split_examples
 
     ckpt = tiny_runs["classifier"] / "checkpoints" / "latest"
