@@ -271,8 +271,8 @@ def test_export_scores_eval_batches_of_a_task_or_nothing(tiny_runs, tmp_path, mo
     from lmtrain.commands import export
     from lmtrain.config import ExportConfig
     from lmtrain.tasks.base import load_task_info
-    from lmtrain.tasks.registry import task_for
     from lmtrain.tasks.records import split_examples
+    from lmtrain.tasks.registry import task_for
 
     ckpt = tiny_runs["classifier"] / "checkpoints" / "latest"
     monkeypatch.setattr(export, "TASK_BATCH", 2)
