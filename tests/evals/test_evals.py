@@ -241,7 +241,7 @@ def pretrain_with_suite(run_dir: Path, corpus: Path, *extra: str) -> dict:
 
 def test_eval_suite_scores_at_its_cadence_and_resume_keeps_them(tmp_path, corpus, monkeypatch, capsys):
     from conftest import assert_resume_is_exact
-    from lmtrain.train.run_log import read_metrics
+    from lmtrain.train.sinks import read_metrics
 
     from lmtrain.commands.report import main as report
 
@@ -276,7 +276,7 @@ def test_evaluate_command_on_checkpoint_lora_and_hf_folder(tiny_checkpoint, llam
     """`lmtrain evaluate suite=...` on an lmtrain checkpoint, a LoRA checkpoint (finetuned with the suite scored
     at its validations) and a Hugging Face folder."""
     from conftest import lmtrain_many
-    from lmtrain.train.run_log import read_metrics
+    from lmtrain.train.sinks import read_metrics
 
     from lmtrain.cli import check
     from lmtrain.commands import finetune

@@ -119,7 +119,7 @@ def test_index_naming_the_wrong_shard_is_one_line(tmp_path):
     wrong = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][name])
     index["weight_map"][name] = wrong
     index_file.write_text(json.dumps(index))
-    with pytest.raises(UserError, match=f"puts weight '{name}' in '{folder / wrong}', which lacks it"):
+    with pytest.raises(UserError, match=f"'{folder}' lists weight '{name}' in '{wrong}', which does not hold it"):
         load_model(str(folder), CPU)
 
 
