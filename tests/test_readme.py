@@ -45,12 +45,19 @@ RECORD_FILES = {
     "instructions.jsonl": [{"prompt": "hi", "response": "hello"}],
     "chats.jsonl": CHAT,
     "squad-like.jsonl": [{"context": "c", "question": "q", "answer": "a"}],
+    **{
+        f"prefs/{split}.jsonl": [{"prompt": "q", "chosen": "yes", "rejected": "no"}]
+        for split in ("train", "val", "test")
+    },
 }
 # path -> tiny run it stands for: open models are stand-ins (lmtrain checkpoints), outputs/run has best and latest
 CHECKPOINTS = {
     **{f"models/{name}": "lm/checkpoints/latest" for name in ("Qwen2.5-0.5B", "SmolLM2-135M", "Llama-3.2-1B", "gpt2")},
     "outputs/run": "classifier",
     "outputs/x": "lm",
+    "outputs/sft": "classifier",
+    "outputs/pref": "classifier",
+    "models/SmolLM2-135M-Instruct": "lm/checkpoints/latest",
 }
 
 
@@ -69,6 +76,9 @@ def sandbox(root: Path, runs: dict) -> Path:
     (work / "corpus_saved" / "state.json").write_text("{}")
     (work / "prompt.txt").write_text("def ")
     (work / "sample.txt").write_text("the cat sat")
+    (work / "configs").mkdir()  # the example benchmark suites, as in a checkout
+    (work / "configs" / "eval").symlink_to(ROOT / "configs" / "eval")
+    (work / "my_tasks.yaml").write_text((ROOT / "configs" / "eval" / "tiny_choice.yaml").read_text())
     return work
 
 

@@ -241,9 +241,9 @@ def pretrain_with_suite(run_dir: Path, corpus: Path, *extra: str) -> dict:
 
 def test_eval_suite_scores_at_its_cadence_and_resume_keeps_them(tmp_path, corpus, monkeypatch, capsys):
     from conftest import assert_resume_is_exact
-    from lmtrain.train.sinks import read_metrics
 
     from lmtrain.commands.report import main as report
+    from lmtrain.train.sinks import read_metrics
 
     def run(run_dir, *extra):
         pretrain_with_suite(run_dir, corpus, *extra)
@@ -276,11 +276,11 @@ def test_evaluate_command_on_checkpoint_lora_and_hf_folder(tiny_checkpoint, llam
     """`lmtrain evaluate suite=...` on an lmtrain checkpoint, a LoRA checkpoint (finetuned with the suite scored
     at its validations) and a Hugging Face folder."""
     from conftest import lmtrain_many
-    from lmtrain.train.sinks import read_metrics
 
     from lmtrain.cli import check
     from lmtrain.commands import finetune
     from lmtrain.config import FinetuneConfig
+    from lmtrain.train.sinks import read_metrics
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"the quick brown fox {i} jumps"} for i in range(24)])
     overrides = [f"init_from={llama}", "task=lm", f"data.train={train}", "adapter=lora", "epochs=null"]

@@ -356,7 +356,13 @@ def test_lora_learns_the_classification_rule_and_saves_only_what_it_trains(tmp_p
 
 def test_lora_resume_is_bitwise(tmp_path, data, base):
     """Resuming an adapter run from its step-3 checkpoint ends with the uninterrupted run's adapter weights."""
-    common = ["epochs=null", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.checkpoint_every=3"]
+    common = [
+        "epochs=null",
+        "evals_per_epoch=null",
+        "trainer.max_steps=6",
+        "trainer.eval_every=3",
+        "trainer.checkpoint_every=3",
+    ]
     common += ["trainer.keep_last=0", "task.max_eval_examples=4", "data.source_field=en", "data.target_field=fr"]
     lora = ["adapter=lora", "adapter.rank=4", "adapter.target_modules=[attention]", "adapter.dropout=0.1"]
     finetune_run(tmp_path / "full", base, "seq2seq", *data["seq2seq"], *common, *lora)
