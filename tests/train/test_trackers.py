@@ -34,6 +34,24 @@ def jsonl_history(run_dir) -> dict[str, list[tuple[int, float]]]:
     return history
 
 
+def killed_then_resumed(overrides: list[str], run_dir, monkeypatch, kill_after: int) -> None:
+    """A run killed after step `kill_after` was logged, then resumed with trainer.resume=true to its end."""
+    from lmtrain.train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def killed(self, batches):
+        if self.state.step == kill_after:
+            raise KeyboardInterrupt
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run(compose(*overrides), str(run_dir))
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    pretrain.run(compose(*overrides, "trainer.resume=true"), str(run_dir))
+
+
 def without_speed(history: dict) -> dict:
     """A history without what the clock measures: the step the killed attempt already sent keeps its speed."""
     return {key: values for key, values in history.items() if key not in ("tokens_per_s", "mfu")}
@@ -53,21 +71,8 @@ def test_mlflow_holds_metrics_jsonl_record_for_record_and_resume_continues_its_r
 
     # killed after step 4 (its checkpoint is step 3, so steps 4's records reach the tracker twice): one run,
     # each step once, equal to metrics.jsonl
-    from lmtrain.train.trainer import Trainer
-
-    real_step = Trainer.train_step
-
-    def killed(self, batches):
-        if self.state.step == 4:
-            raise KeyboardInterrupt
-        return real_step(self, batches)
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(Trainer, "train_step", killed)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain.run(compose(*overrides), str(resumed))
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    pretrain.run(compose(*overrides, "trainer.resume=true"), str(resumed))
+    killed_then_resumed(overrides, resumed, monkeypatch, kill_after=4)
     run, history = mlflow_history(uri, resumed)
     assert run.info.status == "FINISHED"
     assert [s for s, _ in history["loss"]] == [1, 2, 3, 4, 5, 6]
@@ -170,21 +175,8 @@ def test_wandb_offline_run_holds_metrics_jsonl_and_resume_continues_it(tmp_path,
     monkeypatch.setenv("WANDB_SILENT", "true")
     overrides = [*TINY, f"data.train={corpus}", "trainer.loggers=[wandb]", "trainer.max_steps=4"]
     overrides += ["trainer.checkpoint_every=2", "trainer.eval_every=2"]
-    from lmtrain.train.trainer import Trainer
-
-    real_step = Trainer.train_step
-
-    def killed(self, batches):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, batches)
-
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(Trainer, "train_step", killed)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain.run(compose(*overrides), str(run_dir))
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    pretrain.run(compose(*overrides, "trainer.resume=true"), str(run_dir))
+    killed_then_resumed(overrides, run_dir, monkeypatch, kill_after=3)
     import wandb
 
     wandb.teardown()  # W&B's service writes the last records of its run files when it stops
