@@ -133,13 +133,12 @@ _warned: set[str] = set()
 
 def unknown_chars(tokenizer: Tokenizer, texts: Iterable[str]) -> list[str]:
     """The characters of `texts` a char-level tokenizer maps to <|unk|> (none for byte and BPE)."""
-    vocab = tokenizer.get_vocab()
-    if UNKNOWN not in vocab:
+    if tokenizer.token_to_id(UNKNOWN) is None:
         return []
     seen: set[str] = set()
     for text in texts:
         seen.update(text)
-    return sorted(c for c in seen if c not in vocab)
+    return sorted(c for c in seen if tokenizer.token_to_id(c) is None)  # per distinct character, not per text
 
 
 def warn_unknown(tokenizer: Tokenizer, texts: Iterable[str], where: str) -> None:
