@@ -158,6 +158,17 @@ def end_of_text_id(tokenizer: Tokenizer) -> int:
     return token_id
 
 
+def document_framing(tokenizer: Tokenizer, end_of_text: int) -> tuple[list[int], list[int]]:
+    """(ids before the first document, ids before each later one) of a pretraining stream: the tokenizer's own
+    leading special tokens (a BOS where its post-processor puts one in front of a text, as Llama's), the end
+    token `end_of_text` between documents, never written twice in a row."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    framed = tokenizer.encode("a", add_special_tokens=True).ids
+    at = next((i for i in range(len(framed) - len(plain) + 1) if framed[i : i + len(plain)] == plain), 0)
+    head = framed[:at]
+    return head, [end_of_text] + (head[1:] if head[:1] == [end_of_text] else head)
+
+
 # Files beside tokenizer.json that say how a model's text is framed: read from a Hugging Face folder, carried
 # into every checkpoint and export made from it.
 SIDE_FILES = ("tokenizer_config.json", "generation_config.json", "chat_template.jinja")
