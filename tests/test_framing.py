@@ -68,3 +68,24 @@ def test_pretraining_documents_start_as_the_tokenizer_starts_a_text(tmp_path, fa
     expected = head + plain[0] + [eos] + head + plain[1] + [eos] + head + plain[2] + [eos] + head + plain[3]
     assert np.asarray(data.train).tolist() == expected
     assert document_framing(tokenizer, eos) == (head, [eos] + head)
+
+
+@pytest.mark.parametrize(
+    "family, first, last", [("llama", "<|begin_of_text|>", "<|end_of_text|>"), ("qwen2", "the", "<|im_end|>")]
+)
+def test_inspect_reads_a_hugging_face_model_with_its_own_special_tokens(tmp_path, family, first, last):
+    import json
+
+    from hf_models import build
+
+    from lmtrain.cli import check
+    from lmtrain.commands import inspect
+    from lmtrain.config import InspectConfig
+
+    folder = build(family, tmp_path / family)
+    inspect.run(
+        check("inspect", InspectConfig, [f"ckpt={folder}", "text=the fox", "views=[loss]", "device=cpu"]),
+        str(tmp_path / "i"),
+    )
+    labels = json.loads((tmp_path / "i" / "inspect.json").read_text())["tokens"]
+    assert labels[0] == first and labels[-1] == last
