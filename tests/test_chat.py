@@ -201,3 +201,18 @@ def test_generation_tags_train_and_every_dropped_conversation_is_explained():
     task.info.decoding["overlong"] = "drop"
     with pytest.raises(UserError, match=r"data.train: no conversation left: dropped 2 conversations longer than 30"):
         task.encode([{"messages": TALK}, {"messages": TALK}], "data.train")
+
+
+def test_generate_chat_names_the_templates_refusal_and_an_unencodable_template(tmp_path, tiny_checkpoint):
+    from chat_templates import GEMMA
+
+    from lmtrain.commands import generate
+    from lmtrain.config import GenerateConfig
+
+    folder = build("qwen2", tmp_path / "gemma_like", chat_template=GEMMA)
+    asked = GenerateConfig(ckpt=str(folder), prompt="hi", chat=True, system="be brief", max_new_tokens=2, device="cpu")
+    with pytest.raises(UserError, match=r"^chat: the chat template failed: System role not supported$"):
+        generate.run(asked, ".")
+    char_level = GenerateConfig(ckpt=str(tiny_checkpoint), prompt="the", chat=True, max_new_tokens=2, device="cpu")
+    with pytest.raises(UserError, match=r"chat: the model's tokenizer cannot encode the chat template's text"):
+        generate.run(char_level, ".")

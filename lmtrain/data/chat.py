@@ -185,6 +185,14 @@ class ChatEncoder:
         self._skeletons[key] = literals, order, turns
         return literals, order, turns
 
+    def template_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The text the template writes around the contents of `messages`, less its special tokens' spellings
+        (ChatError where the template refuses the conversation)."""
+        text = "".join(self._skeleton(messages, add_generation_prompt)[0])
+        for token in self.tokenizer.get_added_tokens_decoder().values():
+            text = text.replace(token.content, "")
+        return text
+
     def _regions(self, text: str, messages: list[dict], add_generation_prompt: bool, order: list[int]) -> Spans:
         """Where each placeholder's message lies in `text`, for a template that rewrites content: the part of
         the text that changes when that content alone is replaced (ChatError where that reaches another

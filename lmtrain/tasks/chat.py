@@ -3,6 +3,7 @@ assistant's turns. Scored by loss and perplexity."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import cached_property
 from typing import ClassVar
@@ -12,7 +13,7 @@ from lmtrain.config.choices import TaskName
 from lmtrain.core.errors import UserError
 from lmtrain.data import chat
 from lmtrain.data.examples import Example
-from lmtrain.data.tokenizer import warn_unknown
+from lmtrain.data.tokenizer import unknown_chars, warn_unknown
 from lmtrain.tasks.base import Task, TaskInfo
 
 log = logging.getLogger("lmtrain")
@@ -49,9 +50,20 @@ class Chat(Task):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         warn_unknown(self.tokenizer, [prompt, *([system] if system else [])], "prompt")
         try:
+            self.check_template(messages, True, "chat")
             return self.chat_ids(messages)
         except chat.ChatError as err:
             raise UserError(f"chat: {err}") from None
+
+    def check_template(self, messages: list[dict], add_generation_prompt: bool, key: str) -> None:
+        """UserError where the tokenizer cannot encode the template's own text (a char-level tokenizer without
+        the characters of its role headers): the model would read <|unk|> where each turn begins."""
+        missing = unknown_chars(self.tokenizer, [self.chats.template_text(messages, add_generation_prompt)])
+        if missing:
+            shown = " ".join(repr(c) for c in missing[:20])
+            raise UserError(
+                f"{key}: the model's tokenizer cannot encode the chat template's text (no entry for {shown})"
+            )
 
     def _checked(self, records: list[dict]) -> tuple[list[tuple[int, list[dict]]], list[tuple[int, str]]]:
         """(record number, messages) of the records that hold a conversation to train on, and why each
@@ -73,6 +85,9 @@ class Chat(Task):
         the context is truncated (counted) or, with task overlong=drop, dropped (counted). Raises UserError
         saying why when none is left."""
         found, problems = self._checked(records)
+        if found:
+            with contextlib.suppress(chat.ChatError):  # a template that refuses it is counted below
+                self.check_template(found[0][1], False, "task")
         warn_unknown(self.tokenizer, (m["content"] for _, messages in found for m in messages), key)
         limit, examples, truncated, dropped = self.max_seq_len + 1, [], 0, 0
         drop = self.info.decoding.get("overlong", "truncate") == "drop"
