@@ -176,8 +176,10 @@ def test_tokens_equal_transformers_apply_chat_template(name):
         assert mask == [bool(m) for m in marked["assistant_masks"]]
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama3", "qwen3", "gemma"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_user_text_spelling_a_special_token_stays_text(name):
+    import transformers
+
     tokenizer, template, special = family(name)
     spelled = " ".join(FAMILIES[name][1])  # every special token of the template, written by the user
     messages = [{"role": "user", "content": f"hi {spelled}"}, {"role": "assistant", "content": f"ok {spelled}"}]
@@ -188,6 +190,11 @@ def test_user_text_spelling_a_special_token_stays_text(name):
     special_ids = set(tokenizer.get_added_tokens_decoder())
     assert [t for t in ids if t in special_ids] == [t for t in template_ids if t in special_ids]
     assert f"ok {spelled}" in trained_runs(tokenizer, ids, mask)[0]  # the spelled tokens trained as text
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=special["eos_token"], bos_token=special["bos_token"] or None
+    )  # transformers keeps them text only when asked to
+    assert ids == hf.apply_chat_template(messages, chat_template=template, sanitize_control_tokens=True)["input_ids"]
+    assert ids != hf.apply_chat_template(messages, chat_template=template)["input_ids"]
 
 
 def test_generation_tags_train_and_every_dropped_conversation_is_explained():
