@@ -121,6 +121,12 @@ def test_chat_finetune_of_an_hf_model_then_generate(tmp_path, capsys):
     capsys.readouterr()
     generate.run(GenerateConfig(ckpt=str(ckpt), prompt="say fox", max_new_tokens=5, temperature=0.0), ".")
     assert capsys.readouterr().out.strip()  # the reply alone, without the template
+    from lmtrain.commands import inspect
+    from lmtrain.config import InspectConfig
+
+    inspect.run(InspectConfig(ckpt=str(ckpt), text="say fox", views=["loss"], device="cpu"), str(tmp_path / "i"))
+    labels = json.loads((tmp_path / "i" / "inspect.json").read_text())["tokens"]
+    assert labels[-1] == "<|im_end|>"  # the LoRA checkpoint's own end token, not <|endoftext|>
 
 
 TALK = [  # whitespace that Llama 3 and Gemma trim; reasoning that Qwen3 drops from earlier turns
