@@ -229,3 +229,14 @@ def test_generate_chat_names_the_templates_refusal_and_an_unencodable_template(t
     char_level = GenerateConfig(ckpt=str(tiny_checkpoint), prompt="the", chat=True, max_new_tokens=2, device="cpu")
     with pytest.raises(UserError, match=r"chat: the model's tokenizer cannot encode the chat template's text"):
         generate.run(char_level, ".")
+
+
+def test_a_template_that_cannot_be_mapped_back_is_one_line_not_a_wrong_mask(caplog):
+    tokenizer, _, special = family("chatml")
+    counting = "{{ messages[-1]['content'] | length }}" + CHATML  # a header that depends on the last reply
+    task = Chat(
+        TaskInfo("chat", {"messages": "messages"}), tokenizer, 200, tokenizer.token_to_id("<|im_end|>"), counting
+    )
+    with pytest.raises(UserError, match="cannot map back to its messages"):
+        task.encode([{"messages": TALK}], "data.train")
+    assert "skipped 1 of 1 conversations (first: record 1: the chat template renders this conversation" in caplog.text
