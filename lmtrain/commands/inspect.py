@@ -14,13 +14,13 @@ from typing import Any
 import torch
 
 from lmtrain.analysis import interpret
-from lmtrain.checkpoint.load import load_model
+from lmtrain.checkpoint.load import load_model, load_special_tokens
 from lmtrain.config import InspectConfig
 from lmtrain.core.distributed import resolve_device
 from lmtrain.core.errors import UserError
-from lmtrain.data.tokenizer import end_of_text_id
 from lmtrain.tasks.base import Task, load_task_info
-from lmtrain.tasks.registry import task_class
+from lmtrain.tasks.lm import LanguageModelling
+from lmtrain.tasks.registry import task_for
 
 log = logging.getLogger("lmtrain")
 LM_VIEWS = ["loss", "attention", "logit_lens"]
@@ -29,7 +29,7 @@ CLASSIFIER_VIEWS = ["contribution", "attention"]
 
 def _label(tokenizer, token_id: int) -> str:
     """A token as readable text: its decoded string with whitespace made visible."""
-    text = tokenizer.id_to_token(token_id) if token_id == end_of_text_id(tokenizer) else tokenizer.decode([token_id])
+    text = tokenizer.decode([token_id])  # empty for a special token: shown by its name
     return text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·") or tokenizer.id_to_token(token_id)
 
 
@@ -116,14 +116,15 @@ def _views(requested: list[str] | None, classifier: bool) -> list[str]:
     return views
 
 
-def _token_ids(text: str, tokenizer, task: Task | None, max_seq_len: int) -> tuple[list[int], list[int]]:
+def _token_ids(text: str, task: Task, max_seq_len: int) -> tuple[list[int], list[int]]:
     """The text's token ids and the model's inputs among them: for a classifier all of them, as predict reads
     the text (cut to fit, then EOT where the head reads); for a language model all but the last, as evaluate
-    scores a text (text EOT, each token predicted from the ones before it)."""
-    if task is not None and task.classifies:
+    scores a text (the model's BOS where its tokenizer puts one, text, its own EOT, each token predicted from
+    the ones before it)."""
+    if task.classifies:
         ids = task.encode_texts([text])[0][0].ids
         return ids, ids
-    ids = tokenizer.encode(text, add_special_tokens=False).ids + [end_of_text_id(tokenizer)]
+    ids = task.start + task.tokenizer.encode(text, add_special_tokens=False).ids + [task.eot]
     if len(ids) > max_seq_len + 1:
         log.warning("text: %d tokens; inspecting the first %d (the model's context + 1)", len(ids), max_seq_len + 1)
         ids = ids[: max_seq_len + 1]
@@ -214,12 +215,18 @@ def run(cfg: InspectConfig, run_dir: str) -> None:
     model, tokenizer = load_model(cfg.ckpt, device)
     info = load_task_info(cfg.ckpt)
     text = _read_text(cfg)
-    task = task_class(info.name)(info, tokenizer, model.config.max_seq_len) if info is not None else None
-    views = _views(cfg.views, classifier=task is not None and task.classifies)
+    # the model's own special tokens (BOS, end of text), whatever its tokenizer names them
+    task = task_for(
+        info or LanguageModelling.plain_info(),
+        tokenizer,
+        model.config.max_seq_len,
+        load_special_tokens(cfg.ckpt, tokenizer),
+    )
+    views = _views(cfg.views, classifier=task.classifies)
     c = model.config
     layers = _indices(cfg.layers, c.num_layers, "layers", "layer")
     heads = _indices(cfg.heads, c.num_heads, "heads", "head")
-    ids, inputs = _token_ids(text, tokenizer, task, c.max_seq_len)
+    ids, inputs = _token_ids(text, task, c.max_seq_len)
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokens = torch.tensor(ids, device=device)

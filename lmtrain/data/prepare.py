@@ -28,11 +28,11 @@ from lmtrain.core.errors import UserError
 from lmtrain.core.safe_io import write_text_atomic, writing
 from lmtrain.data.encoder import Encoder, token_dtype
 from lmtrain.data.shards import ShardWriter
-from lmtrain.data.tokenizer import end_of_text_id, load_tokenizer
+from lmtrain.data.tokenizer import document_framing, end_of_text_id, load_tokenizer
 
 log = logging.getLogger("lmtrain")
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: each document starts with the tokenizer's own leading tokens (BOS)
 BATCH_CHARS_PER_WORKER = 1 << 20  # text per encode call: enough pieces to keep every worker busy
 Items = Iterator[tuple[bool, str]]  # (starts_a_document, text piece)
 
@@ -138,9 +138,10 @@ def _tokenizer(path: Path, make_tokenizer: Callable[[], Tokenizer]) -> Tokenizer
 
 def _write_split(items: Items, encoder: Encoder, separator: int, writer: ShardWriter, batch_chars: int, name: str):
     """Encode `items` in batches on a background thread (the next batch is read, and the last one written,
-    while one encodes) and append their ids to `writer`, `separator` before every document but the first."""
+    while one encodes) and append their ids to `writer`, `separator` before every document but the first and
+    the tokenizer's own leading tokens (BOS) before every document (`document_framing`)."""
     first_item, first_offset = writer.resume_at
-    separator_ids = np.array([separator], dtype=encoder.dtype)
+    starts_ids = [np.array(ids, dtype=encoder.dtype) for ids in document_framing(encoder.tokenizer, separator)]
     started, done = time.perf_counter(), 0
 
     def batches() -> Iterator[list]:
@@ -162,8 +163,8 @@ def _write_split(items: Items, encoder: Encoder, separator: int, writer: ShardWr
     def write(batch: list, encoded: list[np.ndarray]) -> None:
         nonlocal done
         for (index, starts, text), ids in zip(batch, encoded, strict=True):
-            if starts and index > 0:
-                ids = np.concatenate([separator_ids, ids])
+            if starts:
+                ids = np.concatenate([starts_ids[index > 0], ids])
             offset = first_offset if index == first_item else 0
             writer.add(ids[offset:], index, offset, starts and offset == 0)
             size = len(text.encode())

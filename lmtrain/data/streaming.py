@@ -24,7 +24,7 @@ from lmtrain.core.errors import UserError
 from lmtrain.core.safe_io import write_text_atomic
 from lmtrain.data.encoder import Encoder
 from lmtrain.data.prepare import locked
-from lmtrain.data.tokenizer import build_tokenizer, load_tokenizer
+from lmtrain.data.tokenizer import build_tokenizer, document_framing, load_tokenizer
 
 if TYPE_CHECKING:  # torch is imported where it is used: `lmtrain prepare` never loads it
     import torch
@@ -97,11 +97,13 @@ def tokenizer(settings: dict, existing: Tokenizer | None) -> Tokenizer:
 
 class TokenStream:
     """The stream's token ids from a position (document number, token within that document's ids, whose first
-    is the end-of-text separator for every document but the first), encoded ahead on a background thread."""
+    is the end-of-text separator for every document but the first, then the tokenizer's own leading tokens:
+    `document_framing`), encoded ahead on a background thread."""
 
     def __init__(self, source: str, text_field: str, encoder: Encoder, separator: int, position=(0, 0)):
         self.source, self.text_field, self.encoder = source, text_field, encoder
-        self.separator = np.array([separator], dtype=encoder.dtype)
+        self.separator = separator
+        self.starts = [np.array(ids, dtype=encoder.dtype) for ids in document_framing(encoder.tokenizer, separator)]
         self.position = position
         self._queue: queue.Queue | None = None
         self._pending: list[tuple[int, np.ndarray]] = []
@@ -124,7 +126,7 @@ class TokenStream:
     def _encode(self, batch: list[tuple[int, str]]) -> list[tuple[int, np.ndarray]]:
         encoded = self.encoder.encode([text for _, text in batch])
         return [
-            (number, np.concatenate([self.separator, ids]) if number > 0 else ids)
+            (number, np.concatenate([self.starts[number > 0], ids]))
             for (number, _), ids in zip(batch, encoded, strict=True)
         ]
 
@@ -206,7 +208,7 @@ class StreamSampler:
         self.stream.close()
         document, offset = (int(v) for v in state["position"])
         old = self.stream
-        self.stream = TokenStream(old.source, old.text_field, old.encoder, int(old.separator[0]), (document, offset))
+        self.stream = TokenStream(old.source, old.text_field, old.encoder, old.separator, (document, offset))
         self.carry = state["carry"].numpy().astype(old.encoder.dtype)
 
 

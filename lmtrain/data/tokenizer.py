@@ -148,13 +148,12 @@ _warned: set[str] = set()
 
 def unknown_chars(tokenizer: Tokenizer, texts: Iterable[str]) -> list[str]:
     """The characters of `texts` a char-level tokenizer maps to <|unk|> (none for byte and BPE)."""
-    vocab = tokenizer.get_vocab()
-    if UNKNOWN not in vocab:
+    if tokenizer.token_to_id(UNKNOWN) is None:
         return []
     seen: set[str] = set()
     for text in texts:
         seen.update(text)
-    return sorted(c for c in seen if c not in vocab)
+    return sorted(c for c in seen if tokenizer.token_to_id(c) is None)  # per distinct character, not per text
 
 
 def warn_unknown(tokenizer: Tokenizer, texts: Iterable[str], where: str) -> None:
@@ -172,6 +171,17 @@ def end_of_text_id(tokenizer: Tokenizer) -> int:
     if token_id is None:
         raise ValueError(f"the tokenizer has no {END_OF_TEXT} token")
     return token_id
+
+
+def document_framing(tokenizer: Tokenizer, end_of_text: int) -> tuple[list[int], list[int]]:
+    """(ids before the first document, ids before each later one) of a pretraining stream: the tokenizer's own
+    leading special tokens (a BOS where its post-processor puts one in front of a text, as Llama's), the end
+    token `end_of_text` between documents, never written twice in a row."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    framed = tokenizer.encode("a", add_special_tokens=True).ids
+    at = next((i for i in range(len(framed) - len(plain) + 1) if framed[i : i + len(plain)] == plain), 0)
+    head = framed[:at]
+    return head, [end_of_text] + (head[1:] if head[:1] == [end_of_text] else head)
 
 
 # Files beside tokenizer.json that say how a model's text is framed: read from a Hugging Face folder, carried

@@ -3,7 +3,8 @@ scored on them, and what a checkpoint records about it (task.json). One class pe
 classification, seq2seq, qa, chat), chosen by name through lmtrain.tasks.registry.
 
 Sequence formats (EOT is the model's end-of-text token: <|endoftext|> in every lmtrain tokenizer, the
-tokenizer's eos_token in a model from Hugging Face):
+tokenizer's eos_token in a model from Hugging Face; each sequence but a chat starts with BOS where the model's
+tokenizer puts one in front of a text, as Llama's does):
   lm, plain text   text EOT, cut into windows of max_seq_len + 1 tokens; loss on every token
   lm, instruction  prompt EOT response EOT; loss on the response and its EOT only
   classification   text EOT; a head reads the hidden state at that last EOT
@@ -18,6 +19,7 @@ import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -77,17 +79,26 @@ class Task:
         eot: int | None = None,
         chat_template: str | None = None,
         bos: int | None = None,
+        adds_bos: bool = False,
     ):
         """`eot`: the model's end-of-text id (`SpecialTokens.end_of_text`); default lmtrain's <|endoftext|>.
-        `chat_template` (Jinja; None: lmtrain's default) and `bos`, which chat templates may write."""
+        `chat_template` (Jinja; None: lmtrain's default) and `bos`, which chat templates may write; with
+        `adds_bos` (a tokenizer that puts BOS in front of every text, as Llama's) every sequence starts with it,
+        as transformers and vLLM start it."""
         self.info, self.tokenizer, self.max_seq_len = info, tokenizer, max_seq_len
         self.counts = {}
+        self.start = [bos] if adds_bos and bos is not None else []  # the ids every non-chat sequence starts with
         self.eot = eot if eot is not None else end_of_text_id(tokenizer)
         self.chat_template = chat_template or chat.DEFAULT_TEMPLATE
         self.chat_tokens = {
             "eos_token": tokenizer.id_to_token(self.eot),
             "bos_token": tokenizer.id_to_token(bos) if bos is not None else "",
         }
+
+    @cached_property
+    def chats(self) -> chat.ChatEncoder:
+        """The run's encoder of conversations (its template and special tokens, its per-shape skeletons)."""
+        return chat.ChatEncoder(self.tokenizer, self.chat_template, self.chat_tokens)
 
     # ---- records --------------------------------------------------------------------------------
     @classmethod
@@ -148,8 +159,9 @@ class Task:
     def encode_texts(self, texts: list[str], where: str = "input") -> tuple[list[Example], int]:
         """Whole-text inputs (the text, cut to fit, then EOT where a head reads) and how many were cut."""
         encoded = self._encode(texts, where)
-        truncated = sum(len(ids) + 1 > self.max_seq_len for ids in encoded)
-        return [Example(ids[: self.max_seq_len - 1] + [self.eot]) for ids in encoded], truncated
+        room = self.max_seq_len - 1 - len(self.start)
+        truncated = sum(len(ids) > room for ids in encoded)
+        return [Example(self.start + ids[:room] + [self.eot]) for ids in encoded], truncated
 
     def prompt_ids(self, record: dict) -> list[int]:
         """The tokens generation starts from for `record` (tasks that train on a prompt)."""

@@ -32,7 +32,7 @@ class LanguageModelling(Prompted):
         for ids in self._encode(self._column(records, "text"), key):
             if not ids:  # an empty text has nothing to predict
                 continue
-            ids = ids + [self.eot]  # windows overlap by one token so each token is predicted once
+            ids = self.start + ids + [self.eot]  # windows overlap by one token so each token is predicted once
             examples += [Example(ids[i : i + limit]) for i in range(0, max(len(ids) - 1, 1), limit - 1)]
         return examples, 0
 

@@ -109,7 +109,7 @@ class Preference(Task):
     def _answer(self, prompt: Any, answer: Any) -> tuple[list[int], list[int], list[bool]]:
         """(prompt ids, answer ids, answer loss mask) of a text or conversational prompt and answer."""
         if isinstance(prompt, str) and isinstance(answer, str):
-            prompt_ids = self._encode([prompt], "prompt")[0] + [self.eot]
+            prompt_ids = self.start + self._encode([prompt], "prompt")[0] + [self.eot]
             answer_ids = self._encode([answer], "answer")[0] + [self.eot]
             return prompt_ids, answer_ids, [True] * len(answer_ids)
         if isinstance(prompt, str) or isinstance(answer, str):
@@ -118,11 +118,17 @@ class Preference(Task):
         messages = chat.check_messages(prompt_msgs + list(answer))
         if not answer or any(m["role"] != "assistant" for m in answer):
             raise chat.ChatError("an answer holds a message that is not the assistant's")
-        prompt_ids = chat.tokenize(self.tokenizer, self.chat_template, prompt_msgs, self.chat_tokens, True)[0]
-        ids, mask = chat.tokenize(self.tokenizer, self.chat_template, messages, self.chat_tokens)
+        prompt_ids = self._chat(prompt_msgs, True)[0]
+        ids, mask = self._chat(messages, False)
         if ids[: len(prompt_ids)] != prompt_ids:
             raise chat.ChatError("the chat template does not render the prompt as the start of the conversation")
         return prompt_ids, ids[len(prompt_ids) :], mask[len(prompt_ids) :]
+
+    def _chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+        result = self.chats.encode([messages], add_generation_prompt)[0]
+        if isinstance(result, chat.ChatError):
+            raise result
+        return result
 
     def _pair(self, record: dict, index: int, key: str) -> Pair | str:
         """The record's pair, or the SKIPS reason it is skipped for; "truncated" marks a cut pair."""
@@ -197,11 +203,11 @@ class Preference(Task):
         """Where generation starts: the record's prompt (its explicit prompt, or the answers' shared start)."""
         prompt = record[self.info.fields["prompt"]] if self.info.instruction else self._split(record)[0]
         if isinstance(prompt, str):
-            return self._encode([prompt], "prompt")[0] + [self.eot]
-        return chat.tokenize(self.tokenizer, self.chat_template, chat.check_messages(prompt), self.chat_tokens, True)[0]
+            return self.start + self._encode([prompt], "prompt")[0] + [self.eot]
+        return self._chat(chat.check_messages(prompt), True)[0]
 
     def user_prompt_ids(self, prompt: str, context: str | None, system: str | None) -> list[int] | None:
-        return self._encode([prompt], "prompt")[0] + [self.eot]
+        return self.start + self._encode([prompt], "prompt")[0] + [self.eot]
 
     # ---- training and scoring -------------------------------------------------------------------
     def objective(

@@ -21,22 +21,28 @@ class Prompted(Task):
     prompt_roles: ClassVar[tuple[str, ...]] = ()
     target_role: ClassVar[str] = ""
 
-    def prompt_ids(self, record: dict) -> list[int]:
-        """The tokens generation starts from: each prompt role's text then EOT."""
-        ids: list[int] = []
-        for role in self.prompt_roles:
-            ids += self._encode([record[self.info.fields[role]]], role)[0] + [self.eot]
+    def _prompt(self, parts: list[list[int]]) -> list[int]:
+        """BOS (where the tokenizer starts texts with it), then each prompt role's ids then EOT."""
+        ids: list[int] = list(self.start)
+        for part in parts:
+            ids += part + [self.eot]
         return ids
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        """The tokens generation starts from (see `_prompt`)."""
+        return self._prompt([self._encode([record[self.info.fields[role]]], role)[0] for role in self.prompt_roles])
 
     def _examples(self, records: list[dict], key: str) -> tuple[list[Example], int]:
         limit, truncated, examples = self.max_seq_len + 1, 0, []
         targets = self._column(records, self.target_role)
-        for record, target_text, target in zip(records, targets, self._encode(targets, key), strict=True):
-            prompt, target = self.prompt_ids(record), target + [self.eot]
+        columns = [self._encode(self._column(records, role), role) for role in self.prompt_roles]  # one batch each
+        for n, (target_text, target) in enumerate(zip(targets, self._encode(targets, key), strict=True)):
+            prompt, target = self._prompt([column[n] for column in columns]), target + [self.eot]
             if len(prompt) + len(target) > limit:
                 truncated += 1
-                target = target[: limit - 1]
-                prompt = prompt[-(limit - len(target)) :]  # keep the end of the prompt, next to the target
+                target = target[: limit - 1 - len(self.start)]
+                # keep the end of the prompt, next to the target, after its BOS
+                prompt = self.start + prompt[len(self.start) :][-(limit - len(target) - len(self.start)) :]
             examples.append(Example(prompt + target, loss_start=len(prompt), reference=str(target_text)))
         return examples, truncated
 

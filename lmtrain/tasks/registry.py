@@ -41,8 +41,9 @@ def task_class(name: str) -> type[Task]:
 
 
 def task_for(info: TaskInfo, tokenizer: Tokenizer, max_seq_len: int, special: SpecialTokens) -> Task:
-    """The task with the model's own end-of-text token and chat template."""
-    return task_class(info.name)(info, tokenizer, max_seq_len, special.end_of_text, special.chat_template, special.bos)
+    """The task with the model's own special tokens (end of text, BOS) and chat template."""
+    task = task_class(info.name)
+    return task(info, tokenizer, max_seq_len, special.end_of_text, special.chat_template, special.bos, special.adds_bos)
 
 
 def build_task_info(cfg: TaskConfig, data_fields: dict[str, str], train_records: list[dict] | None) -> TaskInfo:
