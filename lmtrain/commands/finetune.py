@@ -66,7 +66,10 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     accum_steps = cfg.grad_accum.steps
     batches, max_steps, eval_every = _schedule(cfg, model, task, train_examples, placement.world_size)
     loss_options = task.loss_options(cfg, train_examples)
-    trainer = runs.build_trainer(model, cfg, placement, max_steps, tokenizer_json=tokenizer_json, **loss_options)
+    objective = task.objective(cfg, model, placement, train_examples + val_examples, run_dir, source is not None)
+    trainer = runs.build_trainer(
+        model, cfg, placement, max_steps, tokenizer_json=tokenizer_json, objective=objective, **loss_options
+    )
     files = runs.run_files(cfg, model, tokenizer_json) | {"task.json": json.dumps(info.to_dict(), indent=2)}
     if adapter_json:
         files[checkpoint.ADAPTER_FILE] = adapter_json
@@ -136,6 +139,7 @@ def _examples(
         train_examples, val_examples = split_off(train_examples, d.val_fraction, t.seed)
     if cfg.task.max_eval_examples:
         val_examples = val_examples[: cfg.task.max_eval_examples]
+    counts |= task.counts
     log.info("data: %d train / %d validation examples, task %s", len(train_examples), len(val_examples), info.name)
     return info, task, train_examples, val_examples, counts
 

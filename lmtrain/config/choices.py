@@ -128,6 +128,7 @@ class TaskName(Choice):
     seq2seq = "seq2seq"
     qa = "qa"
     chat = "chat"
+    preference = "preference"
 
 
 class Seq2SeqMetric(Choice):
@@ -157,6 +158,20 @@ class Decoding(Choice):
 class Overlong(Choice):
     truncate = "truncate"
     drop = "drop"
+
+
+class PreferenceLoss(Choice):
+    dpo = "dpo"
+    ipo = "ipo"
+    robust = "robust"
+    hinge = "hinge"
+    simpo = "simpo"
+    orpo = "orpo"
+
+
+class Reference(Choice):
+    model = "model"
+    precompute = "precompute"
 
 
 class AdapterName(Choice):

@@ -30,7 +30,9 @@ from lmtrain.config.choices import (
     Pooling,
     Position,
     Precision,
+    PreferenceLoss,
     Quantize,
+    Reference,
     RopeScaling,
     SchedulerName,
     Seq2SeqMetric,
@@ -197,6 +199,11 @@ class TaskConfig:
     metric: Seq2SeqMetric = Seq2SeqMetric.bleu  # seq2seq: the score that picks checkpoints/best (rouge_l: summaries)
     max_eval_examples: int | None = None  # validate on at most this many examples (null: all)
     overlong: Overlong = Overlong.truncate  # chat: an overlong conversation is truncated (counted) or dropped
+    loss: PreferenceLoss = PreferenceLoss.dpo  # preference: dpo, ipo, robust, hinge, simpo, orpo (docs/preference.md)
+    beta: float = 0.1  # preference: the loss's beta (inverse temperature; ORPO's odds-ratio weight)
+    gamma: float = 0.5  # preference, simpo: the target reward margin
+    label_smoothing: float = 0.0  # preference, dpo/robust/simpo: the assumed share of flipped labels
+    reference: Reference = Reference.model  # preference: a frozen reference model, or its log-probs precomputed
 
 
 @dataclass
@@ -217,6 +224,8 @@ class ExampleDataConfig:
     context_field: str = "context"  # qa: the passage the answer is in
     answer_field: str = "answer"  # qa: the answer
     messages_field: str = "messages"  # chat: a list of {role: system|user|assistant, content}
+    chosen_field: str = "chosen"  # preference: the preferred answer (text, or assistant messages)
+    rejected_field: str = "rejected"  # preference: the dispreferred answer
     on_bad_record: OnBadRecord = OnBadRecord.skip  # a record missing a field: skipped (counted) or an error
 
 

@@ -8,7 +8,9 @@ the adapter adds only `<layer>.lora_A` [rank, in] and `<layer>.lora_B` [out, ran
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +43,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default initialisation of A
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout)
+        self.disabled = False  # adapters_off: the base layer alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         return F.linear(x, self.weight, self.bias) + update * self.scaling
 
@@ -55,6 +60,20 @@ class LoRALinear(nn.Module):
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The model as it was before its LoRA adapters (the base weights alone) inside the block; a preference
+    run's reference model without a second copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def expand_targets(targets: list[str]) -> list[str]:

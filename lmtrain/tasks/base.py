@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +26,7 @@ from tokenizers import Tokenizer
 
 from lmtrain.checkpoint import files as checkpoint
 from lmtrain.config import FinetuneConfig, TaskConfig
+from lmtrain.core.distributed import Placement
 from lmtrain.core.errors import UserError
 from lmtrain.data import chat
 from lmtrain.data.examples import Example, collate, collate_packed, fixed_batches
@@ -32,6 +34,7 @@ from lmtrain.data.tokenizer import end_of_text_id, warn_unknown
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.tasks import metrics
 from lmtrain.train.losses import validation_loss
+from lmtrain.train.objective import Objective
 
 log = logging.getLogger("lmtrain")
 IGNORE = -100
@@ -63,6 +66,8 @@ class Task:
     generates: ClassVar[bool] = True  # the finetuned model writes text (lmtrain generate)
     packable: ClassVar[bool] = True  # its examples may be packed into rows (data.packing)
 
+    counts: dict[str, int]  # data counts the task adds to metrics.jsonl's step-0 record (records skipped...)
+
     def __init__(
         self,
         info: TaskInfo,
@@ -75,6 +80,7 @@ class Task:
         """`eot`: the model's end-of-text id (`SpecialTokens.end_of_text`); default lmtrain's <|endoftext|>.
         `chat_template` (Jinja; None: lmtrain's default) and `bos`, which chat templates may write."""
         self.info, self.tokenizer, self.max_seq_len = info, tokenizer, max_seq_len
+        self.counts = {}
         self.eot = eot if eot is not None else end_of_text_id(tokenizer)
         self.chat_template = chat_template or chat.DEFAULT_TEMPLATE
         self.chat_tokens = {
@@ -179,6 +185,19 @@ class Task:
     def loss_options(self, cfg: FinetuneConfig, train_examples: list[Example]) -> dict[str, Any]:
         """Keyword arguments of `lmtrain.train.build.build_trainer` for the task's training loss."""
         return {}
+
+    def objective(
+        self,
+        cfg: FinetuneConfig,
+        model: TransformerLM,
+        placement: Placement,
+        examples: list[Example],
+        run_dir: Path,
+        resuming: bool,
+    ) -> Objective | None:
+        """The task's own training objective (lmtrain.train.objective: its loss and the units it averages
+        over), in place of loss.name's token loss; None: that loss. `examples`: every example the run scores."""
+        return None
 
     # ---- scoring --------------------------------------------------------------------------------
     def _scored(

@@ -28,6 +28,7 @@ from lmtrain.data.sampler import Sampler
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.train.ema import EMA
 from lmtrain.train.losses import TEACHER_LOSSES, build_loss
+from lmtrain.train.objective import Objective
 from lmtrain.train.optim import WHOLE_MATRICES, build_optimizer
 from lmtrain.train.run_dir import take_over
 from lmtrain.train.schedules import ResumedSchedule, build_scheduler
@@ -59,9 +60,10 @@ def build_trainer(
     *,
     tokenizer_json: str,
     class_weights: torch.Tensor | None = None,
+    objective: Objective | None = None,
 ) -> Trainer:
     """The model placed (single, DDP or FSDP), then optimizer, schedule and loss (and, for a loss that reads a
-    teacher, the teacher) from the shared config groups."""
+    teacher, the teacher) from the shared config groups; a task's `objective` replaces the loss."""
     o, t, lo = cfg.optimizer, cfg.trainer, cfg.loss
     device = placement.device
     teacher = None
@@ -89,6 +91,7 @@ def build_trainer(
         on_nonfinite=t.on_nonfinite,
         ema=EMA(model, t.ema_decay) if t.ema_decay is not None else None,
         early_stopping_patience=t.early_stopping_patience,
+        objective=objective,
     )
 
 
@@ -114,6 +117,8 @@ def checkpoint_parts(trainer: Trainer, sampler: Sampler) -> dict[str, Stateful]:
     }
     if trainer.ema is not None:
         parts["ema"] = trainer.ema
+    if trainer.objective is not None:
+        parts["objective"] = trainer.objective
     return {**parts, "rng": RngState(trainer.device), "sampler": sampler}
 
 

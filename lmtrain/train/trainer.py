@@ -21,6 +21,7 @@ from lmtrain.train.divergence import Divergence
 from lmtrain.train.ema import EMA
 from lmtrain.train.losses import validation_loss
 from lmtrain.train.micro_batch import run_splitting
+from lmtrain.train.objective import Objective
 from lmtrain.train.progress import ProgressBar
 from lmtrain.train.sinks import Sink
 
@@ -117,6 +118,7 @@ class Trainer:
         on_nonfinite: OnNonfinite = OnNonfinite.stop,
         ema: EMA | None = None,
         early_stopping_patience: int | None = None,
+        objective: Objective | None = None,
     ):
         self.model = model  # the plain module: its parameters, its state
         self.placement = placement or Placement(device=device)
@@ -142,6 +144,7 @@ class Trainer:
         self.last_step_skipped = False
         self.ema = ema  # the weight average: updated after every step, validated instead of the weights
         self.early_stopping_patience = early_stopping_patience  # None: train to max_steps
+        self.objective = objective  # a task's own loss and unit count (preference), in place of loss_fn's
         self.state = TrainState()
         # micro_batch_size=auto in one process: an out-of-memory step is retried in smaller micro-batches
         self.retry_out_of_memory = False
@@ -162,6 +165,8 @@ class Trainer:
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Summed loss of one micro-batch."""
+        if self.objective is not None:
+            return self.objective.loss(self, batch)
         inputs, targets = batch
         output = self.forward(inputs)
         extra = {}
@@ -176,13 +181,14 @@ class Trainer:
     def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over micro-batches. Returns (mean loss, grad norm), both still on the device.
 
-        Each micro-batch's summed loss is divided by the target count of the whole step, so the gradient
-        equals that of one large batch however the targets are split. The count comes from the host-side
-        targets: no device synchronisation.
+        Each micro-batch's summed loss is divided by the target count (an objective's: its units) of the whole
+        step, so the gradient equals that of one large batch however the targets are split. The count comes from
+        the host-side targets: no device synchronisation.
         """
         self.model.train()
         world = self.placement.world_size
-        count = sum(int((y != self.ignore_index).sum()) for _, y in batches)
+        objective = self.objective
+        count = sum(objective.count(b) if objective else int((b[1] != self.ignore_index).sum()) for b in batches)
         if world > 1:  # the step's targets over all processes
             count = int(distributed.all_reduce_sum(count, self.device))
         count = max(count, 1)
@@ -301,6 +307,7 @@ class Trainer:
             "mfu": self.mfu(tokens_per_s),
             "tokens_seen": state.tokens_seen,
             **(accounting() if accounting is not None else {}),
+            **(self.objective.window_metrics(self.placement.world_size) if self.objective is not None else {}),
         }
         if self.on_nonfinite is OnNonfinite.skip:
             record["skipped_steps"] = state.skipped_steps

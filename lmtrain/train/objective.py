@@ -1,0 +1,31 @@
+"""A task's own training objective, in place of the token loss over targets: the seam a preference (or RL)
+task plugs into the trainer. The trainer asks it how many units (pairs, sequences) a micro-batch holds, so
+it divides the step's summed loss by the units of the whole step (gradient accumulation and DDP stay
+exact), asks it for each micro-batch's summed loss, and adds its windowed metrics to every log record.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from lmtrain.train.trainer import Trainer
+
+
+class Objective(Protocol):
+    def count(self, batch: tuple[Any, Any]) -> int:
+        """The units of a micro-batch the step's loss is averaged over, read on the host (no device sync)."""
+        ...
+
+    def loss(self, trainer: Trainer, batch: tuple[Any, Any]) -> Any:
+        """The micro-batch's loss summed over its units (a scalar tensor with a graph); `trainer.forward`
+        runs the model under the run's autocast."""
+        ...
+
+    def window_metrics(self, world: int) -> dict[str, float]:
+        """The means of its metrics since the last call (over every process), for the log record."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
