@@ -56,7 +56,7 @@ def check_settings(t: TaskConfig) -> None:
 
 class RL(Task):
     name: ClassVar[str] = TaskName.rl
-    main_metric: ClassVar[str] = "reward"
+    main_metric: str = "reward"
     higher_is_better: ClassVar[bool] = True
     packable: ClassVar[bool] = False  # a prompt is sampled, not packed
     whole_records: ClassVar[bool] = True
