@@ -86,7 +86,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     summary = runs.train(
         trainer,
         batches,
-        lambda: batches.next_step(accum_steps, placement.rank, placement.world_size),
+        lambda: task.step_batches(trainer, batches.next_step(accum_steps, placement.rank, placement.world_size)),
         evaluate,
         run_dir=run_dir,
         files=files,
@@ -132,7 +132,9 @@ def _examples(
     task = task_for(info, tokenizer, max_seq_len, special)
     train_examples = task.encode(train_records, "data.train")
     if d.validation:
-        records = read_records(d.validation, "data.validation", required, kind.text_unit)
+        records = read_records(
+            d.validation, "data.validation", None if kind.whole_records else required, kind.text_unit
+        )
         records, counts["skipped_validation_records"] = usable_records(
             records, types, "data.validation", d.validation, d.on_bad_record
         )

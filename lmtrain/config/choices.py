@@ -135,6 +135,19 @@ class TaskName(Choice):
     qa = "qa"
     chat = "chat"
     preference = "preference"
+    rl = "rl"
+
+
+class RewardExtract(Choice):
+    none = "none"
+    last_number = "last_number"
+    boxed = "boxed"
+    regex = "regex"
+
+
+class RLNormalize(Choice):
+    token = "token"
+    sequence = "sequence"
 
 
 class Seq2SeqMetric(Choice):

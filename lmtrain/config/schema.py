@@ -34,6 +34,8 @@ from lmtrain.config.choices import (
     PreferenceLoss,
     Quantize,
     Reference,
+    RewardExtract,
+    RLNormalize,
     RopeScaling,
     SchedulerName,
     Seq2SeqMetric,
@@ -212,6 +214,18 @@ class TaskConfig:
     gamma: float = 0.5  # preference, simpo: the target reward margin
     label_smoothing: float = 0.0  # preference, dpo/robust/simpo: the assumed share of flipped labels
     reference: Reference = Reference.model  # preference: a frozen reference model, or its log-probs precomputed
+    reward: Any = "exact_match"  # rl: a reward name or a list: exact_match, format, length, python:FILE:FUNCTION
+    reward_weights: list[float] | None = None  # rl: one weight per reward (null: all 1.0)
+    extract: RewardExtract = RewardExtract.none  # rl, exact_match: the answer is the text, last_number, boxed or regex
+    answer_pattern: str | None = None  # rl, extract=regex: the regular expression whose group 1 is the answer
+    format_pattern: str | None = None  # rl, reward format: the regular expression a well-formed completion holds
+    group_size: int = 8  # rl: completions sampled per prompt
+    top_p: float | None = None  # rl: nucleus sampling of completions (null: off)
+    scale_rewards: bool = False  # rl: divide advantages by the group's reward std (GRPO) or not (Dr. GRPO)
+    normalize: RLNormalize = RLNormalize.token  # rl: token (TRL loss_type dapo) or sequence (TRL grpo)
+    epsilon: float = 0.2  # rl: the policy ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # rl: the upper clip (null: epsilon; DAPO's clip-higher uses 0.28)
+    kl_beta: float = 0.0  # rl: weight of the KL penalty to the reference (0: none, no reference loaded)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from tokenizers import Tokenizer
@@ -38,6 +38,9 @@ from lmtrain.model.transformer import TransformerLM
 from lmtrain.tasks import metrics
 from lmtrain.train.losses import validation_loss
 from lmtrain.train.objective import Objective
+
+if TYPE_CHECKING:
+    from lmtrain.train.trainer import Trainer
 
 log = logging.getLogger("lmtrain")
 IGNORE = -100
@@ -68,6 +71,7 @@ class Task:
     classifies: ClassVar[bool] = False  # a head gives class logits (lmtrain predict), not next-token logits
     generates: ClassVar[bool] = True  # the finetuned model writes text (lmtrain generate)
     packable: ClassVar[bool] = True  # its examples may be packed into rows (data.packing)
+    whole_records: ClassVar[bool] = False  # its examples keep every field of their records (rl: rewards read them)
 
     counts: dict[str, int]  # data counts the task adds to metrics.jsonl's step-0 record (records skipped...)
 
@@ -216,6 +220,11 @@ class Task:
         """The task's own training objective (lmtrain.train.objective: its loss and the units it averages
         over), in place of loss.name's token loss; None: that loss. `examples`: every example the run scores."""
         return None
+
+    def step_batches(self, trainer: Trainer, batches: list) -> list:
+        """The micro-batches of one optimizer step as the trainer gets them, from the data's (task=rl samples
+        its rollouts here)."""
+        return batches
 
     # ---- scoring --------------------------------------------------------------------------------
     def _scored(

@@ -32,7 +32,7 @@ def split_examples(
         key, source = "data.train", data["train"]
     else:
         raise UserError(f"data.{split}: missing; pass data.{split}=path/to/{split}.jsonl")
-    records = read_records(source, key, list(types), task.text_unit)
+    records = read_records(source, key, None if task.whole_records else list(types), task.text_unit)
     records, skipped = usable_records(records, types, key, source, on_bad_record)
     examples = task.encode(records, key)
     if not path:

@@ -17,12 +17,13 @@ from lmtrain.tasks.classification import Classification
 from lmtrain.tasks.lm import LanguageModelling
 from lmtrain.tasks.preference import Preference
 from lmtrain.tasks.qa import QuestionAnswering
+from lmtrain.tasks.rl import RL
 from lmtrain.tasks.seq2seq import Seq2Seq
 
 # task name (lmtrain.config.choices.TaskName, or a registered name) -> its class; the built-in tasks' options
 # are configs/task/<name>.yaml
 TASKS: dict[str, type[Task]] = {
-    task.name: task for task in (LanguageModelling, Classification, Seq2Seq, QuestionAnswering, Chat, Preference)
+    task.name: task for task in (LanguageModelling, Classification, Seq2Seq, QuestionAnswering, Chat, Preference, RL)
 }
 
 
