@@ -31,7 +31,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 OWN_TESTS = ("lmtrain report",)  # commands whose output needs finished runs: tested in their own files
 
 # The pages' relative paths, made real in the sandbox the commands run in.
-TEXT_FILES = ["path/to/corpus.txt", "corpus/part-0.txt", "corpus/tasks.txt", "wiki.txt", "input.txt"]
+TEXT_FILES = ["path/to/corpus.txt", "corpus/part-0.txt", "corpus/tasks.txt", "wiki.txt", "input.txt", "data/sums/sums.txt"]
 LABELLED = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
 PAIR = [{"source": "a", "target": "b"}]
 CHAT = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
@@ -49,6 +49,9 @@ RECORD_FILES = {
         f"prefs/{split}.jsonl": [{"prompt": "q", "chosen": "yes", "rejected": "no"}]
         for split in ("train", "val", "test")
     },
+    "problems.jsonl": [{"prompt": "1+2=", "answer": "3"}],
+    **{f"data/sums/sums_{part}.jsonl": [{"prompt": "1+2=", "answer": "3"}] for part in ("rl", "val")},
+    "data/sums/sums_sft.jsonl": [{"prompt": "1+2=", "response": "3"}],
 }
 # path -> tiny run it stands for: open models are stand-ins (lmtrain checkpoints), outputs/run has best and latest
 CHECKPOINTS = {
@@ -58,6 +61,7 @@ CHECKPOINTS = {
     "outputs/sft": "classifier",
     "outputs/pref": "classifier",
     "models/SmolLM2-135M-Instruct": "lm/checkpoints/latest",
+    **{f"runs/{name}": "lm/checkpoints/latest" for name in ("sums", "sums_sft")},
 }
 
 
@@ -75,6 +79,7 @@ def sandbox(root: Path, runs: dict) -> Path:
     (work / "corpus_saved").mkdir()  # a `datasets` save_to_disk folder (only its path is checked)
     (work / "corpus_saved" / "state.json").write_text("{}")
     (work / "prompt.txt").write_text("def ")
+    (work / "my_rewards.py").write_text("def score(prompt, completion, record):\n    return float(len(completion) < 5)\n")
     (work / "sample.txt").write_text("the cat sat")
     (work / "configs").mkdir()  # the example benchmark suites, as in a checkout
     (work / "configs" / "eval").symlink_to(ROOT / "configs" / "eval")

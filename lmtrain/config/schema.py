@@ -218,6 +218,7 @@ class TaskConfig:
     reward_weights: list[float] | None = None  # rl: one weight per reward (null: all 1.0)
     extract: RewardExtract = RewardExtract.none  # rl, exact_match: the answer is the text, last_number, boxed or regex
     answer_pattern: str | None = None  # rl, extract=regex: the regular expression whose group 1 is the answer
+    answer_field: str = "answer"  # rl, exact_match: the record field holding the answer
     format_pattern: str | None = None  # rl, reward format: the regular expression a well-formed completion holds
     group_size: int = 8  # rl: completions sampled per prompt
     top_p: float | None = None  # rl: nucleus sampling of completions (null: off)

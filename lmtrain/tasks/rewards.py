@@ -2,7 +2,7 @@
 
 Built-in:
   exact_match  1.0 when the completion's answer (task.extract: the whole stripped text, its last number, its
-               last \\boxed{...}, or group 1 of task.answer_pattern) equals the record's data.answer_field (as
+               last \\boxed{...}, or group 1 of task.answer_pattern) equals the record's task.answer_field (as
                numbers when both parse as numbers), else 0.0
   format       1.0 when task.format_pattern matches somewhere in the completion (re.search), else 0.0
   length       minus the completion's length in characters over 100 (a push toward short answers)
@@ -65,7 +65,7 @@ def builtin(name: str, settings: dict) -> Reward:
 
         def exact_match(prompt: Any, completion: str, record: dict) -> float:
             if field not in record:
-                raise KeyError(f"the record has no field '{field}' (data.answer_field)")
+                raise KeyError(f"the record has no field '{field}' (task.answer_field)")
             answer = extract(completion, how, pattern)
             return float(answer is not None and _same(answer, record[field]))
 

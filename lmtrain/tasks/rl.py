@@ -3,7 +3,7 @@ answers a reward function scores (lmtrain.tasks.rewards), sampled by lmtrain's o
 (lmtrain.tasks.rollouts), trained on the clipped objective of lmtrain.train.grpo.
 
 Records: a prompt (data.prompt_field: text, framed as prompt EOT, or chat messages rendered with the model's
-template and its generation prompt) plus whatever fields the rewards read (exact_match: data.answer_field).
+template and its generation prompt) plus whatever fields the rewards read (exact_match: task.answer_field).
 Validation samples greedily and reports the mean weighted reward as `reward` (val_reward picks the best
 checkpoint) and each reward's mean.
 """
@@ -83,7 +83,7 @@ class RL(Task):
             "extract": str(cfg.extract),
             "answer_pattern": cfg.answer_pattern,
             "format_pattern": cfg.format_pattern,
-            "answer_field": fields["answer"],
+            "answer_field": cfg.answer_field,
             "max_new_tokens": cfg.max_new_tokens,
         }
         return TaskInfo(str(cls.name), {"prompt": fields["prompt"]}, decoding=decoding)
@@ -104,24 +104,47 @@ class RL(Task):
         return torch.tensor(self.info.decoding["reward_weights"], dtype=torch.float64)
 
     # ---- records --------------------------------------------------------------------------------
+    def _prompts(self, prompts: list) -> list[list[int] | None]:
+        """Where generation starts for each prompt, encoded in one batch: text as BOS (where the tokenizer
+        puts one), the text, EOT; messages in the chat template with its generation prompt. None for
+        messages the template rejects."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        conversations = []
+        for p in prompts:
+            if not isinstance(p, str):
+                try:
+                    conversations.append(chat.check_messages(p))
+                except chat.ChatError as err:
+                    conversations.append(err)
+        encoded_texts = iter(self._encode(texts, "prompt"))
+        ok = [c for c in conversations if not isinstance(c, chat.ChatError)]
+        encoded_chats = iter(self.chats.encode(ok, add_generation_prompt=True))
+        checked = iter(conversations)
+        result: list[list[int] | None] = []
+        for p in prompts:
+            if isinstance(p, str):
+                result.append(self.start + next(encoded_texts) + [self.eot])
+                continue
+            encoded = None if isinstance(next(checked), chat.ChatError) else next(encoded_chats)
+            result.append(None if encoded is None or isinstance(encoded, chat.ChatError) else encoded[0])
+        return result
+
     def prompt_ids(self, record: dict) -> list[int]:
-        prompt = record[self.info.fields["prompt"]]
-        if isinstance(prompt, str):
-            return self._encode([prompt], "prompt")[0] + [self.eot]
-        messages = chat.check_messages(prompt)
-        return chat.tokenize(self.tokenizer, self.chat_template, messages, self.chat_tokens, True)[0]
+        ids = self._prompts([record[self.info.fields["prompt"]]])[0]
+        if ids is None:
+            raise UserError("prompt: the chat template rejects these messages")
+        return ids
 
     def user_prompt_ids(self, prompt: str, context: str | None, system: str | None) -> list[int] | None:
-        return self._encode([prompt], "prompt")[0] + [self.eot]
+        return self.start + self._encode([prompt], "prompt")[0] + [self.eot]
 
     def _examples(self, records: list[dict], key: str) -> tuple[list[Example], int]:
         room = self.max_seq_len - self.info.decoding["max_new_tokens"]
         prompts: list[Example] = []
         too_long = bad = 0
-        for i, record in enumerate(records):
-            try:
-                ids = self.prompt_ids(record)
-            except (chat.ChatError, AttributeError, TypeError):
+        encoded = self._prompts([record[self.info.fields["prompt"]] for record in records])
+        for i, (record, ids) in enumerate(zip(records, encoded, strict=True)):
+            if ids is None:
                 bad += 1
                 continue
             if len(ids) > room:
