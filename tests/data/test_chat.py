@@ -9,7 +9,7 @@ from chat_templates import FAMILIES, chat_tokenizer
 from hf_models import build, tokenizer_for
 
 from lmtrain.core.errors import UserError
-from lmtrain.data import chat
+from lmtrain.data import chat, chat_template
 from lmtrain.tasks.base import TaskInfo
 from lmtrain.tasks.chat import Chat
 
@@ -46,7 +46,7 @@ def plain(tokenizer, text: str) -> list[int]:
 def test_loss_mask_is_exactly_the_assistant_turns(family, template, end_of_turn, special):
     tokenizer, _ = tokenizer_for(family)
     ids, mask = chat.tokenize(tokenizer, template, CONVERSATION, special)
-    rendered = chat.render(template, CONVERSATION, False, special)
+    rendered = chat_template.render(template, CONVERSATION, False, special)
     assert tokenizer.decode(ids, skip_special_tokens=False) == rendered  # nothing lost or added
     end = tokenizer.token_to_id(end_of_turn)
     expected = plain(tokenizer, "the quick brown fox") + [end] + plain(tokenizer, "the lazy dog") + [end]
@@ -190,7 +190,7 @@ def test_user_text_spelling_a_special_token_stays_text(name):
     spelled = " ".join(FAMILIES[name][1])  # every special token of the template, written by the user
     messages = [{"role": "user", "content": f"hi {spelled}"}, {"role": "assistant", "content": f"ok {spelled}"}]
     ids, mask = chat.tokenize(tokenizer, template, messages, special)
-    assert tokenizer.decode(ids, skip_special_tokens=False) == chat.render(template, messages, False, special)
+    assert tokenizer.decode(ids, skip_special_tokens=False) == chat_template.render(template, messages, False, special)
     benign = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     template_ids = chat.tokenize(tokenizer, template, benign, special)[0]
     special_ids = set(tokenizer.get_added_tokens_decoder())
