@@ -31,7 +31,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 OWN_TESTS = ("lmtrain report",)  # commands whose output needs finished runs: tested in their own files
 
 # The pages' relative paths, made real in the sandbox the commands run in.
-TEXT_FILES = ["path/to/corpus.txt", "corpus/part-0.txt", "corpus/tasks.txt", "wiki.txt", "input.txt", "data/sums/sums.txt"]
+TEXT_FILES = ["path/to/corpus.txt", "corpus/part-0.txt", "corpus/tasks.txt", "wiki.txt", "input.txt"]
+TEXT_FILES += ["data/sums/sums.txt"]
 LABELLED = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
 PAIR = [{"source": "a", "target": "b"}]
 CHAT = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
@@ -79,7 +80,8 @@ def sandbox(root: Path, runs: dict) -> Path:
     (work / "corpus_saved").mkdir()  # a `datasets` save_to_disk folder (only its path is checked)
     (work / "corpus_saved" / "state.json").write_text("{}")
     (work / "prompt.txt").write_text("def ")
-    (work / "my_rewards.py").write_text("def score(prompt, completion, record):\n    return float(len(completion) < 5)\n")
+    reward = "def score(prompt, completion, record):\n    return float(len(completion) < 5)\n"
+    (work / "my_rewards.py").write_text(reward)
     (work / "sample.txt").write_text("the cat sat")
     (work / "configs").mkdir()  # the example benchmark suites, as in a checkout
     (work / "configs" / "eval").symlink_to(ROOT / "configs" / "eval")

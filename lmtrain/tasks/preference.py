@@ -180,18 +180,23 @@ class Preference(Task):
 
     # ---- batches --------------------------------------------------------------------------------
     def collate(self, examples: list[Example], ignore_index: int = IGNORE) -> tuple[Any, Any]:
-        """(tokens [2B, T], {targets [2B, T], pairs [B], key, ignore_index}): the B chosen sequences, then the
-        B rejected ones, right-padded; targets are ignore_index outside the answers."""
+        """(tokens [2B, T], {targets [2B, T], sequence_targets [B, T], pairs [B], key, ignore_index}): the B
+        chosen sequences, then the B rejected ones, right-padded; targets are ignore_index outside the answers,
+        sequence_targets (ORPO's NLL) the chosen sequences' next tokens, prompt included."""
         pairs = [e for e in examples if isinstance(e, Pair)]
         sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         width = max(len(e.ids) for e in sides) - 1
         tokens = torch.full((len(sides), width), self.eot, dtype=torch.long)
         targets = torch.full((len(sides), width), ignore_index, dtype=torch.long)
+        sequence_targets = torch.full((len(pairs), width), ignore_index, dtype=torch.long)
         for row, e in enumerate(sides):
             tokens[row, : len(e.ids) - 1] = torch.tensor(e.ids[:-1])
             targets[row, : len(e.ids) - 1] = e.targets(ignore_index)
+            if row < len(pairs):
+                sequence_targets[row, : len(e.ids) - 1] = torch.tensor(e.ids[1:])
         index = torch.tensor([p.index for p in pairs])
-        return tokens, {"targets": targets, "pairs": index, "key": pairs[0].key, "ignore_index": ignore_index}
+        extra = {"sequence_targets": sequence_targets, "pairs": index, "key": pairs[0].key}
+        return tokens, {"targets": targets, **extra, "ignore_index": ignore_index}
 
     def input_length(self, example: Example) -> int:
         """Tokens the model reads for a pair: both its sequences."""

@@ -54,6 +54,14 @@ def check_settings(t: TaskConfig) -> None:
         raise UserError("task.extract=regex: set task.answer_pattern (its group 1 is the answer)")
 
 
+def _is_conversation(messages: object) -> bool:
+    try:
+        chat.check_messages(messages)
+    except chat.ChatError:
+        return False
+    return True
+
+
 class RL(Task):
     name: ClassVar[str] = TaskName.rl
     main_metric: str = "reward"
@@ -108,25 +116,18 @@ class RL(Task):
         """Where generation starts for each prompt, encoded in one batch: text as BOS (where the tokenizer
         puts one), the text, EOT; messages in the chat template with its generation prompt. None for
         messages the template rejects."""
-        texts = [p for p in prompts if isinstance(p, str)]
-        conversations = []
-        for p in prompts:
-            if not isinstance(p, str):
-                try:
-                    conversations.append(chat.check_messages(p))
-                except chat.ChatError as err:
-                    conversations.append(err)
-        encoded_texts = iter(self._encode(texts, "prompt"))
-        ok = [c for c in conversations if not isinstance(c, chat.ChatError)]
-        encoded_chats = iter(self.chats.encode(ok, add_generation_prompt=True))
-        checked = iter(conversations)
+        texts = iter(self._encode([p for p in prompts if isinstance(p, str)], "prompt"))
+        conversations = [p for p in prompts if not isinstance(p, str) and _is_conversation(p)]
+        chats = iter(self.chats.encode(conversations, add_generation_prompt=True))
         result: list[list[int] | None] = []
         for p in prompts:
             if isinstance(p, str):
-                result.append(self.start + next(encoded_texts) + [self.eot])
-                continue
-            encoded = None if isinstance(next(checked), chat.ChatError) else next(encoded_chats)
-            result.append(None if encoded is None or isinstance(encoded, chat.ChatError) else encoded[0])
+                result.append(self.start + next(texts) + [self.eot])
+            elif not _is_conversation(p):
+                result.append(None)
+            else:
+                encoded = next(chats)
+                result.append(None if isinstance(encoded, chat.ChatError) else encoded[0])
         return result
 
     def prompt_ids(self, record: dict) -> list[int]:

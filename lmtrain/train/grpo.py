@@ -87,6 +87,9 @@ class GRPOObjective:
         mask = batch[1]["mask"]
         return int(mask.shape[0]) if self.settings.sequence_norm else int(mask.sum())
 
+    def begin_step(self, batches: list[tuple[Any, Any]], world: int, device: torch.device) -> None:
+        """Nothing: `count` holds every total the objective normalises by."""
+
     def loss(self, trainer: Trainer, batch: tuple[Any, Any]) -> torch.Tensor:
         inputs, t = batch
         t = {k: v.to(self.device) for k, v in t.items()}

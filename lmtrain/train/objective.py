@@ -17,6 +17,11 @@ class Objective(Protocol):
         """The units of a micro-batch the step's loss is averaged over, read on the host (no device sync)."""
         ...
 
+    def begin_step(self, batches: list[tuple[Any, Any]], world: int, device: Any) -> None:
+        """Called with the step's micro-batches before their losses: totals of the whole step, other than
+        `count`, that a loss normalises by (ORPO's chosen-sequence tokens), over every process."""
+        ...
+
     def loss(self, trainer: Trainer, batch: tuple[Any, Any]) -> Any:
         """The micro-batch's loss summed over its units (a scalar tensor with a graph); `trainer.forward`
         runs the model under the run's autocast."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmtrain.config.choices import PreferenceLoss
+from lmtrain.core.distributed import all_reduce_sum
 from lmtrain.model.lora import adapters_off
 from lmtrain.model.transformer import TransformerLM
 
@@ -58,6 +59,8 @@ class PairLogps:
     rejected_tokens: torch.Tensor
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
+    chosen_nll: torch.Tensor | None = None  # [B] NLL summed over the whole chosen sequence (ORPO's SFT term)
+    nll_weight: float = 1.0  # pairs / chosen-sequence tokens of the step: a sum over pairs / pairs = token mean
 
     @classmethod
     def of(cls, logps: torch.Tensor, tokens: torch.Tensor, ref: torch.Tensor | None) -> PairLogps:
@@ -137,14 +140,15 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def orpo(p: PairLogps, s: Settings) -> Losses:
-    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"): the chosen
-    answer's NLL per token minus beta log sigmoid(log odds(chosen) - log odds(rejected)), odds from the mean
-    log-probs; no reference. TRL: ORPOTrainer. TRL averages the NLL over all chosen tokens of a batch, lmtrain
-    per pair (then over pairs), so gradient accumulation stays exact; the two agree when the chosen answers of
-    a batch are equally long."""
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"): the NLL of
+    the chosen sequences minus beta log sigmoid(log odds(chosen) - log odds(rejected)), odds from the answers'
+    mean log-probs; no reference. As TRL's ORPOTrainer, the NLL covers the whole chosen sequence, prompt
+    included, averaged over those tokens of the whole optimizer step (`p.nll_weight`), so gradient
+    accumulation stays exact."""
+    assert p.chosen_nll is not None, "ORPO needs the chosen sequences' NLL"
     chosen, rejected = p.means()
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
-    return -chosen - s.beta * F.logsigmoid(log_odds), s.beta * chosen, s.beta * rejected
+    return p.chosen_nll * p.nll_weight - s.beta * F.logsigmoid(log_odds), s.beta * chosen, s.beta * rejected
 
 
 LOSSES: dict[PreferenceLoss, Callable[[PairLogps, Settings], Losses]] = {
@@ -162,6 +166,10 @@ def pair_metrics(p: PairLogps, chosen_rewards: torch.Tensor, rejected_rewards: t
     margin = chosen_rewards - rejected_rewards
     columns = (chosen_rewards, rejected_rewards, (margin > 0).float(), margin, p.chosen, p.rejected)
     return torch.stack([c.detach().float() for c in columns], dim=-1)
+
+
+def _sequence_tokens(targets: dict) -> int:
+    return int((targets["sequence_targets"] != targets["ignore_index"]).sum())
 
 
 class Reference:
@@ -210,9 +218,20 @@ class PreferenceObjective:
     def __init__(self, loss: PreferenceLoss, settings: Settings, reference: Reference | None, device: torch.device):
         self.loss_fn, self.settings, self.reference = LOSSES[loss], settings, reference
         self.window = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=device)  # sums, then pairs
+        self.nll_weight: float | None = None  # ORPO, in training: pairs / chosen-sequence tokens of the step
 
     def count(self, batch: tuple[Any, dict]) -> int:
         return int(batch[1]["pairs"].numel())
+
+    def begin_step(self, batches: list[tuple[Any, dict]], world: int, device: torch.device) -> None:
+        """ORPO: the step's pairs per chosen-sequence token, over every process (read on the host)."""
+        if self.loss_fn is not orpo:
+            return
+        pairs = float(sum(self.count(b) for b in batches))
+        tokens = float(sum(_sequence_tokens(b[1]) for b in batches))
+        if world > 1:
+            pairs, tokens = all_reduce_sum(pairs, device), all_reduce_sum(tokens, device)
+        self.nll_weight = pairs / max(tokens, 1)
 
     def scores(
         self, logits: torch.Tensor, batch: tuple[Any, dict], ref: torch.Tensor | None
@@ -222,6 +241,11 @@ class PreferenceObjective:
         t = batch[1]
         logps, tokens = sequence_logps(logits, t["targets"].to(logits.device), t["ignore_index"])
         pairs = PairLogps.of(logps, tokens, ref)
+        if self.loss_fn is orpo:  # outside training, the batch's own pairs per token
+            sequence = t["sequence_targets"].to(logits.device)
+            pairs.chosen_nll = -sequence_logps(logits[: len(sequence)], sequence, t["ignore_index"])[0]
+            weight = self.nll_weight
+            pairs.nll_weight = weight if weight is not None else len(sequence) / max(_sequence_tokens(t), 1)
         losses, chosen, rejected = self.loss_fn(pairs, self.settings)
         return losses, chosen, rejected, pair_metrics(pairs, chosen, rejected)
 

@@ -198,6 +198,8 @@ class Trainer:
         if world > 1:  # the step's targets over all processes
             count = int(distributed.all_reduce_sum(count, self.device))
         count = max(count, 1)
+        if objective is not None:
+            objective.begin_step(batches, world, self.device)
         # DDP and FSDP average gradients over processes: scale by world / global count to get sum / count
         scale = world / count
 

@@ -145,22 +145,22 @@ def test_simpo_equals_trl_cpo(models):
     _assert_same_gradients(policy, model)
 
 
-def test_orpo_odds_ratio_equals_trl(models):
-    """ORPO's odds-ratio term (loss and gradients) equals TRL's ORPOTrainer; its NLL term is the chosen answer's
-    mean NLL per pair (the paper's), where TRL averages over every chosen token of the batch, prompt included."""
+def test_orpo_equals_trl(models):
+    """ORPO's loss (the chosen sequences' NLL, prompt included, averaged over their tokens, less the odds-ratio
+    term) and its gradients equal TRL's ORPOTrainer on pairs of different lengths."""
     m = models
     model = hf(m["policy"])
     trainer = _trainer("orpo", m, model, None, beta=0.1)
     batch = trainer.data_collator(_features(m["pairs"]))
-    chosen, rejected = trainer.concatenated_forward(model, batch)[:2]
-    theirs = -trainer.odds_ratio_loss(chosen, rejected)[0].mean()
+    theirs, _ = trainer.get_batch_loss_metrics(model, batch)
     theirs.backward()
-    input_ids, answer = _concatenated(trainer, batch)
-    ours = _lmtrain_batch(input_ids, answer)
-    losses, policy = _lmtrain_loss(m, PreferenceLoss.orpo, ours, preference.Settings(beta=0.1), False)
-    logps, tokens = preference.sequence_logps(policy(ours[0]), ours[1]["targets"], -100)
-    odds_term = losses + logps.chunk(2)[0] / tokens.chunk(2)[0]  # less the NLL term, -mean chosen log-prob
-    odds_term.mean().backward()
-    assert abs(odds_term.mean().item() - theirs.item()) < 1e-5
-    torch.testing.assert_close(logps.chunk(2)[0] / tokens.chunk(2)[0], chosen, atol=1e-5, rtol=1e-5)
+    both = trainer.concatenated_inputs(batch, padding_value=0, device=torch.device("cpu"))
+    input_ids, attention = both["concatenated_input_ids"], both["concatenated_attention_mask"].bool()
+    inputs, targets = _lmtrain_batch(input_ids, both["concatenated_labels"] != -100)
+    chosen = len(m["pairs"])
+    targets["sequence_targets"] = input_ids[:chosen, 1:].masked_fill(~attention[:chosen, 1:], -100)
+    losses, policy = _lmtrain_loss(m, PreferenceLoss.orpo, (inputs, targets), preference.Settings(beta=0.1), False)
+    losses.mean().backward()
+    assert len({len(c) for _, c, _ in m["pairs"]}) > 1  # the chosen answers differ in length
+    assert abs(losses.mean().item() - theirs.item()) < 1e-5
     _assert_same_gradients(policy, model)
