@@ -130,7 +130,7 @@ def _examples(
     counts = {"skipped_train_records": skipped}
     info = build_task_info(cfg.task, fields, train_records)
     task = task_for(info, tokenizer, max_seq_len, special)
-    train_examples = task.encode(train_records, "data.train")
+    train_examples = task.encode(train_records, "data.train", d.train)
     if d.validation:
         records = read_records(
             d.validation, "data.validation", None if kind.whole_records else required, kind.text_unit
@@ -138,7 +138,7 @@ def _examples(
         records, counts["skipped_validation_records"] = usable_records(
             records, types, "data.validation", d.validation, d.on_bad_record
         )
-        val_examples = task.encode(records, "data.validation")
+        val_examples = task.encode(records, "data.validation", d.validation)
     else:  # held out after encoding, so evaluate/export can hold out the same examples again
         train_examples, val_examples = split_off(train_examples, d.val_fraction, t.seed)
     limit = cfg.task.max_eval_examples or t.eval_batches * t.micro_batch_size

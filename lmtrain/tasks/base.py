@@ -143,10 +143,16 @@ class Task:
         """The examples of `records` and how many were truncated to fit the context."""
         raise NotImplementedError(f"{type(self).__name__} encodes no records")
 
-    def encode(self, records: list[dict], key: str) -> list[Example]:
-        """Examples of `records` (from the data file named by config key `key`); reports truncation.
-        Raises UserError when no example has a token to score."""
-        examples, truncated = self._examples(records, key)
+    def encode(self, records: list[dict], key: str, source: str | None = None) -> list[Example]:
+        """Examples of `records` (from the data file `source`, named by config key `key`); reports truncation.
+        Raises UserError, naming the key and the file, when no example is left and why."""
+        try:
+            examples, truncated = self._examples(records, key)
+        except UserError as err:
+            message = str(err)
+            if source and message.startswith(f"{key}: "):  # the file, beside the key that names it
+                raise UserError(f"{key}: '{source}': {message[len(key) + 2 :]}") from None
+            raise
         if truncated:
             log.warning(
                 "%s: %d of %d examples exceed model.max_seq_len=%d tokens and were truncated",
@@ -157,7 +163,8 @@ class Task:
             )
         if not examples:
             purpose = "train on" if key == "data.train" else "score"
-            raise UserError(f"{key}: no tokens to {purpose}: every text is empty")
+            where = f"{key}: '{source}'" if source else key
+            raise UserError(f"{where}: no tokens to {purpose}: every text is empty")
         return examples
 
     def encode_texts(self, texts: list[str], where: str = "input") -> tuple[list[Example], int]:

@@ -34,7 +34,7 @@ def split_examples(
         raise UserError(f"data.{split}: missing; pass data.{split}=path/to/{split}.jsonl")
     records = read_records(source, key, None if task.whole_records else list(types), task.text_unit)
     records, skipped = usable_records(records, types, key, source, on_bad_record)
-    examples = task.encode(records, key)
+    examples = task.encode(records, key, source)
     if not path:
         examples = split_off(examples, data["val_fraction"], trained["trainer"]["seed"])[1]
     return examples, source, skipped

@@ -63,11 +63,15 @@ CASES = [
     ([*FT, "data.train={root}/null_text.jsonl", "data.on_bad_record=error"], "line 2: field 'text' is null"),
     ([*FT, "data.train={root}/mixed_labels.jsonl"], "label 'positive' (record 3 of data.train) is a str"),
     ([*FT, "data.train={clf_data}", "data.validation={root}/unseen_label.jsonl"], "label 7 in data.validation"),
-    ([*FT, "task=lm", "data.train={root}/empty_texts.jsonl"], "data.train: no tokens to train on"),
+    ([*FT, "task=lm", "data.train={root}/empty_texts.jsonl"], "data.train: '{root}/empty_texts.jsonl': no tokens to"),
+    (
+        [*FT, "task=preference", "data.train={root}/same_pairs.jsonl"],
+        "same_pairs.jsonl': no usable preference pair (all 3 skipped: 3 identical chosen and rejected)",
+    ),
     ([*FT, "data.train={root}/body.jsonl"], "has no field 'text'"),
     ([*FT, "data.train={root}/broken.jsonl"], "data.train: '{root}/broken.jsonl' line 3: not JSON"),
     (["pretrain", "data.train={root}/broken.jsonl", "hydra.run.dir={fresh}"], "broken.jsonl' line 3: not JSON"),
-    (["evaluate", "ckpt={lm}", "data.test={root}/empty_texts.jsonl", "hydra.run.dir={fresh}"], "no tokens to score"),
+    (["evaluate", "ckpt={lm}", "data.test={root}/empty_texts.jsonl", "hydra.run.dir={fresh}"], "jsonl': no tokens to"),
     (["predict", f"ckpt={CLF}", "input={root}/null_text.jsonl", "on_bad_record=error"], "line 2: field 'text' is"),
     (["pretrain", "data.train={root}/int_text.jsonl", "data.on_bad_record=error", "hydra.run.dir={fresh}"], "line 2"),
     # checkpoints
@@ -109,6 +113,7 @@ def sandbox(tiny_runs, corpus, tmp_path_factory):
     write_jsonl(root / "mixed_labels.jsonl", [good[0], good[1], {"text": "x", "label": "positive"}, *good])
     write_jsonl(root / "unseen_label.jsonl", [good[0], {"text": "a cat", "label": 7}])
     write_jsonl(root / "empty_texts.jsonl", [{"text": ""}] * 3)
+    write_jsonl(root / "same_pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 3)
     write_jsonl(root / "body.jsonl", [{"body": "x", "label": 1}] * 3)
     write_jsonl(root / "broken.jsonl", [good[0], good[1]])
     with open(root / "broken.jsonl", "a") as f:
