@@ -4,7 +4,8 @@ Built-in:
   exact_match  1.0 when the completion's answer (task.extract: the whole stripped text, its last number, its
                last \\boxed{...}, or group 1 of task.answer_pattern) equals the record's task.answer_field (as
                numbers when both parse as numbers), else 0.0
-  format       1.0 when task.format_pattern matches somewhere in the completion (re.search), else 0.0
+  format       1.0 when task.format_pattern matches somewhere in the completion (re.search), else 0.0;
+               `regex` is the same reward under the name some recipes give it
   length       minus the completion's length in characters over 100 (a push toward short answers)
   python:FILE:FUNCTION  the user's own function, loaded from FILE (the user's own code, run in this process)
     only when named; it gets the prompt (text or messages), the completion text and the whole record.
@@ -70,15 +71,15 @@ def builtin(name: str, settings: dict) -> Reward:
             return float(answer is not None and _same(answer, record[field]))
 
         return exact_match
-    if name == "format":
+    if name in ("format", "regex"):
         if not settings.get("format_pattern"):
-            raise UserError("task.reward=format: set task.format_pattern to the regular expression to reward")
+            raise UserError(f"task.reward={name}: set task.format_pattern to the regular expression to reward")
         compiled = re.compile(settings["format_pattern"], re.DOTALL)
         return lambda prompt, completion, record: float(compiled.search(completion) is not None)
     if name == "length":
         return lambda prompt, completion, record: -len(completion) / 100
     raise UserError(
-        f"task.reward: '{name}' is not a reward; choose exact_match, format, length or python:FILE:FUNCTION"
+        f"task.reward: '{name}' is not a reward; choose exact_match, format (or regex), length or python:FILE:FUNCTION"
     )
 
 

@@ -37,11 +37,12 @@ def test_extraction(how, text, expected):
 
 def test_builtin_rewards():
     settings = {"extract": "last_number", "answer_field": "answer", "format_pattern": r"^\d+$"}
-    fns = rewards.resolve(["exact_match", "format", "length"], settings)
+    fns = rewards.resolve(["exact_match", "format", "regex", "length"], settings)
     record = {"answer": 7}
     assert fns["exact_match"](None, "it is 7.0", record) == 1.0
     assert fns["exact_match"](None, "it is 8", record) == 0.0
     assert fns["format"](None, "12", record) == 1.0 and fns["format"](None, "x12", record) == 0.0
+    assert fns["regex"](None, "12", record) == 1.0 and fns["regex"](None, "x12", record) == 0.0
     assert fns["length"](None, "x" * 50, record) == -0.5
 
 
