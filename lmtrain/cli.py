@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,48 @@ def _help(command: str, config_name: str, schema: type, words: list[str]) -> str
     return help_text(command, schema, cfg, groups, dict(chosen), only)
 
 
+@dataclass
+class _Job:
+    """One Hydra job of a command: where it writes, and how its errors are named and reported."""
+
+    command: str
+    run_dir: Path
+    rank: int
+    name: str  # the command, with the rank under torchrun
+    sweeping: bool
+    number: int | None  # the job's number in a sweep
+    overrides: list[str]
+    started: float  # time.time() at the start
+
+    @classmethod
+    def current(cls, command: str) -> _Job:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from lmtrain.core import distributed
+
+        hydra_cfg = HydraConfig.get()
+        rank = distributed.torchrun_rank()
+        name = command if distributed.torchrun_world_size() == 1 else f"{command} (rank {rank})"
+        sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+        overrides = list(hydra_cfg.overrides.task)
+        number = hydra_cfg.job.num if sweeping else None
+        return cls(command, Path(hydra_cfg.runtime.output_dir), rank, name, sweeping, number, overrides, time.time())
+
+    def record(self, status: str, values: dict) -> None:
+        """Write `result.json` with the job's wall time; raises UserError when it cannot be written."""
+        from lmtrain.train.sweep import write_result
+
+        write_result(self.run_dir, status, {**values, "wall_seconds": time.time() - self.started}, self.overrides)
+
+    def report(self, err: Exception) -> float:
+        """Print `err` as one line: a sweep goes on with this job's objective NaN, a single run exits."""
+        if self.sweeping:
+            _fail(f"{self.command} (job {self.number})", err)
+            return float("nan")
+        sys.exit(_fail(self.name, err))
+
+
 def _task(command: str, schema: type):
     """The Hydra job: validate, run the command, and record `result.json` for commands that train.
 
@@ -100,56 +143,50 @@ def _task(command: str, schema: type):
 
     def run(cfg) -> Any:
         from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
 
         from lmtrain.core import distributed
-        from lmtrain.train.sweep import write_result
 
-        hydra_cfg = HydraConfig.get()
-        run_dir = Path(hydra_cfg.runtime.output_dir)
-        rank = distributed.torchrun_rank()
-        name = command if distributed.torchrun_world_size() == 1 else f"{command} (rank {rank})"
-        sweeping = hydra_cfg.mode == RunMode.MULTIRUN
-        overrides = list(hydra_cfg.overrides.task)
-        started = time.time()
+        job = _Job.current(command)
         try:
-            name_options(cfg, hydra_cfg.runtime.choices)
-            typed = validate(cfg, schema, explicit=explicit_keys(overrides))
+            name_options(cfg, HydraConfig.get().runtime.choices)
+            typed = validate(cfg, schema, explicit=explicit_keys(job.overrides))
             check_paths(typed)
-            summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(run_dir))
+            summary = importlib.import_module(f"lmtrain.commands.{command}").run(typed, str(job.run_dir))
         except Exception as err:
-            _outcome["refused"] = isinstance(err, RunRefused)
-            if command in TRAINING_COMMANDS and rank == 0 and not isinstance(err, RunRefused):
-                reason = first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
-                try:
-                    write_result(run_dir, "failed", {"error": reason, "wall_seconds": time.time() - started}, overrides)
-                except UserError as unwritten:  # a full disk: say so, then report the failure itself
-                    _fail(name, unwritten)
-            if distributed.torchrun_world_size() > 1 and not os.environ.get("LMTRAIN_DEBUG"):
-                torchrun.rank_failed(name, run_dir / f"{command}.log", rank, err)
-            if os.environ.get("LMTRAIN_DEBUG") or not (sweeping or isinstance(err, UserError)):
-                raise
-            if sweeping:
-                if not isinstance(err, UserError):
-                    log.exception("job %s failed", hydra_cfg.job.num)
-                _fail(f"{command} (job {hydra_cfg.job.num})", err)
-                return float("nan")
-            sys.exit(_fail(name, err))
+            return _failed(job, err)
         finally:
             distributed.shutdown()
         if summary is None:
             return None
-        if rank == 0:
+        if job.rank == 0:
             try:
-                write_result(run_dir, "completed", {**summary, "wall_seconds": time.time() - started}, overrides)
+                job.record("completed", summary)
             except UserError as err:
-                if sweeping:
-                    _fail(f"{command} (job {hydra_cfg.job.num})", err)
-                    return float("nan")
-                sys.exit(_fail(name, err))
+                return job.report(err)
         return summary["objective"]
 
     return run
+
+
+def _failed(job: _Job, err: Exception) -> float:
+    """Record a training job's failure in `result.json`, then report it: one line for a user mistake or a sweep's
+    job, the traceback for a bug (and always under LMTRAIN_DEBUG)."""
+    from lmtrain.core import distributed
+
+    _outcome["refused"] = isinstance(err, RunRefused)
+    if job.command in TRAINING_COMMANDS and job.rank == 0 and not isinstance(err, RunRefused):
+        reason = first_line(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
+        try:
+            job.record("failed", {"error": reason})
+        except UserError as unwritten:  # a full disk: say so, then report the failure itself
+            _fail(job.name, unwritten)
+    if distributed.torchrun_world_size() > 1 and not os.environ.get("LMTRAIN_DEBUG"):
+        torchrun.rank_failed(job.name, job.run_dir / f"{job.command}.log", job.rank, err)
+    if os.environ.get("LMTRAIN_DEBUG") or not (job.sweeping or isinstance(err, UserError)):
+        raise err
+    if job.sweeping and not isinstance(err, UserError):
+        log.exception("job %s failed", job.number)
+    return job.report(err)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,13 +62,19 @@ def test_no_module_imports_a_higher_layer_or_another_command():
     assert not problems, "\n".join(problems)
 
 
-def test_no_module_over_400_lines_or_function_over_60():
+MAX_MODULE_LINES = 390  # 10 under the project's 400: the limit is met with room, not by squeezing
+MAX_FUNCTION_LINES = 50  # 10 under the project's 60
+
+
+def test_no_module_over_390_lines_or_function_over_50():
     long = []
     for path in sorted(ROOT.rglob("*.py")):
         text = path.read_text()
-        if len(text.splitlines()) > 400:
+        if len(text.splitlines()) > MAX_MODULE_LINES:
             long.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60:
-                long.append(f"{path.relative_to(ROOT)}: {node.name} has {node.end_lineno - node.lineno + 1} lines")
+        functions = [n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+        for node in functions:
+            size = node.end_lineno - node.lineno + 1
+            if size > MAX_FUNCTION_LINES:
+                long.append(f"{path.relative_to(ROOT)}: {node.name} has {size} lines")
     assert not long, "\n".join(long)

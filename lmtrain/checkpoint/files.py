@@ -102,10 +102,7 @@ def save(
         checkpoint_root.mkdir(parents=True, exist_ok=True)
     clean_leftovers(checkpoint_root)
     final = checkpoint_root / (name or step_dir_name(step))
-    with writing(final):
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=checkpoint_root))
-    try:
-        share(staging)  # mkdtemp makes it private
+    with _staging(checkpoint_root, final) as staging:
 
         def put(file_name: str, write: Callable[[str], object]) -> None:
             with writing(final / file_name):  # a full disk names the file, not the staging folder
@@ -114,27 +111,42 @@ def save(
         if weights is None:
             put("model.safetensors", lambda path: save_model(model, path))
         else:
-            put("model.safetensors", lambda path: save_file({k: v.contiguous() for k, v in weights.items()}, path))
+            put("model.safetensors", _tensor_writer(weights))
         if ema is not None:
-            put(EMA_FILE, lambda path: save_file({k: v.contiguous() for k, v in ema.items()}, path))
+            put(EMA_FILE, _tensor_writer(ema))
         tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
         put("optimizer.safetensors", lambda path: save_file(tensors, path))
         put("optimizer.json", lambda path: _write_json(Path(path), optimizer_meta))
-        put(RNG_FILE, lambda path: save_file({k: v.contiguous() for k, v in rng.items()}, path))
+        put(RNG_FILE, _tensor_writer(rng))
         for file_name, text in files.items():
-
-            def write_text(path: str, text: str = text) -> None:
-                Path(path).write_text(text)
-
-            put(file_name, write_text)
+            put(file_name, _text_writer(text))
         put(COMPLETE_MARKER, lambda path: _write_json(Path(path), trainer_state))
         _publish(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if name is None:
         point_latest(checkpoint_root, final)
     return final
+
+
+@contextlib.contextmanager
+def _staging(checkpoint_root: Path, final: Path) -> Iterator[Path]:
+    """A temporary folder in `checkpoint_root` to write `final`'s files into; removed if writing them fails."""
+    with writing(final):
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=checkpoint_root))
+    try:
+        share(staging)  # mkdtemp makes it private
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _text_writer(text: str) -> Callable[[str], object]:
+    return lambda path: Path(path).write_text(text)
+
+
+def _tensor_writer(tensors: dict[str, torch.Tensor]) -> Callable[[str], None]:
+    """A writer of `tensors` to a safetensors file (which needs contiguous tensors)."""
+    return lambda path: save_file({k: v.contiguous() for k, v in tensors.items()}, path)
 
 
 def _publish(staging: Path, final: Path) -> None:

@@ -99,6 +99,34 @@ def _write(cfg: ExportConfig, model, tokenizer, source: Path, out: Path, files: 
     return size
 
 
+def _export_folder(cfg: ExportConfig, source: Path) -> Path:
+    """`out`, or `export-<format or dtype>` beside the run's checkpoints; raises UserError when `source` is
+    an export itself or the folder holds something other than an export."""
+    label = "int8" if cfg.quantize == "int8" else cfg.dtype
+    if cfg.format == "hf":
+        label = "hf" if cfg.dtype == "fp32" else f"hf-{cfg.dtype}"
+    default_out = (source.parent.parent if source.parent.name == "checkpoints" else source.parent) / f"export-{label}"
+    out = Path(cfg.out).expanduser() if cfg.out else default_out
+    if (source / EXPORT_MARKER).is_file():
+        raise UserError(f"ckpt: '{source}' is already an export; export from the training checkpoint")
+    if out.exists() and not (out / EXPORT_MARKER).is_file():
+        raise UserError(f"out: '{out}' exists and is not an lmtrain export; choose a new folder")
+    return out
+
+
+def _files_to_carry(model, tokenizer, source: Path) -> dict[str, str]:
+    """The text files an export holds beside its weights, by name: model.json, the tokenizer, and the
+    checkpoint's task.json, config.yaml and side files."""
+    # model.json from the model itself: a Hugging Face folder has none
+    files = {"model.json": json.dumps(dataclasses.asdict(model.config), indent=2), "tokenizer.json": tokenizer.to_str()}
+    carried = [
+        name for name in ("task.json", "config.yaml") if (source / name).exists() or (source / name).is_symlink()
+    ]
+    files.update({name: read_folder_text(source, name, "ckpt") for name in carried})
+    files.update(load_side_files(str(source)))
+    return files
+
+
 def run(cfg: ExportConfig, run_dir: str) -> None:
     device = resolve_device(cfg.device, "device")
     assert cfg.ckpt is not None, "ckpt is checked before the run"
@@ -114,23 +142,10 @@ def run(cfg: ExportConfig, run_dir: str) -> None:
         )
     if cfg.merge_adapter:
         merge_lora(model)
-    label = "int8" if cfg.quantize == "int8" else cfg.dtype
     if cfg.format == "hf":
-        label = "hf" if cfg.dtype == "fp32" else f"hf-{cfg.dtype}"
         family_of(model.config)  # a model no family can express fails before any work
-    default_out = (source.parent.parent if source.parent.name == "checkpoints" else source.parent) / f"export-{label}"
-    out = Path(cfg.out).expanduser() if cfg.out else default_out
-    if (source / EXPORT_MARKER).is_file():
-        raise UserError(f"ckpt: '{source}' is already an export; export from the training checkpoint")
-    if out.exists() and not (out / EXPORT_MARKER).is_file():
-        raise UserError(f"out: '{out}' exists and is not an lmtrain export; choose a new folder")
-    # model.json from the model itself: a Hugging Face folder has none
-    files = {"model.json": json.dumps(dataclasses.asdict(model.config), indent=2), "tokenizer.json": tokenizer.to_str()}
-    carried = [
-        name for name in ("task.json", "config.yaml") if (source / name).exists() or (source / name).is_symlink()
-    ]
-    files.update({name: read_folder_text(source, name, "ckpt") for name in carried})
-    files.update(load_side_files(str(source)))
+    out = _export_folder(cfg, source)
+    files = _files_to_carry(model, tokenizer, source)
     before = validation_score(model, tokenizer, source, cfg.eval_batches, device) if cfg.score else None
     size = _write(cfg, model, tokenizer, source, out, files, adapter)
     after = None

@@ -6,6 +6,7 @@ compose with the same overrides. Nothing is trained; `--measure` times a few rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -193,11 +194,7 @@ def build(command: str, cfg, device_name: str | None) -> dict:
     return {
         "command": command,
         "model": {
-            "d_model": c.d_model,
-            "num_heads": c.num_heads,
-            "num_layers": c.num_layers,
-            "max_seq_len": c.max_seq_len,
-            "vocab_size": c.vocab_size,
+            **{name: getattr(c, name) for name in ("d_model", "num_heads", "num_layers", "max_seq_len", "vocab_size")},
             "vocab_source": work.vocab_source,
             "num_classes": c.num_classes,
         },
@@ -271,13 +268,21 @@ def _rss(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: `echo 5 > /proc/self/clear_refs`)."""
-    try:
+def _memory_in_use(device) -> int:
+    """Bytes in use on `device` now (CUDA: allocated by torch; CPU: the process's RSS), after freeing what can
+    be freed and resetting the peak that `measure` reads."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    _warm_up()
+    gc.collect()
+    with contextlib.suppress(OSError):  # reset VmHWM to the current RSS (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    return _rss("VmRSS")
 
 
 def measure(plan: dict, cfg, steps: int) -> dict:
@@ -300,16 +305,7 @@ def measure(plan: dict, cfg, steps: int) -> dict:
     cuda = device.type == "cuda"
     if not cuda and not Path("/proc/self/status").is_file():
         raise UserError("--measure: measuring CPU memory needs Linux's /proc; plan without --measure")
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        _warm_up()
-        gc.collect()
-        _reset_peak_rss()
-        before = _rss("VmRSS")
+    before = _memory_in_use(device)
     torch.manual_seed(t.seed)
     model = TransformerLM(TransformerConfig(**config)).to(device)
     if cfg.__class__.__name__ == "FinetuneConfig":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from lmtrain.model.transformer import TransformerConfig, TransformerLM
 from lmtrain.tasks.metrics import perplexity
 from lmtrain.train import build as runs
 from lmtrain.train.run_dir import claimed
+from lmtrain.train.trainer import Trainer
 
 log = logging.getLogger("lmtrain")
 HINT = 'lmtrain generate ckpt=%s prompt="def "'  # printed at the end of a run; a test runs it as printed
@@ -42,11 +44,8 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     runs.check_options(cfg)
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
     source = resume_source(t.resume, run_dir)
-    pretrained, existing, end_of_text, special = None, None, None, None
-    if cfg.init_from:  # continued pretraining: the model's own shape, weights and tokenizer
-        pretrained, existing = load_model(cfg.init_from, placement.device, key="init_from")
-        special = load_special_tokens(cfg.init_from, existing, key="init_from")
-        end_of_text = special.end_of_text
+    pretrained, existing, special = _init_from(cfg, placement.device)
+    end_of_text = special.end_of_text if special is not None else None
     tokenizer, sources = _tokens(cfg, existing, end_of_text)
     model, seq_len = _model(cfg, pretrained, tokenizer, placement.device)
     auto = t.micro_batch_size == "auto"
@@ -66,12 +65,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         windows = sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size)
         return windows if separator is None else [tokens.with_documents(batch, separator) for batch in windows]
 
-    def evaluate() -> dict[str, float]:
-        losses = {name: trainer.evaluate_loss(batches) for name, batches in validation.items()}
-        loss = mixture.weighted_loss(losses, sources) if sources else losses[""]
-        per_source = {f"{name}_loss": value for name, value in losses.items()} if d.sources else {}
-        return {"loss": loss, "ppl": perplexity(loss), **per_source, **suite()}
-
+    evaluate = _evaluation(trainer, validation, sources, bool(d.sources), suite)
     files = runs.run_files(cfg, model, tokenizer_json)
     skipped = {f"skipped_{k.split('.')[1]}_records": n for s in sources for k, n in s.data.skipped.items()}
     summary = runs.train(
@@ -94,6 +88,36 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     summary.update(micro_batch_size=t.micro_batch_size // split, accumulation_steps=accum_steps * split)
     log.info("try: " + HINT, run_dir / "checkpoints" / "latest")
     return summary
+
+
+def _init_from(
+    cfg: PretrainConfig, device: torch.device
+) -> tuple[TransformerLM | None, Tokenizer | None, SpecialTokens | None]:
+    """Continued pretraining (init_from): the model with its own shape and weights, its tokenizer and its special
+    tokens; Nones for a new model."""
+    if not cfg.init_from:
+        return None, None, None
+    pretrained, existing = load_model(cfg.init_from, device, key="init_from")
+    return pretrained, existing, load_special_tokens(cfg.init_from, existing, key="init_from")
+
+
+def _evaluation(
+    trainer: Trainer,
+    validation: dict[str, list],
+    sources: list[mixture.Source],
+    mixed: bool,
+    suite: Callable[[], dict[str, float]],
+) -> Callable[[], dict[str, float]]:
+    """The run's evaluation: validation loss (of a mixture: weighted over its sources, each also reported when
+    `mixed`), its perplexity, and the benchmark suite's scores when they are due."""
+
+    def evaluate() -> dict[str, float]:
+        losses = {name: trainer.evaluate_loss(batches) for name, batches in validation.items()}
+        loss = mixture.weighted_loss(losses, sources) if sources else losses[""]
+        per_source = {f"{name}_loss": value for name, value in losses.items()} if mixed else {}
+        return {"loss": loss, "ppl": perplexity(loss), **per_source, **suite()}
+
+    return evaluate
 
 
 def _auto_micro_batch(

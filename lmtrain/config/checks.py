@@ -20,6 +20,7 @@ from lmtrain.config.schema import (
     GenerateConfig,
     GradAccumConfig,
     InspectConfig,
+    LossConfig,
     ModelConfig,
     PredictConfig,
     PretrainConfig,
@@ -128,7 +129,7 @@ def _check_model(m: ModelConfig, errors: list[str]) -> None:
 
 def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> None:
     """Optimizer, scheduler, accumulation, loss and trainer: the groups pretrain and finetune share."""
-    o, s, g, t, lo = cfg.optimizer, cfg.scheduler, cfg.grad_accum, cfg.trainer, cfg.loss
+    t = cfg.trainer
     _positive(
         t,
         "trainer.",
@@ -141,6 +142,24 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
         "dist_timeout_s",
         "dist_join_timeout_s",
     )
+    _check_optimization(cfg, errors)
+    _check_loss(cfg.loss, errors)
+    if t.nproc < 1:
+        errors.append(f"trainer.nproc: must be >= 1, got {t.nproc}")
+    if t.keep_last < 0:
+        errors.append(f"trainer.keep_last: must be >= 0 (0 keeps all), got {t.keep_last}")
+    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
+        errors.append(f"trainer.ema_decay: must be in (0, 1) or null, got {t.ema_decay}")
+    if t.ema_decay is not None and t.strategy == "fsdp":
+        errors.append("trainer.ema_decay: not supported with trainer.strategy=fsdp (use ddp, or ema_decay=null)")
+    _positive(t, "trainer.", errors, "early_stopping_patience", nullable=True)
+    if not isinstance(t.resume, bool | str):
+        errors.append(f"trainer.resume: must be true, false or a path, got {t.resume!r}")
+
+
+def _check_optimization(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> None:
+    """The optimizer, its learning-rate schedule and gradient accumulation."""
+    o, s, g = cfg.optimizer, cfg.scheduler, cfg.grad_accum
     _positive(g, "grad_accum.", errors, "steps")
     _positive(o, "optimizer.", errors, "lr", "eps", "muon_lr")
     if not 0.0 <= o.momentum < 1.0:
@@ -161,6 +180,9 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
         errors.append(
             "grad_accum.global_batch_tokens: must be a positive number of tokens with grad_accum=global_batch"
         )
+
+
+def _check_loss(lo: LossConfig, errors: list[str]) -> None:
     if not 0.0 <= lo.label_smoothing < 1.0:
         errors.append(f"loss.label_smoothing: must be in [0, 1), got {lo.label_smoothing}")
     if lo.z_loss < 0:
@@ -168,17 +190,6 @@ def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> 
     _positive(lo, "loss.", errors, "temperature")
     if not 0.0 <= lo.alpha <= 1.0:
         errors.append(f"loss.alpha: must be in [0, 1], got {lo.alpha}")
-    if t.nproc < 1:
-        errors.append(f"trainer.nproc: must be >= 1, got {t.nproc}")
-    if t.keep_last < 0:
-        errors.append(f"trainer.keep_last: must be >= 0 (0 keeps all), got {t.keep_last}")
-    if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
-        errors.append(f"trainer.ema_decay: must be in (0, 1) or null, got {t.ema_decay}")
-    if t.ema_decay is not None and t.strategy == "fsdp":
-        errors.append("trainer.ema_decay: not supported with trainer.strategy=fsdp (use ddp, or ema_decay=null)")
-    _positive(t, "trainer.", errors, "early_stopping_patience", nullable=True)
-    if not isinstance(t.resume, bool | str):
-        errors.append(f"trainer.resume: must be true, false or a path, got {t.resume!r}")
 
 
 def _check_pretrain(cfg: PretrainConfig, errors: list[str]) -> None:

@@ -89,33 +89,17 @@ def build(
         separator = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
         threads = workers(num_workers)
         os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # tokenizers' pool, read when it first starts
+        batch_chars = threads * BATCH_CHARS_PER_WORKER
         records = {}
         for name, split in splits.items():
             writer = ShardWriter(partial, name, shard_tokens, token_dtype(tokenizer))
-            if writer.record is None:
-                skipped: dict[str, int] = {}
-                encoder = Encoder(tokenizer, split.key)
-                _write_split(split.items(skipped), encoder, separator, writer, threads * BATCH_CHARS_PER_WORKER, name)
-                encoder.finish()
-                writer.finish({"skipped": skipped})
-            assert writer.record is not None, "a finished split has its record"
-            records[name] = writer.record
-            if records[name]["tokens"] == 0:
-                bad = sum(records[name].get("skipped", {}).values())
-                why = f"{bad} records skipped for a null, missing or non-text field, " if bad else ""
-                raise UserError(f"{split.key}: '{split.source}' holds no text ({why}every other record empty)")
-        num_train = records["train"]["tokens"]
-        if "validation" in records:
-            spans = {"train": ["train", 0, num_train], "validation": ["validation", 0, records["validation"]["tokens"]]}
-        else:
-            cut = num_train - int(num_train * val_fraction)
-            spans = {"train": ["train", 0, cut], "validation": ["train", cut, num_train]}
+            records[name] = _prepared_split(name, split, writer, tokenizer, separator, batch_chars)
         manifest = {
             "format": FORMAT_VERSION,
             "dtype": token_dtype(tokenizer).name,
             "shard_tokens": shard_tokens,
             "splits": records,
-            "spans": spans,
+            "spans": _spans(records, val_fraction),
             "skipped": {k: v for r in records.values() for k, v in r.pop("skipped", {}).items()},
             **describe,
         }
@@ -123,6 +107,36 @@ def build(
         for progress in partial.glob("*.progress.json"):
             progress.unlink()
         os.rename(partial, folder)
+
+
+def _prepared_split(
+    name: str, split: Split, writer: ShardWriter, tokenizer: Tokenizer, separator: int, batch_chars: int
+) -> dict:
+    """The manifest record of split `name`, written into shards unless an earlier preparation finished it;
+    raises UserError when the split holds no text."""
+    if writer.record is None:
+        skipped: dict[str, int] = {}
+        encoder = Encoder(tokenizer, split.key)
+        _write_split(split.items(skipped), encoder, separator, writer, batch_chars, name)
+        encoder.finish()
+        writer.finish({"skipped": skipped})
+    assert writer.record is not None, "a finished split has its record"
+    record = writer.record
+    if record["tokens"] == 0:
+        bad = sum(record.get("skipped", {}).values())
+        why = f"{bad} records skipped for a null, missing or non-text field, " if bad else ""
+        raise UserError(f"{split.key}: '{split.source}' holds no text ({why}every other record empty)")
+    return record
+
+
+def _spans(records: dict[str, dict], val_fraction: float) -> dict[str, list]:
+    """Each split's stream as [shard split, first token, end token]: without a validation corpus the last
+    `val_fraction` of the train tokens validates."""
+    num_train = records["train"]["tokens"]
+    if "validation" in records:
+        return {"train": ["train", 0, num_train], "validation": ["validation", 0, records["validation"]["tokens"]]}
+    cut = num_train - int(num_train * val_fraction)
+    return {"train": ["train", 0, cut], "validation": ["train", cut, num_train]}
 
 
 def _tokenizer(path: Path, make_tokenizer: Callable[[], Tokenizer]) -> Tokenizer:

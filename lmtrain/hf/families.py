@@ -281,32 +281,27 @@ def config_to_hf(config: TransformerConfig, family: str, special: dict[str, int 
         "torch_dtype": "float32",
         **{f"{k}_token_id": v for k, v in special.items()},
     }
-    if family == "gpt2":
-        return {
-            **common,
-            "n_embd": c.d_model,
-            "n_head": c.num_heads,
-            "n_layer": c.num_layers,
-            "n_positions": c.max_seq_len,
-            "n_inner": c.ffn_width,
-            "activation_function": {"gelu_tanh": "gelu_new"}.get(c.activation, c.activation),
-            "layer_norm_epsilon": c.norm_eps,
-            "resid_pdrop": c.dropout,
-            "embd_pdrop": c.dropout,
-            "attn_pdrop": c.dropout,
-        }
-    rope: dict = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling == "llama3":
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": c.rope_theta,
-            "factor": c.rope_scaling_factor,
-            "low_freq_factor": c.rope_low_freq_factor,
-            "high_freq_factor": c.rope_high_freq_factor,
-            "original_max_position_embeddings": c.rope_original_max_seq_len,
-        }
+    return {**common, **(_gpt2_to_hf(c) if family == "gpt2" else _llama_to_hf(c, family))}
+
+
+def _gpt2_to_hf(c: TransformerConfig) -> dict:
+    return {
+        "n_embd": c.d_model,
+        "n_head": c.num_heads,
+        "n_layer": c.num_layers,
+        "n_positions": c.max_seq_len,
+        "n_inner": c.ffn_width,
+        "activation_function": {"gelu_tanh": "gelu_new"}.get(c.activation, c.activation),
+        "layer_norm_epsilon": c.norm_eps,
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+    }
+
+
+def _llama_to_hf(c: TransformerConfig, family: str) -> dict:
+    rope = _rope_parameters(c)
     out = {
-        **common,
         "hidden_size": c.d_model,
         "num_attention_heads": c.num_heads,
         "num_key_value_heads": c.kv_heads,
@@ -329,6 +324,20 @@ def config_to_hf(config: TransformerConfig, family: str, special: dict[str, int 
     if family in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None)
     return out
+
+
+def _rope_parameters(c: TransformerConfig) -> dict:
+    """config.json's rope_parameters: the base, and llama3 scaling's factors (the inverse of `_rope_settings`)."""
+    if c.rope_scaling != "llama3":
+        return {"rope_type": "default", "rope_theta": c.rope_theta}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": c.rope_theta,
+        "factor": c.rope_scaling_factor,
+        "low_freq_factor": c.rope_low_freq_factor,
+        "high_freq_factor": c.rope_high_freq_factor,
+        "original_max_position_embeddings": c.rope_original_max_seq_len,
+    }
 
 
 def split_sizes(config: TransformerConfig) -> list[int]:

@@ -107,21 +107,9 @@ def beam_search(
     sequences: list[list[int]] = [[] for _ in range(num_beams)]
     finished: list[tuple[float, list[int]]] = []
     for _ in range(max(max_new_tokens, 0)):
-        candidates = (scores[:, None] + log_probs).flatten()
-        top_scores, top_ids = candidates.topk(2 * num_beams)
-        vocab = log_probs.shape[-1]
-        keep_beams, keep_tokens, keep_scores = [], [], []
-        for score, flat in zip(top_scores.tolist(), top_ids.tolist(), strict=True):
-            beam, token = divmod(flat, vocab)
-            if token == stop_token:
-                length = len(sequences[beam]) + 1
-                finished.append((score / length**length_penalty, sequences[beam]))
-            else:
-                keep_beams.append(beam)
-                keep_tokens.append(token)
-                keep_scores.append(score)
-            if len(keep_beams) == num_beams:
-                break
+        keep_beams, keep_tokens, keep_scores = _extend(
+            scores, log_probs, sequences, num_beams, stop_token, length_penalty, finished
+        )
         if len(finished) >= num_beams or not keep_beams:
             break
         index = torch.tensor(keep_beams, device=device)
@@ -135,3 +123,32 @@ def beam_search(
         (s / max(len(seq), 1) ** length_penalty, seq) for s, seq in zip(scores.tolist(), sequences, strict=True)
     ]
     return max(finished, key=lambda item: item[0])[1]
+
+
+def _extend(
+    scores: torch.Tensor,
+    log_probs: torch.Tensor,
+    sequences: list[list[int]],
+    num_beams: int,
+    stop_token: int,
+    length_penalty: float,
+    finished: list[tuple[float, list[int]]],
+) -> tuple[list[int], list[int], list[float]]:
+    """One step of beam search. `scores` [beams] and `log_probs` [beams, vocab]: of the 2 * num_beams best
+    one-token extensions, those that end with `stop_token` are appended to `finished` with their score /
+    length**length_penalty, and the best `num_beams` others are returned as parent beams, tokens and scores."""
+    vocab = log_probs.shape[-1]
+    top_scores, top_ids = (scores[:, None] + log_probs).flatten().topk(2 * num_beams)
+    keep_beams, keep_tokens, keep_scores = [], [], []
+    for score, flat in zip(top_scores.tolist(), top_ids.tolist(), strict=True):
+        beam, token = divmod(flat, vocab)
+        if token == stop_token:
+            length = len(sequences[beam]) + 1
+            finished.append((score / length**length_penalty, sequences[beam]))
+        else:
+            keep_beams.append(beam)
+            keep_tokens.append(token)
+            keep_scores.append(score)
+        if len(keep_beams) == num_beams:
+            break
+    return keep_beams, keep_tokens, keep_scores

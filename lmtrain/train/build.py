@@ -17,6 +17,7 @@ from lmtrain.checkpoint import files as checkpoint
 from lmtrain.checkpoint.load import load_model, load_side_files
 from lmtrain.checkpoint.parts import RngState, Stateful
 from lmtrain.checkpoint.resume import restore
+from lmtrain.checkpoint.strategy import Strategy as CheckpointStrategy
 from lmtrain.checkpoint.strategy import strategy_for
 from lmtrain.checkpoint.writer import Writer
 from lmtrain.config import FinetuneConfig, PretrainConfig, SchedulerConfig, TrainerConfig
@@ -32,7 +33,7 @@ from lmtrain.train.objective import Objective
 from lmtrain.train.optim import WHOLE_MATRICES, build_optimizer
 from lmtrain.train.run_dir import take_over
 from lmtrain.train.schedules import ResumedSchedule, build_scheduler
-from lmtrain.train.sinks import open_sinks
+from lmtrain.train.sinks import Sinks, open_sinks
 from lmtrain.train.trainer import Cadence, Trainer
 
 log = logging.getLogger("lmtrain")
@@ -175,19 +176,13 @@ def train(
     """Resume if asked, run `trainer.fit` with metrics and checkpoints in `run_dir`, and return the run's
     summary (the `result.json` body) with the `objective` Hydra sweepers minimise. `data_counts` (records
     skipped, ...) open a fresh run's metrics.jsonl as a step-0 record."""
-    main = trainer.placement.is_main
-    parts, strategy = checkpoint_parts(trainer, sampler), strategy_for(trainer.placement)
-    if source is not None:
-        restore(source, parts, strategy, files, run_dir)
-    if main:
+    parts, strategy = _restored(trainer, sampler, source, files, run_dir)
+    if trainer.placement.is_main:
         take_over(run_dir, files["tokenizer.json"])
-    resume_step = trainer.state.step if source is not None else None
-    sinks = open_sinks(run_dir, resume_step, settings, files["config.yaml"], main)
-    if data_counts and source is None:
-        sinks.write({"step": 0, **data_counts}, "data")
+    sinks = _sinks(trainer, run_dir, source, settings, files["config.yaml"], data_counts)
     writer = Writer(run_dir, parts, strategy, files, settings.keep_last)
     state = trainer.state
-    start = (state.step, state.tokens_seen, state.train_seconds)
+    start = _Start(state.step, state.tokens_seen, state.train_seconds, started)
     try:
         trainer.fit(
             next_step,
@@ -201,7 +196,7 @@ def train(
             progress_bar=settings.progress_bar,
             accounting=accounting,
         )
-        summary = _summary(trainer, start, started, run_dir, main_metric, higher_is_better, keep_best)
+        summary = _summary(trainer, start, run_dir, main_metric, higher_is_better, keep_best)
         sinks.summary(summary)
     except Diverged as err:
         raise _diverged(err, run_dir) from None
@@ -216,36 +211,53 @@ def _diverged(err: Diverged, run_dir: Path) -> Diverged:
     return Diverged(f"{err}; {kept}. Lower optimizer.lr, set optimizer.grad_clip, or pass trainer.on_nonfinite=skip")
 
 
-def _summary(
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """Where this process began training: a resumed run's step, tokens seen and training seconds (else 0s), and
+    time.perf_counter() when its command started."""
+
+    step: int
+    tokens: int
+    seconds: float
+    wall: float
+
+
+def _restored(
+    trainer: Trainer, sampler: Sampler, source: Path | None, files: dict[str, str], run_dir: Path
+) -> tuple[dict[str, Stateful], CheckpointStrategy]:
+    """The run's checkpoint parts and the placement's strategy for writing them, restored from `source`."""
+    parts, strategy = checkpoint_parts(trainer, sampler), strategy_for(trainer.placement)
+    if source is not None:
+        restore(source, parts, strategy, files, run_dir)
+    return parts, strategy
+
+
+def _sinks(
     trainer: Trainer,
-    start: tuple[int, int, float],
-    started: float,
     run_dir: Path,
-    main_metric: str,
-    higher_is_better: bool,
-    keep_best: bool,
+    source: Path | None,
+    settings: TrainerConfig,
+    config_yaml: str,
+    data_counts: dict[str, int] | None,
+) -> Sinks:
+    """The run's metric sinks (kept up to the resumed step); a fresh run's open with `data_counts` at step 0."""
+    resume_step = trainer.state.step if source is not None else None
+    sinks = open_sinks(run_dir, resume_step, settings, config_yaml, trainer.placement.is_main)
+    if data_counts and source is None:
+        sinks.write({"step": 0, **data_counts}, "data")
+    return sinks
+
+
+def _summary(
+    trainer: Trainer, start: _Start, run_dir: Path, main_metric: str, higher_is_better: bool, keep_best: bool
 ) -> dict:
-    """The run's result.json body (and its log line): best and final validation, throughput, MFU, checkpoints.
-    `start`: step, tokens seen and training seconds where this process began (after a resume, not 0)."""
+    """The run's result.json body (and its log line): best and final validation, throughput, MFU, checkpoints."""
     state = trainer.state
-    start_step, start_tokens, start_seconds = start
-    tokens, seconds = state.tokens_seen - start_tokens, state.train_seconds - start_seconds
+    tokens, seconds = state.tokens_seen - start.tokens, state.train_seconds - start.seconds
     tokens_per_s = tokens / seconds if tokens and seconds > 0 else None
     best = state.best_metric if state.best_metric is not None else float("nan")
     final = state.last_metrics.get(main_metric)
     mfu = trainer.mfu(tokens_per_s)
-    log.info(
-        "done: %d steps, final val_%s %s, best val_%s %.4f, wall %.1fs, %s tokens/s, MFU %s, checkpoint %s",
-        state.step - start_step,
-        main_metric,
-        f"{final:.4f}" if final is not None else "-",
-        main_metric,
-        best,
-        time.perf_counter() - started,
-        f"{tokens_per_s:,.0f}" if tokens_per_s else "-",
-        f"{mfu:.1%}" if mfu is not None else "-",
-        run_dir / "checkpoints" / "latest",
-    )
     summary = {
         "metric": f"val_{main_metric}",
         f"best_val_{main_metric}": best,
@@ -266,4 +278,22 @@ def _summary(
     if keep_best:
         best_dir = run_dir / "checkpoints" / "best"
         summary["best_checkpoint"] = str(best_dir) if (best_dir / checkpoint.COMPLETE_MARKER).is_file() else None
+    _log_done(summary, main_metric, state.step - start.step, time.perf_counter() - start.wall, run_dir)
     return summary
+
+
+def _log_done(summary: dict, main_metric: str, steps: int, wall_seconds: float, run_dir: Path) -> None:
+    """The run's last log line, from its summary; `steps`: those this process trained."""
+    final, tokens_per_s, mfu = summary[f"final_val_{main_metric}"], summary["tokens_per_s"], summary["mfu"]
+    log.info(
+        "done: %d steps, final val_%s %s, best val_%s %.4f, wall %.1fs, %s tokens/s, MFU %s, checkpoint %s",
+        steps,
+        main_metric,
+        f"{final:.4f}" if final is not None else "-",
+        main_metric,
+        summary[f"best_val_{main_metric}"],
+        wall_seconds,
+        f"{tokens_per_s:,.0f}" if tokens_per_s else "-",
+        f"{mfu:.1%}" if mfu is not None else "-",
+        run_dir / "checkpoints" / "latest",
+    )

@@ -19,6 +19,7 @@ from lmtrain.core.dtypes import autocast_dtype
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.train.divergence import Divergence
 from lmtrain.train.ema import EMA
+from lmtrain.train.log_window import LogWindow
 from lmtrain.train.losses import validation_loss
 from lmtrain.train.micro_batch import run_splitting
 from lmtrain.train.objective import Objective
@@ -78,30 +79,6 @@ class Cadence:
         return step % self.checkpoint_every == 0 or step == self.max_steps
 
 
-@dataclass
-class _Window:
-    """The log window: its summed loss (this process's share, on the device), start time and tokens."""
-
-    loss: torch.Tensor
-    start_tokens: int
-    started: float = field(default_factory=time.perf_counter)
-
-    def restart(self, tokens_seen: int) -> None:
-        self.started, self.start_tokens = time.perf_counter(), tokens_seen
-
-    def pause(self, work: Callable[[], None]) -> None:  # validating, saving: no training time in tokens/s
-        started = time.perf_counter()
-        work()
-        self.started += time.perf_counter() - started
-
-    def total(self, world: int) -> float:
-        """The window's loss summed over processes (saved with a checkpoint, so a resumed window continues)."""
-        total = self.loss.clone()
-        if world > 1:
-            torch.distributed.all_reduce(total)
-        return total.item()
-
-
 class Trainer:
     def __init__(
         self,
@@ -133,12 +110,8 @@ class Trainer:
         self.evaluated = self.compiled if compile_eval else self.parallel
         self.peak_flops = peak_flops  # FLOP/s of one process's device (lmtrain.core.devices): MFU's denominator
         self.seq_len = 0  # tokens per sequence of the last step: the attention term of FLOPs per token
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loss_fn = loss_fn
-        self.device = device
-        self.precision = precision
-        self.amp_dtype = autocast_dtype(precision)
+        self.optimizer, self.scheduler, self.loss_fn = optimizer, scheduler, loss_fn
+        self.device, self.precision, self.amp_dtype = device, precision, autocast_dtype(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision is Precision.fp16)
         self.grad_clip = grad_clip if grad_clip > 0 else float("inf")
         self.ignore_index = ignore_index
@@ -274,13 +247,22 @@ class Trainer:
         sink.write({"step": step, **{f"val_{k}": v for k, v in metrics.items()}}, "val")
         bar.write(f"step {step}: " + "  ".join(f"val_{k} {v:.4f}" for k, v in metrics.items()))
 
+    def _checkpoint(self, window: LogWindow, divergence: Divergence, save_checkpoint: Callable[[], None]) -> None:
+        """Save a checkpoint (not counted in the window's time) that holds the log window's loss so far."""
+        divergence.check()
+        self.state.window_loss = window.total(self.placement.world_size)
+        window.pause(save_checkpoint)
+
+    def _early_stop_note(self, main_metric: str) -> str:
+        return f"stopping early, no better val_{main_metric} in {self.state.validations_since_best} validations"
+
     def patience_ran_out(self) -> bool:
         """Early stopping: `early_stopping_patience` validations in a row brought no new best."""
         patience = self.early_stopping_patience
         return patience is not None and self.state.validations_since_best >= patience
 
     def _step(
-        self, next_step: Callable[[], list[Batch]], window: _Window, divergence: Divergence, compiling: bool
+        self, next_step: Callable[[], list[Batch]], window: LogWindow, divergence: Divergence, compiling: bool
     ) -> tuple[float, torch.Tensor]:
         """One optimizer step; its loss joins the log window. Returns the step's LR and gradient norm."""
         lr = float(self.scheduler.get_last_lr()[0])
@@ -298,7 +280,7 @@ class Trainer:
         return lr, grad_norm
 
     def _log_record(
-        self, step: int, lr: float, grad_norm: torch.Tensor, window: _Window, accounting: Callable[[], dict] | None
+        self, step: int, lr: float, grad_norm: torch.Tensor, window: LogWindow, accounting: Callable[[], dict] | None
     ) -> dict:
         """The metrics.jsonl record closing a log window (the mean loss over its steps, on every process)."""
         state = self.state
@@ -343,45 +325,35 @@ class Trainer:
         `evaluate()` gives validation metrics (at step 0 and when the cadence says); `accounting()` adds the data
         sampler's counts to every log record. Early stopping ends the run (with a checkpoint) at the validation
         that runs out of patience."""
-        max_steps = cadence.max_steps
-        bar = ProgressBar(max_steps, self.state.step, progress_bar, self.placement.is_main)
         state, world = self.state, self.placement.world_size
-        window = _Window(torch.tensor(state.window_loss / world, device=self.device), state.tokens_seen)
-        divergence = Divergence(max_steps + 1, self.device, world, enabled=self.on_nonfinite is OnNonfinite.stop)
+        window = LogWindow(torch.tensor(state.window_loss / world, device=self.device), state.tokens_seen)
+        divergence = Divergence(cadence.max_steps + 1, self.device, world, self.on_nonfinite is OnNonfinite.stop)
+        bar = ProgressBar(cadence.max_steps, state.step, progress_bar, self.placement.is_main)
 
         def validate() -> None:
             if evaluate is not None:
                 divergence.check()
                 self._validate(evaluate, main_metric, higher_is_better, sink, bar, save_best)
 
-        try:
+        with contextlib.closing(bar):
             if state.step == 0:  # where the run starts from
                 window.pause(validate)
             compiling = self.compiled is not self.parallel
-            while state.step < max_steps and not self.patience_ran_out():
+            while state.step < cadence.max_steps and not self.patience_ran_out():
                 lr, grad_norm = self._step(next_step, window, divergence, compiling)
                 compiling = False
                 step = state.step
-                record = None
-                if cadence.logs(step):
-                    record = self._log_record(step, lr, grad_norm, window, accounting)
+                record = self._log_record(step, lr, grad_norm, window, accounting) if cadence.logs(step) else None
+                if record is not None:  # the next window starts (validating and saving pause it)
                     sink.write(record, "train")
                     divergence.check()
+                    window.restart(state.tokens_seen)
                 bar.update(1, record)
                 if cadence.validates(step):
                     window.pause(validate)
                 stop = self.patience_ran_out()
                 if cadence.checkpoints(step) or stop:
-                    divergence.check()
-                    state.window_loss = window.total(world)
-                    window.pause(save_checkpoint)
+                    self._checkpoint(window, divergence, save_checkpoint)
                 if stop:
-                    bar.write(
-                        f"step {step}: stopping early, no better val_{main_metric} in "
-                        f"{state.validations_since_best} validations"
-                    )
+                    bar.write(f"step {step}: {self._early_stop_note(main_metric)}")
                     break
-                if record is not None:
-                    window.restart(state.tokens_seen)
-        finally:
-            bar.close()
