@@ -84,21 +84,29 @@ def _cpu_name() -> str:
 
 def measure_cpu_peak(precision: str = "fp32", size: int = 1024, seconds: float = 0.3) -> float:
     """FLOP/s of a square matmul (2·n³ FLOPs each) in `precision` on this CPU: the fastest of the matmuls
-    timed one by one over ~`seconds`, so another process's load during a few of them does not lower it."""
+    timed one by one over ~`seconds`, so another process's load during a few of them does not lower it.
+    n grows from 256 to `size` while the next size's matmul would take under a third of `seconds`, so a
+    precision the CPU emulates (fp16 on most) is measured in well under a second too."""
     import torch
 
     from lmtrain.core.dtypes import DTYPES
 
     dtype = DTYPES[precision]
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up: thread pool and kernels
+    n = 256
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        before = time.perf_counter()
+        a @ b  # warm-up: thread pool and kernels
+        if n >= size or 8 * (time.perf_counter() - before) > seconds / 3:
+            break
+        n *= 2
     fastest, count, start = float("inf"), 0, time.perf_counter()
     while time.perf_counter() - start < seconds or count < 3:
         before = time.perf_counter()
         a @ b
         fastest = min(fastest, time.perf_counter() - before)
         count += 1
-    return 2 * size**3 / fastest
+    return 2 * n**3 / fastest
 
 
 _CPU_PEAKS: dict[tuple[str, int], float] = {}  # (precision, threads) -> FLOP/s, measured in this process
