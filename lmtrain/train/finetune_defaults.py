@@ -6,7 +6,7 @@ the command line or in a config file) is kept as given. The rule:
 
 - micro_batch_size: 16, or 32 from 20,000 examples (a large set affords less gradient noise per step);
 - epochs: 3 passes, raised so the run sees at least 5,000 examples (at most 20 passes) and lowered so it sees
-  at most 100,000 (at least 1 pass); early stopping on the task's main metric ends it sooner;
+  at most 30,000 (at least 1 pass); early stopping on the task's main metric ends it sooner;
 - lr: 1e-3 × B / 32 × sqrt(min(1, 4M / P)), B the examples per optimizer step: linear in the batch (Goyal et
   al. 2017, "Accurate, Large Minibatch SGD") and, as muP's 1/width for Adam over P ∝ width², 1/sqrt(P)
   above the 4M parameters at which 1e-3 was measured (Yang et al. 2022, "Tensor Programs V"). A LoRA run
@@ -21,7 +21,7 @@ import math
 from lmtrain.config.schema import FinetuneConfig
 
 LARGE_SET = 20_000  # examples from which the micro-batch doubles
-MIN_SEEN, MAX_SEEN = 5_000, 100_000  # examples a derived run sees, at least and at most
+MIN_SEEN, MAX_SEEN = 5_000, 30_000  # examples a derived run sees, at least and at most
 BASE_LR, BASE_BATCH, BASE_PARAMS = 1e-3, 32, 4_000_000
 
 
