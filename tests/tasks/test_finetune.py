@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+import yaml
 from conftest import lmtrain
 from safetensors.torch import load_file
 
@@ -355,9 +356,12 @@ def test_lora_learns_the_classification_rule_and_saves_only_what_it_trains(tmp_p
 
 
 def test_lora_resume_is_bitwise(tmp_path, data, base):
-    """Resuming an adapter run from its step-3 checkpoint ends with the uninterrupted run's adapter weights."""
+    """Resuming an adapter run from its step-3 checkpoint ends with the uninterrupted run's adapter weights; the
+    resumed run derives the same passes, micro-batch and learning rate (all null here) as the uninterrupted one."""
     common = [
         "epochs=null",
+        "optimizer.lr=null",
+        "trainer.micro_batch_size=null",
         "evals_per_epoch=null",
         "trainer.max_steps=6",
         "trainer.eval_every=3",
@@ -371,6 +375,10 @@ def test_lora_resume_is_bitwise(tmp_path, data, base):
     a = load_file(str(tmp_path / "full" / "checkpoints" / "latest" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoints" / "latest" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ab = ("full", "resumed")
+    saved = [yaml.safe_load((tmp_path / run / "checkpoints" / "latest" / "config.yaml").read_text()) for run in ab]
+    derived = [(c["epochs"], c["trainer"]["micro_batch_size"], c["optimizer"]["lr"]) for c in saved]
+    assert derived[0] == derived[1] and None not in derived[0]
 
 
 def test_rouge_equals_rouge_score_and_task_metric_rouge_l_picks_the_best_checkpoint(tmp_path, data, base):
@@ -430,8 +438,6 @@ def test_defaults_are_derived_logged_and_recorded_and_a_cap_given_is_honoured(tm
     """With nothing but the task and its data, the micro-batch, passes and rate come from the 1,200 training
     examples and the model's size, in one log line, and the run's config records them; a trainer.max_steps,
     optimizer.lr or trainer.micro_batch_size given is kept as given."""
-    import yaml
-
     train, val = data["classification"]
     args = [f"init_from={base}", "task=classification", f"data.train={train}", f"data.validation={val}"]
     args += ["trainer.device=cpu", "trainer.progress_bar=false", "trainer.max_steps=3"]
