@@ -39,6 +39,7 @@ from lmtrain.tasks.base import Task, TaskInfo, load_task_info
 from lmtrain.tasks.records import data_fields
 from lmtrain.tasks.registry import build_task_info, task_class, task_for
 from lmtrain.train import build as runs
+from lmtrain.train import finetune_defaults
 from lmtrain.train.run_dir import claimed
 
 log = logging.getLogger("lmtrain")
@@ -63,6 +64,8 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     special = load_special_tokens(cfg.init_from, tokenizer, key="init_from")
     info, task, train_examples, val_examples, counts = _examples(cfg, tokenizer, special, model.config.max_seq_len)
     adapter_json = _prepare_model(cfg, model, task)
+    cfg = _derived(cfg, model, len(train_examples), placement.world_size)
+    t, val_examples = cfg.trainer, _validation_share(cfg, val_examples)
     tokenizer_json = tokenizer.to_str()
     accum_steps = cfg.grad_accum.steps
     batches, max_steps, eval_every = _schedule(cfg, model, task, train_examples, placement.world_size)
@@ -141,14 +144,29 @@ def _examples(
         val_examples = task.encode(records, "data.validation", d.validation)
     else:  # held out after encoding, so evaluate/export can hold out the same examples again
         train_examples, val_examples = split_off(train_examples, d.val_fraction, t.seed)
+    counts |= task.counts
+    log.info("data: %d train / %d validation examples, task %s", len(train_examples), len(val_examples), info.name)
+    return info, task, train_examples, val_examples, counts
+
+
+def _derived(cfg: FinetuneConfig, model: TransformerLM, examples: int, world_size: int) -> FinetuneConfig:
+    """cfg with its null epochs, micro-batch size and learning rate derived (lmtrain.train.finetune_defaults)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg, line = finetune_defaults.derived(cfg, examples, trainable, world_size)
+    if line:
+        log.info(line)
+    return cfg
+
+
+def _validation_share(cfg: FinetuneConfig, val_examples: list[Example]) -> list[Example]:
+    """The validation examples scored at each validation: the first task.max_eval_examples, or the first
+    trainer.eval_batches × micro_batch_size."""
+    t = cfg.trainer
     limit = cfg.task.max_eval_examples or t.eval_batches * t.micro_batch_size
     if len(val_examples) > limit:
         why = "task.max_eval_examples" if cfg.task.max_eval_examples else "trainer.eval_batches × micro_batch_size"
         log.info("validation: the first %d of %d examples (%s)", limit, len(val_examples), why)
-        val_examples = val_examples[:limit]
-    counts |= task.counts
-    log.info("data: %d train / %d validation examples, task %s", len(train_examples), len(val_examples), info.name)
-    return info, task, train_examples, val_examples, counts
+    return val_examples[:limit]
 
 
 def _prepare_model(cfg: FinetuneConfig, model: TransformerLM, task: Task) -> str | None:
@@ -177,8 +195,8 @@ def _prepare_model(cfg: FinetuneConfig, model: TransformerLM, task: Task) -> str
 def _schedule(
     cfg: FinetuneConfig, model: TransformerLM, task: Task, train_examples: list[Example], world_size: int
 ) -> tuple[ExampleBatches, int, int]:
-    """The training batches, the run's length in steps (epochs capped by trainer.max_steps) and the
-    validation interval (evals_per_epoch)."""
+    """The training batches, the run's length in steps (epochs, capped by trainer.max_steps when set) and the
+    validation interval (trainer.eval_every when set, else evals_per_epoch)."""
     t, d = cfg.trainer, cfg.data
     accum_steps = cfg.grad_accum.steps
     if d.packing and not task.packable:
@@ -189,17 +207,15 @@ def _schedule(
     collate = partial(task.collate if pack_width is None else task.collate_rows, ignore_index=cfg.loss.ignore_index)
     batches = ExampleBatches(train_examples, t.micro_batch_size, t.seed, collate, pack_width)
     steps_per_epoch = batches.steps_per_epoch(accum_steps, world_size)
-    max_steps, eval_every = t.max_steps, t.eval_every
-    if cfg.epochs is not None:  # epochs set the length, trainer.max_steps caps it (a large dataset stays quick)
-        max_steps = min(math.ceil(cfg.epochs * steps_per_epoch), t.max_steps)
-        if max_steps < cfg.epochs * steps_per_epoch:
-            log.info(
-                "epochs=%s would be %d steps; trainer.max_steps caps the run at %d",
-                cfg.epochs,
-                math.ceil(cfg.epochs * steps_per_epoch),
-                max_steps,
-            )
-    if cfg.epochs is not None and cfg.evals_per_epoch is not None:
+    assert cfg.epochs is not None, "a null epochs is derived before the schedule"
+    max_steps, eval_every = math.ceil(cfg.epochs * steps_per_epoch), t.eval_every
+    if t.max_steps is not None and t.max_steps < max_steps:
+        log.info(
+            "epochs=%s would be %d steps; trainer.max_steps caps the run at %d", cfg.epochs, max_steps, t.max_steps
+        )
+        max_steps = t.max_steps
+    if eval_every is None:
+        assert cfg.evals_per_epoch is not None, "config.checks asks for one of them"
         eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
         log.info("validation every %d steps (evals_per_epoch=%d)", eval_every, cfg.evals_per_epoch)
     log.info(

@@ -160,15 +160,18 @@ def _pretrain_workload(cfg, world: int, device_name: str | None) -> _Workload:
 
 def _finetune_workload(cfg, world: int) -> _Workload:
     """The model and batches finetune would train: its examples (batched by length, so padded little), for
-    `epochs` capped by trainer.max_steps, or trainer.max_steps; and the frozen models beside it."""
+    `epochs` capped by trainer.max_steps when set (nulls derived as finetune does); the frozen models beside it."""
     from lmtrain.tasks import registry
+    from lmtrain.train.finetune_defaults import derived
 
     model, lengths = _finetune_model(cfg)
-    t, accumulation = cfg.trainer, cfg.grad_accum.steps
-    max_steps = t.max_steps
-    if cfg.epochs is not None:
-        epochs = costs.finetune_steps(len(lengths), t.micro_batch_size, accumulation, world, cfg.epochs)
-        max_steps = min(epochs, max_steps)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    resolved, _ = derived(cfg, len(lengths), trainable, world)
+    t, accumulation = cfg.trainer, cfg.grad_accum.steps  # filled in place: build() holds cfg.trainer
+    t.micro_batch_size, cfg.optimizer.lr = resolved.trainer.micro_batch_size, resolved.optimizer.lr
+    cfg.epochs = resolved.epochs
+    max_steps = costs.finetune_steps(len(lengths), t.micro_batch_size, accumulation, world, cfg.epochs)
+    max_steps = min(max_steps, t.max_steps or max_steps)
     attention_len = round(sum(n * n for n in lengths) / sum(lengths))  # a token of an n-token example attends n
     mean_len = sum(lengths) / len(lengths)
     references = registry.task_class(cfg.task.name).reference_models(cfg)

@@ -42,6 +42,8 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     t, d = cfg.trainer, cfg.data
     runs.check_options(cfg)
+    max_steps, eval_every = t.max_steps, t.eval_every
+    assert max_steps is not None and eval_every is not None, "config.checks requires both for pretrain"
     placement = distributed.place(t.strategy, t.device, t.dist_timeout_s, t.dist_join_timeout_s)
     source = resume_source(t.resume, run_dir)
     pretrained, existing, special = _init_from(cfg, placement.device)
@@ -53,13 +55,13 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         t.micro_batch_size = _auto_micro_batch(cfg, model, seq_len, placement, source)
     accum_steps = accumulation_steps(cfg.grad_accum, t.micro_batch_size, seq_len, placement.world_size)
     tokenizer_json = tokenizer.to_str()
-    trainer = runs.build_trainer(model, cfg, placement, t.max_steps, tokenizer_json=tokenizer_json)
+    trainer = runs.build_trainer(model, cfg, placement, max_steps, tokenizer_json=tokenizer_json)
     trainer.retry_out_of_memory = auto and placement.world_size == 1
     eos = end_of_text if end_of_text is not None else end_of_text_id(tokenizer)
     sampler, validation = _windows(cfg, sources, tokenizer, eos, seq_len)
     separator = eos if d.document_masking else None
     special = special or SpecialTokens(end_of_text=eos, stop=[eos])
-    suite = suite_evaluation(t, model, tokenizer, special, placement.device, lambda: trainer.state.step, t.max_steps)
+    suite = suite_evaluation(t, model, tokenizer, special, placement.device, lambda: trainer.state.step, max_steps)
 
     def next_step() -> list:
         windows = sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size)
@@ -77,8 +79,8 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
         files=files,
         source=source,
         settings=t,
-        max_steps=t.max_steps,
-        eval_every=t.eval_every,
+        max_steps=max_steps,
+        eval_every=eval_every,
         started=started,
         data_counts=skipped,
         accounting=sampler.accounting,

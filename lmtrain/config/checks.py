@@ -130,12 +130,13 @@ def _check_model(m: ModelConfig, errors: list[str]) -> None:
 def _check_training(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> None:
     """Optimizer, scheduler, accumulation, loss and trainer: the groups pretrain and finetune share."""
     t = cfg.trainer
+    derived = isinstance(cfg, FinetuneConfig)  # finetune: null max_steps (no cap), eval_every and lr are derived
+    _positive(t, "trainer.", errors, "max_steps", "eval_every", nullable=derived)
+    _positive(cfg.optimizer, "optimizer.", errors, "lr", nullable=derived)
     _positive(
         t,
         "trainer.",
         errors,
-        "max_steps",
-        "eval_every",
         "eval_batches",
         "log_every",
         "checkpoint_every",
@@ -161,7 +162,7 @@ def _check_optimization(cfg: PretrainConfig | FinetuneConfig, errors: list[str])
     """The optimizer, its learning-rate schedule and gradient accumulation."""
     o, s, g = cfg.optimizer, cfg.scheduler, cfg.grad_accum
     _positive(g, "grad_accum.", errors, "steps")
-    _positive(o, "optimizer.", errors, "lr", "eps", "muon_lr")
+    _positive(o, "optimizer.", errors, "eps", "muon_lr")
     if not 0.0 <= o.momentum < 1.0:
         errors.append(f"optimizer.momentum: must be in [0, 1), got {o.momentum}")
     if o.weight_decay < 0:
@@ -172,7 +173,7 @@ def _check_optimization(cfg: PretrainConfig | FinetuneConfig, errors: list[str])
         errors.append(f"optimizer.grad_clip: must be >= 0 (0 disables), got {o.grad_clip}")
     if s.warmup_steps < 0:
         errors.append(f"scheduler.warmup_steps: must be >= 0, got {s.warmup_steps}")
-    if o.lr > 0 and not 0 <= s.min_lr <= o.lr:
+    if o.lr is not None and o.lr > 0 and not 0 <= s.min_lr <= o.lr:
         errors.append(f"scheduler.min_lr: must be in [0, optimizer.lr={o.lr}], got {s.min_lr}")
     if not 0.0 < s.decay_fraction <= 1.0:
         errors.append(f"scheduler.decay_fraction: must be in (0, 1], got {s.decay_fraction}")
@@ -224,6 +225,8 @@ def _check_finetune(cfg: FinetuneConfig, errors: list[str]) -> None:
         errors.append("init_from: missing; pass init_from=outputs/<pretrain-run>/checkpoints/latest")
     if not cfg.data.train:
         errors.append("data.train: missing; pass data.train=path/to/train.jsonl")
+    if cfg.evals_per_epoch is None and cfg.trainer.eval_every is None:
+        errors.append("evals_per_epoch: null needs trainer.eval_every (validate every N steps)")
     _positive(cfg, "", errors, "epochs", nullable=True)
     _positive(cfg, "", errors, "evals_per_epoch", nullable=True)
     _positive(cfg.data, "data.", errors, "pack_len", nullable=True)
@@ -339,8 +342,8 @@ def accumulation_steps(grad_accum: GradAccumConfig, micro_batch_size: int, seq_l
 def _check_warmup(cfg: Any, errors: list[str]) -> None:
     """A warmup given explicitly that outlasts the run is an error; a default one is shortened to fit when
     the trainer is built (lmtrain.train.build.build_trainer), with a warning."""
-    steps_known = isinstance(cfg, PretrainConfig) or isinstance(cfg, FinetuneConfig) and cfg.epochs is None
-    if steps_known and cfg.scheduler.warmup_steps > cfg.trainer.max_steps > 0:
+    cap = cfg.trainer.max_steps  # pretrain's length, finetune's cap
+    if cap is not None and cfg.scheduler.warmup_steps > cap > 0:
         errors.append(
             f"scheduler.warmup_steps: {cfg.scheduler.warmup_steps} exceeds trainer.max_steps={cfg.trainer.max_steps}"
         )

@@ -80,7 +80,7 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     name: OptimizerName = OptimizerName.adamw  # the option chosen (optimizer=...; Hydra fills it in)
-    lr: float = 1e-3  # peak learning rate (muon: of the AdamW parameters)
+    lr: float | None = 1e-3  # peak learning rate (muon: of the AdamW parameters); finetune null: derived
     weight_decay: float = 0.1  # applied to matrices only, never to norms, biases or embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # Adam(W) betas
     eps: float = 1e-8  # Adam(W) epsilon
@@ -148,10 +148,11 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300  # optimizer steps
-    # sequences per forward pass; auto (pretrain, grad_accum=global_batch): the largest that fits the device
+    max_steps: int | None = 300  # optimizer steps (finetune: a cap on epochs; null: none)
+    # sequences per forward pass; auto (pretrain, grad_accum=global_batch): the largest that fits the device;
+    # finetune null: derived from train's size
     micro_batch_size: Any = 16
-    eval_every: int = 100  # validate every N steps (and at the end)
+    eval_every: int | None = 100  # validate every N steps (and at the end); finetune null: evals_per_epoch
     eval_batches: int = 20  # micro-batches of fixed validation windows per evaluation
     log_every: int = 10  # write a metrics.jsonl record every N steps
     checkpoint_every: int = 100  # checkpoint every N steps (and at the end)
@@ -268,8 +269,8 @@ class FinetuneConfig:
     freeze_embeddings: bool = False  # keep token/position embeddings (and a tied LM head) fixed
     freeze_blocks: int = 0  # keep the first k Transformer blocks fixed
     dropout: float | None = None  # the model's dropout for finetuning (null: as pretrained)
-    epochs: float | None = 3.0  # passes over train, at most trainer.max_steps steps (null: trainer.max_steps decides)
-    # validations per epoch when epochs is set; null (or trainer.eval_every on the command line): trainer.eval_every
+    epochs: float | None = None  # passes over train, at most trainer.max_steps steps (null: from train's size)
+    # validations per epoch when trainer.eval_every is null; null (or trainer.eval_every given): trainer.eval_every
     evals_per_epoch: int | None = 2
     task: TaskConfig = field(default_factory=TaskConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

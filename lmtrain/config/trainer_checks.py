@@ -17,6 +17,8 @@ def check_trainer(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> No
 
 def _check_micro_batch(cfg: PretrainConfig | FinetuneConfig, errors: list[str]) -> None:
     size = cfg.trainer.micro_batch_size
+    if size is None and isinstance(cfg, FinetuneConfig):
+        return  # derived from the training set (lmtrain.train.finetune_defaults)
     if size == "auto":
         if isinstance(cfg, FinetuneConfig) or cfg.grad_accum.mode != "global_batch":
             errors.append(

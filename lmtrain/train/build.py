@@ -30,7 +30,7 @@ from lmtrain.model.transformer import TransformerLM
 from lmtrain.train.ema import EMA
 from lmtrain.train.losses import TEACHER_LOSSES, build_loss
 from lmtrain.train.objective import Objective
-from lmtrain.train.optim import WHOLE_MATRICES, build_optimizer
+from lmtrain.train.optim import WHOLE_MATRICES, build_optimizer, peak_lr
 from lmtrain.train.run_dir import take_over
 from lmtrain.train.schedules import ResumedSchedule, build_scheduler
 from lmtrain.train.sinks import Sinks, open_sinks
@@ -77,7 +77,7 @@ def build_trainer(
     return Trainer(
         model,
         optimizer,
-        build_scheduler(optimizer, _fitted(cfg.scheduler, max_steps), o.lr, max_steps),
+        build_scheduler(optimizer, _fitted(cfg.scheduler, max_steps), peak_lr(o), max_steps),
         build_loss(lo, class_weights),
         device=device,
         precision=t.precision,

@@ -78,18 +78,18 @@ class MuonWithAdamW(torch.optim.Optimizer):
 def _adamw(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     fused = _fused(device)
     groups = parameter_groups(model, o.weight_decay)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, **fused)
+    return torch.optim.AdamW(groups, lr=peak_lr(o), betas=(o.betas[0], o.betas[1]), eps=o.eps, **fused)
 
 
 def _adam(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     fused = _fused(device)
     groups = parameter_groups(model, o.weight_decay)
-    return torch.optim.Adam(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, **fused)
+    return torch.optim.Adam(groups, lr=peak_lr(o), betas=(o.betas[0], o.betas[1]), eps=o.eps, **fused)
 
 
 def _sgd(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = parameter_groups(model, o.weight_decay)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **_fused(device))
+    return torch.optim.SGD(groups, lr=peak_lr(o), momentum=o.momentum, **_fused(device))
 
 
 def _muon(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -102,7 +102,7 @@ def _muon(model: nn.Module, o: OptimizerConfig, device: torch.device) -> torch.o
         {**group, "params": [p for p in group["params"] if id(p) not in matrices]}
         for group in parameter_groups(model, o.weight_decay)
     ]
-    adamw = torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, **_fused(device))
+    adamw = torch.optim.AdamW(groups, lr=peak_lr(o), betas=(o.betas[0], o.betas[1]), eps=o.eps, **_fused(device))
     muon = Muon(
         [{"params": muon_parameters(model)}],  # one group, even when empty (all blocks frozen)
         lr=o.muon_lr,
@@ -138,6 +138,12 @@ def build_optimizer(model: nn.Module, o: OptimizerConfig, device: torch.device) 
     """The optimizer o.name names, over `model`'s trainable parameters (decay on matrices only); fused kernels
     on CUDA, foreach (torch's default) elsewhere."""
     return OPTIMIZERS[o.name](model, o, device)
+
+
+def peak_lr(o: OptimizerConfig) -> float:
+    """optimizer.lr; finetune fills a null one in (lmtrain.train.finetune_defaults) before it builds the trainer."""
+    assert o.lr is not None, "a null optimizer.lr is derived before the optimizer is built"
+    return o.lr
 
 
 def _fused(device: torch.device) -> dict:

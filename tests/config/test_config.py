@@ -11,6 +11,7 @@ from lmtrain.config import ConfigError
 
 GROUPS = ["model", "optimizer", "scheduler", "grad_accum", "loss", "data", "trainer", "task", "adapter"]
 FINETUNE_ONLY = {"task", "adapter"}  # groups only the finetune schema takes
+FINETUNE_OPTIONS = {("trainer", "finetune")}  # options whose nulls (derived values) only finetune fills in
 
 
 def options(group: str) -> list[str]:
@@ -19,7 +20,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_for(group: str, option: str):
-    if group in FINETUNE_ONLY:
+    if group in FINETUNE_ONLY or (group, option) in FINETUNE_OPTIONS:
         from lmtrain.cli import check
         from lmtrain.config import FinetuneConfig
 
@@ -256,7 +257,8 @@ def test_help_lists_each_key_with_type_value_and_doc():
     text = out.getvalue()
     assert "optimizer: adam adamw muon *sgd" in text
     line = next(row for row in text.splitlines() if row.split()[:1] == ["optimizer.lr"])
-    assert line.split()[1:4] == ["float", "0.1", "peak"], line  # sgd's own value, with the schema's doc
+    # sgd's own value, with the schema's type (null: finetune derives it) and doc
+    assert line.split()[1:6] == ["float", "|", "None", "0.1", "peak"], line
     assert "model.d_model" not in text  # only the group asked for
     with contextlib.redirect_stdout(io.StringIO()) as full:
         assert main(["finetune", "--help"]) == 0

@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+import yaml
 from conftest import lmtrain
 from safetensors.torch import load_file
 
@@ -355,9 +356,12 @@ def test_lora_learns_the_classification_rule_and_saves_only_what_it_trains(tmp_p
 
 
 def test_lora_resume_is_bitwise(tmp_path, data, base):
-    """Resuming an adapter run from its step-3 checkpoint ends with the uninterrupted run's adapter weights."""
+    """Resuming an adapter run from its step-3 checkpoint ends with the uninterrupted run's adapter weights; the
+    resumed run derives the same passes, micro-batch and learning rate (all null here) as the uninterrupted one."""
     common = [
         "epochs=null",
+        "optimizer.lr=null",
+        "trainer.micro_batch_size=null",
         "evals_per_epoch=null",
         "trainer.max_steps=6",
         "trainer.eval_every=3",
@@ -371,6 +375,10 @@ def test_lora_resume_is_bitwise(tmp_path, data, base):
     a = load_file(str(tmp_path / "full" / "checkpoints" / "latest" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoints" / "latest" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ab = ("full", "resumed")
+    saved = [yaml.safe_load((tmp_path / run / "checkpoints" / "latest" / "config.yaml").read_text()) for run in ab]
+    derived = [(c["epochs"], c["trainer"]["micro_batch_size"], c["optimizer"]["lr"]) for c in saved]
+    assert derived[0] == derived[1] and None not in derived[0]
 
 
 def test_rouge_equals_rouge_score_and_task_metric_rouge_l_picks_the_best_checkpoint(tmp_path, data, base):
@@ -424,3 +432,31 @@ def test_explicit_eval_every_and_eval_batches_are_honoured(tmp_path, data, base,
     assert "validation: the first 4 of 100 examples (trainer.eval_batches × micro_batch_size)" in caplog.text
     with pytest.raises(UserError, match="trainer.eval_every: evals_per_epoch is set too"):
         check("finetune", FinetuneConfig, [*args, "evals_per_epoch=2"])
+
+
+def test_defaults_are_derived_logged_and_recorded_and_a_cap_given_is_honoured(tmp_path, data, base, caplog):
+    """With nothing but the task and its data, the micro-batch, passes and rate come from the 1,200 training
+    examples and the model's size, in one log line, and the run's config records them; a trainer.max_steps,
+    optimizer.lr or trainer.micro_batch_size given is kept as given."""
+    train, val = data["classification"]
+    args = [f"init_from={base}", "task=classification", f"data.train={train}", f"data.validation={val}"]
+    args += ["trainer.device=cpu", "trainer.progress_bar=false", "trainer.max_steps=3"]
+    with caplog.at_level("INFO", logger="lmtrain"):
+        assert finetune.run(check("finetune", FinetuneConfig, args), str(tmp_path / "a"))["steps"] == 3
+    lines = [r.getMessage() for r in caplog.records if "defaults derived" in r.getMessage()]
+    model, _ = load_model(str(tmp_path / "a" / "checkpoints" / "latest"), torch.device("cpu"))
+    trainable = sum(p.numel() for p in model.parameters())  # a full finetune trains every weight
+    assert lines == [
+        f"defaults derived from 1,200 training examples and {trainable:,} trainable parameters: "
+        "micro_batch_size=16, epochs=4.17, lr=0.0005 (set any of them to override)"
+    ]
+    assert "epochs=4.17 would be 313 steps; trainer.max_steps caps the run at 3" in caplog.text
+    saved = yaml.safe_load((tmp_path / "a" / "checkpoints" / "latest" / "config.yaml").read_text())
+    assert (saved["epochs"], saved["trainer"]["micro_batch_size"], saved["optimizer"]["lr"]) == (4.17, 16, 5e-4)
+    caplog.clear()
+    given = [*args, "optimizer.lr=2e-3", "trainer.micro_batch_size=8", "trainer.max_steps=2"]
+    with caplog.at_level("INFO", logger="lmtrain"):
+        assert finetune.run(check("finetune", FinetuneConfig, given), str(tmp_path / "b"))["steps"] == 2
+    assert "trainable parameters: epochs=4.17 (set any" in caplog.text  # only the passes were derived
+    saved = yaml.safe_load((tmp_path / "b" / "checkpoints" / "latest" / "config.yaml").read_text())
+    assert (saved["trainer"]["micro_batch_size"], saved["optimizer"]["lr"]) == (8, 2e-3)
