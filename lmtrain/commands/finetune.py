@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from lmtrain.checkpoint.load import (
     weights_digest,
 )
 from lmtrain.checkpoint.resume import resume_source
-from lmtrain.config import FinetuneConfig
+from lmtrain.config import FinetuneConfig, TrainerConfig
 from lmtrain.core import distributed
 from lmtrain.core.dtypes import autocast_dtype
 from lmtrain.core.errors import UserError
@@ -77,14 +78,8 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
     files = runs.run_files(cfg, model, tokenizer_json) | {"task.json": json.dumps(info.to_dict(), indent=2)}
     if adapter_json:
         files[checkpoint.ADAPTER_FILE] = adapter_json
-
     suite = suite_evaluation(t, model, tokenizer, special, device, lambda: trainer.state.step, max_steps)
-
-    def evaluate() -> dict[str, float]:
-        amp, size = autocast_dtype(t.precision), t.micro_batch_size
-        result = task.evaluate(model, val_examples, batch_size=size, device=device, amp_dtype=amp, seed=t.seed)
-        return {k: v for k, v in result.items() if isinstance(v, int | float)} | suite()
-
+    evaluate = _validation(t, task, model, val_examples, device, suite)
     metric = main_metric_args(t, task.main_metric, task.higher_is_better, keep_best=True)
     summary = runs.train(
         trainer,
@@ -101,13 +96,22 @@ def _run(cfg: FinetuneConfig, run_dir: Path) -> dict:
         **metric,
         data_counts=counts,
     )
-    log.info(
-        "best checkpoint (val_%s %.4f): %s",
-        metric["main_metric"],
-        summary[f"best_val_{metric['main_metric']}"],
-        summary["best_checkpoint"],
-    )
+    best = metric["main_metric"]
+    log.info("best checkpoint (val_%s %.4f): %s", best, summary[f"best_val_{best}"], summary["best_checkpoint"])
     return summary
+
+
+def _validation(
+    t: TrainerConfig, task: Task, model: TransformerLM, examples: list[Example], device: torch.device, suite
+) -> Callable[[], dict[str, float]]:
+    """The run's validation: the task's metrics on `examples` (numbers only) and the benchmark suite's."""
+
+    def evaluate() -> dict[str, float]:
+        amp, size = autocast_dtype(t.precision), t.micro_batch_size
+        result = task.evaluate(model, examples, batch_size=size, device=device, amp_dtype=amp, seed=t.seed)
+        return {k: v for k, v in result.items() if isinstance(v, int | float)} | suite()
+
+    return evaluate
 
 
 def _examples(

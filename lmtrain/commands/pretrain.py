@@ -62,11 +62,7 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     separator = eos if d.document_masking else None
     special = special or SpecialTokens(end_of_text=eos, stop=[eos])
     suite = suite_evaluation(t, model, tokenizer, special, placement.device, lambda: trainer.state.step, max_steps)
-
-    def next_step() -> list:
-        windows = sampler.next_step(accum_steps, t.micro_batch_size, placement.rank, placement.world_size)
-        return windows if separator is None else [tokens.with_documents(batch, separator) for batch in windows]
-
+    next_step = _stepper(sampler, accum_steps, t.micro_batch_size, placement, separator)
     evaluate = _evaluation(trainer, validation, sources, bool(d.sources), suite)
     files = runs.run_files(cfg, model, tokenizer_json)
     skipped = {f"skipped_{k.split('.')[1]}_records": n for s in sources for k, n in s.data.skipped.items()}
@@ -90,6 +86,16 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> dict:
     summary.update(micro_batch_size=t.micro_batch_size // split, accumulation_steps=accum_steps * split)
     log.info("try: " + HINT, run_dir / "checkpoints" / "latest")
     return summary
+
+
+def _stepper(sampler, accum_steps: int, micro_batch_size: int, placement, separator: int | None):
+    """The source of each step's micro-batches of windows, marked at document ends (data.document_masking)."""
+
+    def next_step() -> list:
+        windows = sampler.next_step(accum_steps, micro_batch_size, placement.rank, placement.world_size)
+        return windows if separator is None else [tokens.with_documents(batch, separator) for batch in windows]
+
+    return next_step
 
 
 def _init_from(
