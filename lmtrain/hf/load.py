@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ from tokenizers import Tokenizer
 from lmtrain.core.errors import UserError
 from lmtrain.core.folder_files import folder_file, read_folder_json, read_folder_text, safetensors_shapes
 from lmtrain.data.tokenizer import plain_text, side_files
-from lmtrain.hf.families import IGNORED, config_from_hf, source
+from lmtrain.hf.families import config_from_hf, weight_layout
+from lmtrain.hf.layout import IGNORED, Family
 from lmtrain.model.transformer import TransformerConfig, TransformerLM
 
 _BLOCK = re.compile(r"(?:h|model\.layers)\.(\d+)\.")
@@ -75,13 +77,18 @@ def read_config(folder: Path, key: str) -> TransformerConfig:
         raise UserError(f"{key}: {folder / 'config.json'}: {str(err).removeprefix('config.json: ')}") from None
 
 
+def _prefix(family: Family, names: Collection[str]) -> str:
+    """The family's state-dict prefix if the folder's tensor names carry it (GPT-2 folders may not)."""
+    return family.prefix if family.prefix + family.source("token_embedding.weight").names[0] in names else ""
+
+
 def check_shapes(config: TransformerConfig, shapes: dict[str, list[int]], folder: Path, key: str) -> None:
     """config.json against the weights' shapes, before anything is allocated: the embedding and the number of
     blocks first (cheap, and bounding what follows), then every tensor of the model (built on the meta device).
     Each mismatch is a UserError naming the tensor."""
-    family = "gpt2" if config.position == "learned" else "llama"
-    prefix = "transformer." if family == "gpt2" and "transformer.wte.weight" in shapes else ""
-    embedding_name = prefix + source(family, "token_embedding.weight").names[0]
+    family = weight_layout(config)
+    prefix = _prefix(family, shapes)
+    embedding_name = prefix + family.source("token_embedding.weight").names[0]
     blocks = {match.group(1) for name in shapes if (match := _BLOCK.match(name.removeprefix(prefix)))}
     embedding = shapes.get(embedding_name)
     if embedding != [config.vocab_size, config.d_model] or len(blocks) != config.num_layers:
@@ -94,7 +101,7 @@ def check_shapes(config: TransformerConfig, shapes: dict[str, list[int]], folder
     for name, target in expected.items():
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
-        where = source(family, name)
+        where = family.source(name)
         parts = [shapes.get(n if n.startswith("lm_head") else prefix + n) for n in where.names]
         if any(part is None for part in parts):
             continue  # load_weights names the missing tensor
@@ -113,8 +120,8 @@ def load_weights(model: TransformerLM, folder: Path, key: str) -> None:
     """(After `check_shapes`.) Copy every parameter of `model` from the folder's safetensors, mapping names
     (and GPT-2's transposed Conv1D weights); a missing or unexpected tensor is a UserError naming it."""
     files = weight_files(folder, key)
-    family = "gpt2" if model.config.position == "learned" else "llama"  # the two weight layouts (families.py)
-    prefix = "transformer." if family == "gpt2" and "transformer.wte.weight" in files else ""
+    family = weight_layout(model.config)
+    prefix = _prefix(family, files)
     used: set[str] = set()
 
     def read(name: str) -> torch.Tensor:
@@ -132,7 +139,7 @@ def load_weights(model: TransformerLM, folder: Path, key: str) -> None:
         for name, target in model.state_dict(keep_vars=True).items():
             if name == "lm_head.weight" and model.config.tie_embeddings:
                 continue
-            where = source(family, name)
+            where = family.source(name)
             parts = [read(prefix + n if not n.startswith("lm_head") else n) for n in where.names]
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
             if where.transposed:

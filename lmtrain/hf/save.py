@@ -14,24 +14,25 @@ from tokenizers import Tokenizer
 
 from lmtrain.core.dtypes import HF_NAMES
 from lmtrain.data.tokenizer import SpecialTokens
-from lmtrain.hf.families import config_to_hf, family_of, source, split_sizes
+from lmtrain.hf.families import config_to_hf, family_of, split_sizes
+from lmtrain.hf.layout import Family
 from lmtrain.model.transformer import TransformerLM
 
 
-def hf_state(model: TransformerLM, family: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor) for every weight of `model` in `family`'s layout. A GPT-2 export of a model
-    without biases gets zero biases, which leave its outputs unchanged."""
-    prefix = "transformer." if family == "gpt2" else ""
+def hf_state(model: TransformerLM, family: Family) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for every weight of `model` in `family`'s layout. A model without biases
+    gets zero biases in a family that always has them (GPT-2), which leave its outputs unchanged."""
+    prefix = family.prefix
     state = model.state_dict()
     for name, tensor in state.items():
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
-        where = source(family, name)
+        where = family.source(name)
         names = [n if n.startswith("lm_head") else prefix + n for n in where.names]
         parts = tensor.split(split_sizes(model.config), dim=0) if len(names) > 1 else (tensor,)
         for hf_name, part in zip(names, parts, strict=True):
             yield hf_name, (part.t() if where.transposed else part).contiguous()
-        if family == "gpt2" and name.endswith(".weight") and not model.config.bias and "embedding" not in name:
+        if family.zero_biases and name.endswith(".weight") and not model.config.bias and "embedding" not in name:
             if name != "lm_head.weight":
                 width = tensor.shape[0]  # out features (lmtrain stores [out, in]) or the norm's width
                 yield prefix + where.names[0].removesuffix(".weight") + ".bias", torch.zeros(width, dtype=tensor.dtype)
@@ -111,13 +112,13 @@ def write_peft(model: TransformerLM, record: dict, folder: Path) -> int:
     from lmtrain.model.lora import LoRALinear
 
     family = family_of(model.config)
-    prefix = "transformer." if family == "gpt2" else ""
+    prefix = family.prefix
     tensors: dict[str, torch.Tensor] = {}
     targets: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, LoRALinear):
             continue
-        where = source(family, f"{name}.weight")
+        where = family.source(f"{name}.weight")
         modules = [prefix + n.removesuffix(".weight") for n in where.names]
         parts = module.lora_B.split(split_sizes(model.config), dim=0) if len(modules) > 1 else (module.lora_B,)
         for hf_module, part in zip(modules, parts, strict=True):
@@ -135,7 +136,7 @@ def write_peft(model: TransformerLM, record: dict, folder: Path) -> int:
         "lora_dropout": record["dropout"],
         "target_modules": targets,
         "bias": "none",
-        "fan_in_fan_out": family == "gpt2",  # GPT-2's Conv1D stores its weight [in, out]
+        "fan_in_fan_out": family.transposed,  # GPT-2's Conv1D stores its weight [in, out]
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,

@@ -10,6 +10,7 @@ from hf_models import build
 
 from lmtrain.checkpoint.load import load_model
 from lmtrain.config.choices import PreferenceLoss
+from lmtrain.hf.families import FAMILIES
 from lmtrain.hf.save import hf_state
 from lmtrain.train import preference
 
@@ -84,7 +85,7 @@ def _lmtrain_loss(m: dict, loss: PreferenceLoss, batch, settings: preference.Set
 def _assert_same_gradients(policy, hf_model) -> None:
     for p in policy.parameters():
         p.data = p.grad if p.grad is not None else torch.zeros_like(p)
-    ours = dict(hf_state(policy, "llama"))
+    ours = dict(hf_state(policy, FAMILIES["llama"]))
     theirs = {n: p.grad for n, p in hf_model.named_parameters()}
     assert ours.keys() == theirs.keys()
     for name, grad in theirs.items():
