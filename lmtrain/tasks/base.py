@@ -33,7 +33,7 @@ from lmtrain.core.errors import UserError
 from lmtrain.core.folder_files import read_folder_text
 from lmtrain.data import chat
 from lmtrain.data.examples import Example, collate, collate_packed, fixed_batches
-from lmtrain.data.tokenizer import end_of_text_id, warn_unknown
+from lmtrain.data.tokenizer import end_of_text_id, unknown_chars, warn_unknown
 from lmtrain.model.transformer import TransformerLM
 from lmtrain.tasks import metrics
 from lmtrain.train.losses import validation_loss
@@ -182,6 +182,31 @@ class Task:
         """`lmtrain generate`'s prompt (and context, system message) as the task trained it; None: the
         plain prompt, framed by the tokenizer."""
         return None
+
+    def chat_turn_ids(self, prompt: str, system: str | None) -> list[int]:
+        """One user turn (after the `system` message, if any) in the model's chat template, with its
+        generation prompt. UserError with the template's own message where it refuses the turn."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        warn_unknown(self.tokenizer, [prompt, *([system] if system else [])], "prompt")
+        try:
+            self.check_template(messages, True, "chat")
+        except chat.ChatError as err:
+            raise UserError(f"chat: {err}") from None
+        result = self.chats.encode([messages], add_generation_prompt=True)[0]
+        if isinstance(result, chat.ChatError):
+            raise UserError(f"chat: {result}")
+        return result[0]
+
+    def check_template(self, messages: list[dict], add_generation_prompt: bool, key: str) -> None:
+        """UserError where the tokenizer cannot encode the template's own text (a char-level tokenizer without
+        the characters of its role headers): the model would read <|unk|> where each turn begins. ChatError
+        where the template refuses the conversation."""
+        missing = unknown_chars(self.tokenizer, [self.chats.template_text(messages, add_generation_prompt)])
+        if missing:
+            shown = " ".join(repr(c) for c in missing[:20])
+            raise UserError(
+                f"{key}: the model's tokenizer cannot encode the chat template's text (no entry for {shown})"
+            )
 
     # ---- batches and training -------------------------------------------------------------------
     def collate(self, examples: list[Example], ignore_index: int = IGNORE) -> tuple[Any, torch.Tensor]:

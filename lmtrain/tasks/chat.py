@@ -12,7 +12,7 @@ from lmtrain.config.choices import TaskName
 from lmtrain.core.errors import UserError
 from lmtrain.data import chat
 from lmtrain.data.examples import Example
-from lmtrain.data.tokenizer import unknown_chars, warn_unknown
+from lmtrain.data.tokenizer import warn_unknown
 from lmtrain.tasks.base import Task, TaskInfo
 
 log = logging.getLogger("lmtrain")
@@ -31,33 +31,8 @@ class Chat(Task):
         info.decoding = {"overlong": cfg.overlong}  # how over-long conversations were handled travels along
         return info
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        """The tokens generation starts from: `messages` and the template's assistant header. Raises
-        ChatError with the template's own message where it refuses the conversation."""
-        result = self.chats.encode([messages], add_generation_prompt=True)[0]
-        if isinstance(result, chat.ChatError):
-            raise result
-        return result[0]
-
     def user_prompt_ids(self, prompt: str, context: str | None, system: str | None) -> list[int] | None:
-        """One user turn (after the `system` message, if any), in the model's chat template."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        warn_unknown(self.tokenizer, [prompt, *([system] if system else [])], "prompt")
-        try:
-            self.check_template(messages, True, "chat")
-            return self.chat_ids(messages)
-        except chat.ChatError as err:
-            raise UserError(f"chat: {err}") from None
-
-    def check_template(self, messages: list[dict], add_generation_prompt: bool, key: str) -> None:
-        """UserError where the tokenizer cannot encode the template's own text (a char-level tokenizer without
-        the characters of its role headers): the model would read <|unk|> where each turn begins."""
-        missing = unknown_chars(self.tokenizer, [self.chats.template_text(messages, add_generation_prompt)])
-        if missing:
-            shown = " ".join(repr(c) for c in missing[:20])
-            raise UserError(
-                f"{key}: the model's tokenizer cannot encode the chat template's text (no entry for {shown})"
-            )
+        return self.chat_turn_ids(prompt, system)
 
     def _checked(self, records: list[dict]) -> tuple[list[tuple[int, list[dict]]], list[tuple[int, str]]]:
         """(record number, messages) of the records that hold a conversation to train on, and why each

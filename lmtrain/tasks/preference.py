@@ -93,6 +93,8 @@ class Preference(Task):
             "beta": cfg.beta,
             "gamma": cfg.gamma,
             "label_smoothing": cfg.label_smoothing,
+            # pairs were conversations: `generate` renders its prompt as a user turn too
+            "conversational": bool(train_records and isinstance(train_records[0].get(fields["chosen"]), list)),
         }
         return info
 
@@ -212,6 +214,9 @@ class Preference(Task):
         return self._chat(chat.check_messages(prompt), True)[0]
 
     def user_prompt_ids(self, prompt: str, context: str | None, system: str | None) -> list[int] | None:
+        """As the training prompts were framed: a user turn in the chat template, or text then EOT."""
+        if self.info.decoding.get("conversational"):
+            return self.chat_turn_ids(prompt, system)
         return self.start + self._encode([prompt], "prompt")[0] + [self.eot]
 
     # ---- training and scoring -------------------------------------------------------------------

@@ -93,6 +93,8 @@ class RL(Task):
             "format_pattern": cfg.format_pattern,
             "answer_field": cfg.answer_field,
             "max_new_tokens": cfg.max_new_tokens,
+            # prompts were conversations: `generate` renders its prompt as a user turn too
+            "conversational": bool(train_records and isinstance(train_records[0].get(fields["prompt"]), list)),
         }
         return TaskInfo(str(cls.name), {"prompt": fields["prompt"]}, decoding=decoding)
 
@@ -137,6 +139,9 @@ class RL(Task):
         return ids
 
     def user_prompt_ids(self, prompt: str, context: str | None, system: str | None) -> list[int] | None:
+        """As the training prompts were framed: a user turn in the chat template, or text then EOT."""
+        if self.info.decoding.get("conversational"):
+            return self.chat_turn_ids(prompt, system)
         return self.start + self._encode([prompt], "prompt")[0] + [self.eot]
 
     def _examples(self, records: list[dict], key: str) -> tuple[list[Example], int]:

@@ -144,3 +144,31 @@ def test_user_reward_loads_only_when_named_and_its_error_is_one_line(tmp_path, t
     ):
         _rl_run(tmp_path / "user", tiny_checkpoint, prompts, reward)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("task_name", ["rl", "preference"])
+def test_generate_frames_the_prompt_as_the_training_prompts_were_framed(task_name):
+    """A task trained on conversational prompts renders `generate`'s prompt as a user turn in the chat
+    template (as training did); one trained on text prompts frames it as text then EOT."""
+    from chat_templates import CHATML, chat_tokenizer
+
+    from lmtrain.config import TaskConfig
+    from lmtrain.tasks.registry import task_class
+
+    tokenizer = chat_tokenizer(["<|im_end|>", "<|endoftext|>", "<|im_start|>"], [])
+    eot = tokenizer.token_to_id("<|im_end|>")
+    fields = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
+    turn = [{"role": "user", "content": "the cat"}]
+    conversational = {"prompt": turn, "chosen": [{"role": "assistant", "content": "a"}], "answer": "a"}
+    conversational["rejected"] = [{"role": "assistant", "content": "b"}]
+    text = {"prompt": "the cat", "chosen": "a", "rejected": "b", "answer": "a"}
+    kind = task_class(task_name)
+    for record, chat_framed in ((conversational, True), (text, False)):
+        info = kind.build_info(TaskConfig(name=task_name), fields, [record])
+        task = kind(info, tokenizer, 64, eot, CHATML)
+        ids = task.user_prompt_ids("the cat", None, None)
+        if chat_framed:
+            assert ids == task.chats.encode([turn], add_generation_prompt=True)[0][0]
+            assert tokenizer.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+        else:
+            assert ids == tokenizer.encode("the cat", add_special_tokens=False).ids + [eot]
