@@ -104,7 +104,7 @@ def _finetune_model(cfg) -> tuple[Any, list[int]]:
     """The model finetune would train (init_from's shape, the task's head, frozen parts, adapters) and the
     lengths of its training examples in tokens. init_from may be any checkpoint or a Hugging Face folder."""
     from lmtrain.checkpoint.load import load_special_tokens, load_tokenizer, model_config
-    from lmtrain.data.examples import read_records
+    from lmtrain.data.examples import read_records, split_off
     from lmtrain.model.lora import add_lora
     from lmtrain.tasks.records import data_fields
     from lmtrain.tasks.registry import build_task_info, task_class, task_for
@@ -116,7 +116,10 @@ def _finetune_model(cfg) -> tuple[Any, list[int]]:
     info = build_task_info(cfg.task, fields, records)
     special = load_special_tokens(cfg.init_from, tokenizer, "init_from")
     task = task_for(info, tokenizer, config["max_seq_len"], special)
-    lengths = [task.input_length(e) for e in task.encode(records, "data.train")]
+    examples = task.encode(records, "data.train", cfg.data.train)
+    if not cfg.data.validation:  # finetune trains on what it does not hold out for validation
+        examples = split_off(examples, cfg.data.val_fraction, cfg.trainer.seed)[0]
+    lengths = [task.input_length(e) for e in examples]
     model = _meta_model(**{**config, "num_classes": task.num_classes})
     if task.num_classes and not model.config.tie_embeddings:
         model.lm_head.requires_grad_(False)  # as finetune does: the LM head is unused by class logits

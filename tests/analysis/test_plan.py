@@ -56,6 +56,7 @@ def test_finetune_plan_uses_the_capped_steps_and_the_examples_lengths(tmp_path, 
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in records))
     overrides = [f"init_from={tiny_checkpoint}", f"data.train={train}", "task=classification"]
+    overrides.append(f"data.validation={train}")  # every example trains
     cfg = check("finetune", FinetuneConfig, [*overrides, "epochs=50", "trainer.max_steps=3", "trainer.device=cpu"])
     plan = build("finetune", cfg, "cpu")
     assert plan["tokens"]["max_steps"] == 3
@@ -65,6 +66,16 @@ def test_finetune_plan_uses_the_capped_steps_and_the_examples_lengths(tmp_path, 
     assert plan["flops"]["attention_len"] < model.config.max_seq_len
     model.add_classifier(2)
     assert plan["flops"]["per_token"] == model.flops_per_token(plan["flops"]["attention_len"])
+
+
+def test_finetune_plan_counts_only_the_examples_finetune_trains_on(tmp_path, tiny_checkpoint):
+    """Without data.validation, finetune holds data.val_fraction of train out: the plan derives its defaults
+    and counts its steps from the 45 of 50 examples that train (3 steps per epoch of 16), not from all 50."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"the cat {i}", "label": i % 2}) + "\n" for i in range(50)))
+    overrides = [f"init_from={tiny_checkpoint}", f"data.train={train}", "task=classification", "trainer.device=cpu"]
+    plan = build("finetune", check("finetune", FinetuneConfig, overrides), "cpu")
+    assert plan["tokens"]["max_steps"] == costs.finetune_steps(45, 16, 1, 1, 20.0) == 60
 
 
 def test_too_big_a_batch_gets_the_largest_micro_batch_that_fits():
