@@ -1,28 +1,27 @@
-"""Checkpoints an older lmtrain wrote (tests/fixtures/checkpoints, see its README) still load, generate,
-predict and resume as they did then: the on-disk format is a promise to every run already on disk."""
+"""Checkpoints an older lmtrain wrote (tests/fixtures/old_checkpoints.py rebuilds them from the history) still
+load, generate, predict and resume as they did then: the on-disk format is a promise to every run already on
+disk."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 from conftest import lmtrain_many, write_jsonl
+from fixtures import old_checkpoints
 from fixtures.make_checkpoints import PROMPT, TEXTS, finetune_overrides, loaded, pretrain_overrides
 
 from lmtrain.train.sinks import read_metrics
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "checkpoints"
-
 
 @pytest.fixture(scope="module")
 def old(tmp_path_factory) -> Path:
-    """A copy of the fixture folder (so nothing a run writes can touch the committed one)."""
-    return Path(shutil.copytree(FIXTURES, tmp_path_factory.mktemp("fixture") / "checkpoints"))
+    """The old checkpoints and what they gave then, written by the old code into a scratch folder."""
+    return old_checkpoints.write(tmp_path_factory.mktemp("old"))
 
 
 @pytest.fixture(scope="module")
-def expected() -> dict:
-    return json.loads((FIXTURES / "expected.json").read_text())
+def expected(old) -> dict:
+    return json.loads((old / "expected.json").read_text())
 
 
 def close(now, then) -> bool:
