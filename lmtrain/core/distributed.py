@@ -160,5 +160,10 @@ def main_first():
         dist.barrier()
 
 
+def is_main_process() -> bool:
+    """Whether this is the main process of the process group (or there is none)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def torchrun_rank() -> int:
     return int(os.environ.get("RANK", "0"))

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lmtrain.core.distributed import is_main_process
+
 if TYPE_CHECKING:
     from lmtrain.train.trainer import Trainer
 
@@ -80,8 +82,9 @@ class GRPOObjective:
 
     def __init__(self, settings: Settings, device: torch.device):
         self.settings, self.device = settings, device
-        self.sums: dict[str, float] = {}  # metric -> (sum, count) this process since the last log record
-        self.counts: dict[str, float] = {}
+        # metric -> sum and count on this process since the last log record (numbers or device tensors)
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, Any] = {}
 
     def count(self, batch: tuple[Any, Any]) -> int:
         mask = batch[1]["mask"]
@@ -99,31 +102,50 @@ class GRPOObjective:
         loss, kl, clipped = per_token_loss(logps, old, t["advantages"], t.get("ref"), self.settings)
         mask = t["mask"].float()
         tokens = mask.sum()
-        self.add("kl", float((kl * mask).sum()), float(tokens))
-        self.add("clip_fraction", float((clipped.float() * mask).sum()), float(tokens))
+        tokens = tokens.detach().double()  # sums stay on the device: no synchronisation per micro-batch
+        self.add("kl", (kl * mask).sum().detach().double(), tokens)
+        self.add("clip_fraction", (clipped.float() * mask).sum().detach().double(), tokens)
         if self.settings.sequence_norm:
             return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum()
         return (loss * mask).sum()
 
-    def add(self, name: str, total: float, count: float) -> None:
-        """Adds `total` over `count` units to the window mean of metric `name`."""
+    def add(self, name: str, total: Any, count: Any) -> None:
+        """Adds `total` over `count` units (numbers or scalar tensors) to the window mean of metric `name`."""
         self.sums[name] = self.sums.get(name, 0.0) + total
         self.counts[name] = self.counts.get(name, 0.0) + count
 
-    def window_metrics(self, world: int) -> dict[str, float]:
+    def _window(self, world: int) -> tuple[list[str], list[list[float]]]:
+        """The window's metric names and [sum, count] rows over every process (a collective when world > 1)."""
         names = sorted(self.sums)
-        sums = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64)
+        sums = torch.tensor([[float(self.sums[n]), float(self.counts[n])] for n in names], dtype=torch.float64)
         if world > 1 and names:
             sums = sums.to(self.device)
             torch.distributed.all_reduce(sums)
+        return names, sums.tolist()
+
+    def window_metrics(self, world: int) -> dict[str, float]:
+        names, rows = self._window(world)
         self.sums, self.counts = {}, {}
-        return {n: s / max(c, 1e-12) for n, (s, c) in zip(names, sums.tolist(), strict=True)}
+        return {n: s / max(c, 1e-12) for n, (s, c) in zip(names, rows, strict=True)}
+
+    def gather_window(self, world: int) -> None:
+        if world > 1:
+            names, rows = self._window(world)
+            keep = is_main_process()
+            self.sums = {n: s for n, (s, _) in zip(names, rows, strict=True)} if keep else {}
+            self.counts = {n: c for n, (_, c) in zip(names, rows, strict=True)} if keep else {}
 
     def state_dict(self) -> dict:
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+        return {"sums": _floats(self.sums), "counts": _floats(self.counts)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+        keep = is_main_process()  # the main process holds the saved window
+        self.sums = dict(state["sums"]) if keep else {}
+        self.counts = dict(state["counts"]) if keep else {}
+
+
+def _floats(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()}
 
 
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:

@@ -1,7 +1,8 @@
 """A task's own training objective, in place of the token loss over targets: the seam a preference (or RL)
 task plugs into the trainer. The trainer asks it how many units (pairs, sequences) a micro-batch holds, so
 it divides the step's summed loss by the units of the whole step (gradient accumulation and DDP stay
-exact), asks it for each micro-batch's summed loss, and adds its windowed metrics to every log record.
+exact), asks it for each micro-batch's summed loss, and adds its windowed metrics to every log record. The
+window is summed on the device and over processes only when a record or a checkpoint needs it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ class Objective(Protocol):
         ...
 
     def window_metrics(self, world: int) -> dict[str, float]:
-        """The means of its metrics since the last call (over every process), for the log record."""
+        """The means of its metrics since the last call (over every process: a collective), for the log
+        record."""
+        ...
+
+    def gather_window(self, world: int) -> None:
+        """Before a checkpoint (a collective): the window's sums over every process, kept by the main process
+        alone, so its `state_dict` holds the whole window; `load_state_dict` gives it back to the main process
+        only, and the next record counts it once whatever the number of processes."""
         ...
 
     def state_dict(self) -> dict: ...

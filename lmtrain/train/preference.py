@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmtrain.config.choices import PreferenceLoss
-from lmtrain.core.distributed import all_reduce_sum
+from lmtrain.core.distributed import all_reduce_sum, is_main_process
 from lmtrain.model.lora import adapters_off
 from lmtrain.model.transformer import TransformerLM
 
@@ -255,20 +255,27 @@ class PreferenceObjective:
             ref = self.reference.logps(lambda x, m: trainer.forward(x, m), trainer.model, batch)
         logits = trainer.forward(batch[0])
         losses, _, _, metrics = self.scores(logits, batch, ref)
-        sums = torch.cat([metrics.sum(0).double(), torch.tensor([float(len(losses))], device=metrics.device)])
-        if trainer.placement.world_size > 1:  # every process keeps the window over all of them
-            torch.distributed.all_reduce(sums)
-        self.window += sums.to(self.window.device)
+        self.window[:-1] += metrics.detach().sum(0).double().to(self.window.device)
+        self.window[-1] += len(losses)
         return losses.sum()
 
     def window_metrics(self, world: int) -> dict[str, float]:
+        if world > 1:
+            torch.distributed.all_reduce(self.window)
         sums = self.window.tolist()
         self.window.zero_()
         pairs = sums[-1]
         return {name: value / pairs for name, value in zip(METRICS, sums, strict=False)} if pairs else {}
 
+    def gather_window(self, world: int) -> None:
+        if world > 1:
+            torch.distributed.all_reduce(self.window)
+            if not is_main_process():
+                self.window.zero_()
+
     def state_dict(self) -> dict:
         return {"window": self.window.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.window = torch.tensor(state["window"], dtype=torch.float64, device=self.window.device)
+        window = torch.tensor(state["window"], dtype=torch.float64, device=self.window.device)
+        self.window = window if is_main_process() else torch.zeros_like(window)  # the main process holds it

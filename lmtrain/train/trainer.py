@@ -251,6 +251,8 @@ class Trainer:
         """Save a checkpoint (not counted in the window's time) that holds the log window's loss so far."""
         divergence.check()
         self.state.window_loss = window.total(self.placement.world_size)
+        if self.objective is not None:
+            self.objective.gather_window(self.placement.world_size)
         window.pause(save_checkpoint)
 
     def _early_stop_note(self, main_metric: str) -> str:
