@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.core.errors import UserError
+from lmtrain.core.safe_io import read_utf8
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -58,15 +59,7 @@ def folder_file(folder: Path, name: str, key: str) -> Path:
 def read_folder_text(folder: Path, name: str, key: str, max_bytes: int | None = None) -> str:
     """The UTF-8 text of `folder`/`name`, at most `max_bytes` (default: MAX_BYTES for the name)."""
     cap = max_bytes or MAX_BYTES.get(name, DEFAULT_MAX_BYTES)
-    real = folder_file(folder, name, key)
-    with open(real, "rb") as f:
-        data = f.read(cap + 1)
-    if len(data) > cap:
-        raise UserError(f"{key}: '{folder / name}' is larger than {cap:,} bytes, more than such a file ever holds")
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        raise UserError(f"{key}: '{folder / name}' is damaged (not UTF-8 text)") from None
+    return read_utf8(folder_file(folder, name, key), cap, key, folder / name)
 
 
 def read_folder_json(folder: Path, name: str, key: str) -> dict[str, Any]:

@@ -83,11 +83,18 @@ def read_text_capped(path: Path, max_bytes: int, key: str) -> str:
         raise UserError(f"{key}: '{path}' is missing")
     if not path.is_file():
         raise UserError(f"{key}: '{path}' is not a plain file")
+    return read_utf8(path, max_bytes, key)
+
+
+def read_utf8(path: Path, max_bytes: int, key: str, shown: Path | None = None) -> str:
+    """At most `max_bytes` of `path` as UTF-8 text. UserError naming `key` and the file (`shown`, default
+    `path`) when it is larger or not UTF-8."""
+    shown = shown or path
     with open(path, "rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise UserError(f"{key}: '{path}' is larger than {max_bytes:,} bytes; it is not lmtrain metadata")
+        raise UserError(f"{key}: '{shown}' is larger than {max_bytes:,} bytes, more than such a file ever holds")
     try:
         return data.decode()
     except UnicodeDecodeError:
-        raise UserError(f"{key}: '{path}' is damaged (not UTF-8 text)") from None
+        raise UserError(f"{key}: '{shown}' is damaged (not UTF-8 text)") from None
